@@ -1,0 +1,98 @@
+"""Pure Keras builders: the seed project's network and MelanoScreen's own CNN."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+
+
+def build_seed(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The seed project's network, layer for layer: the baseline to beat.
+
+    Input float32, shape (batch, 180, 180, 3), values 0..255; output softmax over classes.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255)(inputs)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.25)(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="seed")
+
+
+def _conv_bn(x: keras.KerasTensor, filters: int, *, strides: int = 1,
+             name: str) -> keras.KerasTensor:
+    from keras import layers
+
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                      name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def build_melanonet(input_shape: tuple[int, int, int], num_classes: int, *,
+                    widths: tuple[int, ...] = (24, 48, 96, 192),
+                    dropout: float = 0.3) -> keras.Model:
+    """MelanoScreen's CNN: a strided stem, VGG-style BN blocks, global pooling, small head.
+
+    Input float32, shape (batch, H, W, 3), values 0..255 (160x160 in the shipped model);
+    each block halves H and W. Global average pooling keeps it small (~0.4 M parameters) and
+    lets Grad-CAM read the last block, "last_conv", at H/32 x W/32.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
+    x = _conv_bn(x, widths[0], strides=2, name="stem")
+    for i, width in enumerate(widths):
+        x = _conv_bn(x, width, name=f"block{i}a")
+        x = _conv_bn(x, width, name=f"block{i}b")
+        if i < len(widths) - 1:
+            x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
+    x = layers.Conv2D(widths[-1] * 2, 1, use_bias=False, name="last_conv")(x)
+    x = layers.BatchNormalization(name="last_bn")(x)
+    x = layers.ReLU(name="last_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="melanonet")
+
+
+#: Selectable by `melanoscreen train --arch NAME`.
+ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
+    "seed": build_seed,
+    "melanonet": build_melanonet,
+}
+#: Input size (height, width) each architecture trains at by default.
+DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {"seed": (180, 180), "melanonet": (160, 160)}
+#: The layer Grad-CAM reads, per architecture (others: their last Conv2D).
+GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu"}
+
+
+def count_flops(model: keras.Model) -> int:
+    """Multiply-adds x 2 of one forward pass for one image (conv and dense layers)."""
+    from keras import layers
+
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            k_h, k_w = layer.kernel_size
+            c_in = layer.input.shape[-1]
+            flops += 2 * h * w * c_out * k_h * k_w * c_in
+        elif isinstance(layer, layers.Dense):
+            flops += 2 * layer.input.shape[-1] * layer.units
+    return int(flops)

@@ -1,0 +1,157 @@
+"""Batched inference: image files or bytes in, nine probabilities per image out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.card import ModelCard, card_path_for, shipped_model_path
+from model.imaging import DecodeError, ImageSource, decode_image
+
+logger = logging.getLogger(__name__)
+
+_threads_lock = threading.Lock()
+_threads_set = False
+
+
+def configure_threads(intra_op: int | None = None, inter_op: int | None = None) -> None:
+    """Size TensorFlow's thread pools; must run before the first TensorFlow op in the process."""
+    global _threads_set
+    with _threads_lock:
+        if _threads_set:
+            return
+        import tensorflow as tf
+
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+        _threads_set = True
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image."""
+
+    probabilities: tuple[float, ...]  # one per class, in the card's class order; sums to 1
+    predicted_class: str
+    melanoma_probability: float
+
+
+class Classifier:
+    """A loaded model and its card; `predict` runs batches through one compiled forward pass."""
+
+    def __init__(self, model_path: Path | str | None = None) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+
+        self.model_path = Path(model_path) if model_path else shipped_model_path()
+        card_path = card_path_for(self.model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.model_path}")
+        if not card_path.is_file():
+            raise FileNotFoundError(f"model card not found beside the model: {card_path}")
+        self.card = ModelCard.read(card_path)
+        self.model = keras.models.load_model(self.model_path, compile=False)
+        height, width = self.card.input_size
+        model_shape = tuple(self.model.input_shape[1:3])
+        if model_shape != (height, width):
+            raise ValueError(f"card input size {height}x{width} does not match model {model_shape}")
+        if self.model.output_shape[-1] != len(self.card.classes):
+            raise ValueError("card classes do not match the model's outputs")
+        flips = self.card.test_time_flips
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
+                     reduce_retracing=True)
+        def forward(images: tf.Tensor) -> tf.Tensor:
+            probabilities = model(images, training=False)
+            if flips:
+                probabilities += model(tf.image.flip_left_right(images), training=False)
+                probabilities /= 2.0
+            return probabilities
+
+        self._forward = forward
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in output order."""
+        return list(self.card.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the images are resized to."""
+        height, width = self.card.input_size
+        return height, width
+
+    @property
+    def version(self) -> str:
+        """The model version recorded with every prediction."""
+        return self.card.version
+
+    @property
+    def threshold(self) -> float:
+        """The card's melanoma alert threshold."""
+        return float(self.card.alert_threshold)
+
+    def decode(self, source: ImageSource) -> np.ndarray:
+        """One image to float32, shape (H, W, 3), values 0..255; raises `DecodeError`."""
+        return decode_image(source, self.input_size)
+
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities, shape (n, classes), for float32 images, shape (n, H, W, 3), 0..255."""
+        images = np.asarray(images, dtype=np.float32)
+        if len(images) == 0:
+            return np.zeros((0, len(self.card.classes)), dtype=np.float32)
+        chunks = [self._forward(images[i : i + batch_size]).numpy()
+                  for i in range(0, len(images), batch_size)]
+        return np.concatenate(chunks).astype(np.float32)
+
+    def to_prediction(self, probabilities: np.ndarray) -> Prediction:
+        """Wrap one probability vector."""
+        m = self.card.melanoma_index
+        return Prediction(
+            probabilities=tuple(float(p) for p in probabilities),
+            predicted_class=self.card.classes[int(np.argmax(probabilities))],
+            melanoma_probability=float(probabilities[m]),
+        )
+
+    def predict(self, sources: Sequence[ImageSource],
+                batch_size: int = 64) -> list[Prediction | DecodeError]:
+        """Decode every source and predict the readable ones in batches.
+
+        The result has one entry per source, in order: a `Prediction`, or the `DecodeError`
+        that says why that input could not be screened. One bad input never stops the rest.
+        """
+        results: list[Prediction | DecodeError] = []
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            decoded: list[np.ndarray] = []
+            slots: list[Prediction | DecodeError | None] = []
+            for source in chunk:
+                try:
+                    decoded.append(self.decode(source))
+                    slots.append(None)
+                except DecodeError as exc:
+                    slots.append(exc)
+            probabilities = iter(self.predict_arrays(np.stack(decoded)) if decoded else [])
+            for slot in slots:
+                results.append(slot if slot is not None else self.to_prediction(next(probabilities)))
+        return results
+
+
+def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+__all__ = ["Classifier", "DecodeError", "Prediction", "configure_threads"]
