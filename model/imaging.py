@@ -51,7 +51,7 @@ def _open(source: ImageSource) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"too many pixels (decompression bomb guard): {exc}") from exc
     except OSError as exc:
-        raise DecodeError(f"cannot read image: {exc}") from exc
+        raise DecodeError(f"corrupt or truncated image: {exc}") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

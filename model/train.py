@@ -261,7 +261,8 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
     started = time.monotonic()
     if start_epoch < config.epochs:
         model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch,
-                  class_weight=class_weight, callbacks=[progress.callback], verbose=0)
+                  class_weight=class_weight, callbacks=[progress.callback], verbose=0,
+                  shuffle=False)  # the tf.data pipeline shuffles, seeded
     seconds = time.monotonic() - started
 
     model = keras.models.load_model(best_path, compile=False)

@@ -1,0 +1,5 @@
+"""`python -m melanoscreen` runs the CLI."""
+
+from melanoscreen.cli import main
+
+main()

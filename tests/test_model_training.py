@@ -1,0 +1,133 @@
+"""Architectures, a short training run end to end, inference and Grad-CAM on what it saved."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.architectures import build_melanonet, build_seed, count_flops
+from model.card import ModelCard, card_path_for
+from model.data import ISIC_CLASSES
+from model.imaging import DecodeError
+from model.inference import Classifier
+from model.train import TrainConfig, train
+
+
+@pytest.mark.parametrize(("builder", "shape"), [(build_seed, (180, 180, 3)),
+                                                (build_melanonet, (160, 160, 3)),
+                                                (build_melanonet, (64, 48, 3))])
+def test_architectures_map_images_to_nine_probabilities(builder: object, shape: tuple) -> None:
+    model = builder(shape, 9)  # type: ignore[operator]
+    assert model.input_shape == (None, *shape)
+    assert model.output_shape == (None, 9)
+    out = np.asarray(model(np.zeros((2, *shape), np.float32), training=False))
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+    assert count_flops(model) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Nine classes of 6 synthetic 40x40 'lesions', each class its own colour."""
+    root = tmp_path_factory.mktemp("tiny-set")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(ISIC_CLASSES):
+        folder = root / name
+        folder.mkdir()
+        base = np.array([(c * 28) % 256, (255 - c * 28) % 256, (c * 70) % 256], np.float32)
+        for i in range(6):
+            noise = rng.normal(0, 20, (40, 40, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name[:3]}-{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny.keras"
+    config = TrainConfig(epochs=2, batch_size=8, input_size=(32, 32), seed=3)
+    train(tiny_set, out, config, report=lambda line: None)
+    return out
+
+
+def test_a_short_training_run_saves_a_model_and_card_that_load_again(
+        trained: Path, tiny_set: Path) -> None:
+    card = ModelCard.read(card_path_for(trained))
+    assert card.classes == list(ISIC_CLASSES)
+    assert card.input_size == [32, 32]
+    assert 0.0 <= card.alert_threshold <= 1.0
+    assert len(card.training_set["fingerprint"]) == 64
+    assert card.validation["n"] == card.training_set["validation"] == 9
+    assert card.validation["melanoma"]["sensitivity"] >= 0.95
+
+    classifier = Classifier(trained)
+    images = sorted((tiny_set / "melanoma").iterdir())[:3]
+    results = classifier.predict([*images, b"not an image"])
+    assert isinstance(results[-1], DecodeError)
+    for result in results[:-1]:
+        assert not isinstance(result, DecodeError)
+        assert len(result.probabilities) == 9
+        assert sum(result.probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert result.melanoma_probability == result.probabilities[3]
+
+
+def test_training_is_deterministic_for_a_seed(trained: Path, tiny_set: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.keras"
+    train(tiny_set, again, TrainConfig(epochs=2, batch_size=8, input_size=(32, 32), seed=3),
+          report=lambda line: None)
+    image = next((tiny_set / "nevus").iterdir())
+    first = Classifier(trained).predict([image])[0]
+    second = Classifier(again).predict([image])[0]
+    np.testing.assert_allclose(first.probabilities, second.probabilities, atol=1e-6)
+
+
+def test_training_resumes_from_its_checkpoint(tiny_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumable.keras"
+    lines: list[str] = []
+    train(tiny_set, out, TrainConfig(epochs=1, batch_size=8, input_size=(32, 32)),
+          report=lines.append)
+    train(tiny_set, out, TrainConfig(epochs=2, batch_size=8, input_size=(32, 32)),
+          report=lines.append)
+    assert any("resuming from epoch 1" in line for line in lines)
+    assert any(line.startswith("epoch 2/2") for line in lines)
+
+
+def test_predict_and_evaluate_commands_print_probabilities_and_contract_json(
+        trained: Path, tiny_set: Path, tmp_path: Path) -> None:
+    image = next((tiny_set / "melanoma").iterdir())
+    explain = tmp_path / "explain"
+    run = subprocess.run(
+        [sys.executable, "-m", "melanoscreen", "predict", str(image), "--model", str(trained),
+         "--json", "--explain", str(explain)], capture_output=True, text=True, check=True)
+    [row] = json.loads(run.stdout)
+    assert set(row["probabilities"]) == set(ISIC_CLASSES)
+    overlay = Image.open(row["explanation"])
+    assert overlay.size == (32, 32)
+
+    run = subprocess.run(
+        [sys.executable, "-m", "melanoscreen", "evaluate", "--data", str(tiny_set), "--model",
+         str(trained), "--json", "--report", str(tmp_path / "report")],
+        capture_output=True, text=True, check=True)
+    figures = json.loads(run.stdout)
+    for key in ("n", "classes", "accuracy", "balanced_accuracy", "per_class", "confusion_matrix"):
+        assert key in figures
+    assert figures["n"] == 54
+    assert set(figures["melanoma"]) >= {"auc", "threshold", "sensitivity", "specificity"}
+    assert np.asarray(figures["confusion_matrix"]).sum() == 54
+    for name in ("confusion_matrix.png", "melanoma_roc.png", "calibration.png"):
+        assert Image.open(tmp_path / "report" / name).size[0] > 100
+
+
+def test_predict_says_why_an_image_is_unreadable(trained: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "empty.jpg"
+    bad.write_bytes(b"")
+    run = subprocess.run([sys.executable, "-m", "melanoscreen", "predict", str(bad),
+                          "--model", str(trained)], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "empty file" in run.stdout
+    assert "Traceback" not in run.stderr
