@@ -6,9 +6,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from model.inference import Classifier
 
 app = typer.Typer(
     name="melanoscreen",
@@ -19,7 +22,7 @@ app = typer.Typer(
 )
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear error line and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -35,7 +38,7 @@ def _model_path(model: Path | None) -> Path | None:
     return Path(env) if env else None
 
 
-def _load_classifier(model: Path | None):  # type: ignore[no-untyped-def]
+def _load_classifier(model: Path | None) -> Classifier:
     from model.inference import Classifier
 
     try:
@@ -142,14 +145,14 @@ def predict(
 
     classifier = _load_classifier(model)
     results = classifier.predict(list(images))
-    rows = []
+    rows: list[dict[str, Any]] = []
     failures = 0
     for path, result in zip(images, results, strict=True):
         if isinstance(result, DecodeError):
             failures += 1
             rows.append({"image": str(path), "error": result.reason})
             continue
-        row = {
+        row: dict[str, Any] = {
             "image": str(path),
             "predicted_class": result.predicted_class,
             "melanoma_probability": result.melanoma_probability,

@@ -138,10 +138,7 @@ def stratified_split(
         group = by_label[label]
         rng.shuffle(group)
         n_val = round(len(group) * validation_fraction)
-        if len(group) >= 2:
-            n_val = min(max(n_val, 1), len(group) - 1)
-        else:
-            n_val = 0
+        n_val = min(max(n_val, 1), len(group) - 1) if len(group) >= 2 else 0
         validation.extend(group[:n_val])
         train.extend(group[n_val:])
     return train, validation

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -146,12 +145,6 @@ class Classifier:
             for slot in slots:
                 results.append(slot if slot is not None else self.to_prediction(next(probabilities)))
         return results
-
-
-def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive slices of at most `size` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 __all__ = ["Classifier", "DecodeError", "Prediction", "configure_threads"]

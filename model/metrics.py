@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,7 @@ def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray,
     correct = probabilities.argmax(axis=1) == np.asarray(y_true)
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece, table = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         inside = (confidence > lo) & (confidence <= hi) if lo > 0 else (confidence <= hi)
         if not inside.any():
             continue

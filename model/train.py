@@ -115,8 +115,8 @@ class _Progress:
             pass
 
         self.callback = Callback()
-        self.callback.on_epoch_begin = self._begin  # type: ignore[method-assign]
-        self.callback.on_epoch_end = self._end  # type: ignore[method-assign]
+        self.callback.on_epoch_begin = self._begin
+        self.callback.on_epoch_end = self._end
         self.predict, self.y_val, self.classes = predict, y_val, classes
         self.epochs, self.start_epoch, self.best = epochs, start_epoch, best
         self.checkpoint, self.best_path, self.state_path = checkpoint, best_path, state_path

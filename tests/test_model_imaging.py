@@ -29,7 +29,7 @@ def _solid(mode: str, color: object, size: tuple[int, int] = (64, 48)) -> Image.
 def _assert_tensor(array: np.ndarray, rgb: tuple[int, int, int], tol: float = 6.0) -> None:
     assert array.dtype == np.float32
     assert array.shape == (*SIZE, 3)
-    assert 0.0 <= array.min() and array.max() <= 255.0
+    assert array.min() >= 0.0 and array.max() <= 255.0
     np.testing.assert_allclose(array.reshape(-1, 3).mean(axis=0), rgb, atol=tol)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from model.card import ModelCard, card_path_for, shipped_model_path
 from model.data import ISIC_CLASSES
