@@ -1,0 +1,1 @@
+"""The database: schema, session factory, query functions and Alembic migrations."""

@@ -1,0 +1,204 @@
+"""Query functions: each takes the session first and never commits (the caller owns the transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.schema import Duplicate, Image, Prediction
+
+
+def find_image_by_sha256(session: Session, sha256: str) -> Image | None:
+    """The image with this content, if it is known."""
+    return session.scalars(select(Image).where(Image.sha256 == sha256)).one_or_none()
+
+
+def add_image(session: Session, *, sha256: str, source: str, size_bytes: int, location: str,
+              received_at: datetime) -> Image:
+    """A new `queued` image; flushed, so it has its id."""
+    image = Image(sha256=sha256, source=source, size_bytes=size_bytes, location=location,
+                  status="queued", received_at=received_at, attempts=0)
+    session.add(image)
+    session.flush()
+    return image
+
+
+def add_duplicate(session: Session, *, image_id: int, source: str, location: str,
+                  received_at: datetime) -> Duplicate:
+    """Record a later arrival of a known content."""
+    duplicate = Duplicate(image_id=image_id, source=source, location=location,
+                          received_at=received_at)
+    session.add(duplicate)
+    session.flush()
+    return duplicate
+
+
+def mark_enqueued(session: Session, image_ids: Sequence[int], now: datetime) -> None:
+    """Note when these images were last handed to the queue (the sweep's clock)."""
+    if image_ids:
+        session.execute(update(Image).where(Image.id.in_(image_ids)).values(enqueued_at=now))
+
+
+def claim_images(session: Session, image_ids: Sequence[int], *, token: str, now: datetime,
+                 stale_before: datetime, max_attempts: int) -> list[Image]:
+    """Move `queued` images (or this token's own, or stale `screening` ones) to `screening`.
+
+    The status test is part of the UPDATE, so two deliveries of the same ids cannot both claim
+    an image. Images that used up their attempts become `failed`. Returns the claimed images.
+    """
+    if not image_ids:
+        return []
+    claimable = or_(
+        Image.status == "queued",
+        and_(Image.status == "screening",
+             or_(Image.claim_token == token, Image.claimed_at < stale_before)),
+    )
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(image_ids), claimable, Image.attempts >= max_attempts)
+        .values(status="failed", reason=f"gave up after {max_attempts} screening attempts",
+                claim_token=None, screened_at=now)
+    )
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(image_ids), claimable)
+        .values(status="screening", claim_token=token, claimed_at=now,
+                attempts=Image.attempts + 1)
+    )
+    return list(session.scalars(
+        select(Image).where(Image.id.in_(image_ids), Image.status == "screening",
+                            Image.claim_token == token).order_by(Image.id)
+    ))
+
+
+def finish_screened(session: Session, image_id: int, *, token: str, now: datetime,
+                    model_version: str, probabilities: dict[str, float],
+                    melanoma_probability: float, predicted_class: str, threshold: float,
+                    seconds: float) -> Prediction | None:
+    """Store the prediction if this token still holds the claim; None if someone else won."""
+    won = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status == "screening", Image.claim_token == token)
+        .values(status="screened", screened_at=now, claim_token=None, reason=None)
+    ).rowcount
+    if won != 1:
+        return None
+    prediction = Prediction(
+        image_id=image_id, model_version=model_version, probabilities=probabilities,
+        melanoma_probability=melanoma_probability, predicted_class=predicted_class,
+        threshold=threshold, flagged=melanoma_probability >= threshold, seconds=seconds,
+        created_at=now,
+    )
+    session.add(prediction)
+    session.flush()
+    return prediction
+
+
+def finish_rejected(session: Session, image_id: int, *, token: str, now: datetime, reason: str,
+                    location: str) -> bool:
+    """Mark an unreadable image `rejected` with its reason and new location, if still claimed."""
+    return session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status == "screening", Image.claim_token == token)
+        .values(status="rejected", reason=reason, location=location, screened_at=now,
+                claim_token=None)
+    ).rowcount == 1
+
+
+def release_claims(session: Session, image_ids: Sequence[int], *, token: str) -> None:
+    """Hand claimed images back to `queued` (a transient failure: the retry takes them again)."""
+    if image_ids:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(image_ids), Image.status == "screening", Image.claim_token == token)
+            .values(status="queued", claim_token=None)
+        )
+
+
+def stale_image_ids(session: Session, *, before: datetime, limit: int = 10_000) -> list[int]:
+    """Images still `queued` or `screening` whose last hand-over or claim is older than `before`."""
+    last_touch = func.coalesce(Image.claimed_at, Image.enqueued_at, Image.received_at)
+    queued = and_(Image.status == "queued",
+                  func.coalesce(Image.enqueued_at, Image.received_at) < before)
+    screening = and_(Image.status == "screening", last_touch < before)
+    return list(session.scalars(
+        select(Image.id).where(or_(queued, screening)).order_by(Image.id).limit(limit)
+    ))
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    """Number of images per status."""
+    rows = session.execute(select(Image.status, func.count()).group_by(Image.status))
+    return {status: int(count) for status, count in rows}
+
+
+def flagged_count(session: Session) -> int:
+    """Number of images whose prediction reached the alert threshold."""
+    return int(session.scalar(
+        select(func.count(func.distinct(Prediction.image_id))).where(Prediction.flagged)
+    ) or 0)
+
+
+def duplicate_count(session: Session) -> int:
+    """Number of recorded duplicate arrivals."""
+    return int(session.scalar(select(func.count()).select_from(Duplicate)) or 0)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One image and its latest prediction, as `melanoscreen results` prints it."""
+
+    sha256: str
+    source: str
+    status: str
+    reason: str | None
+    received_at: datetime
+    screened_at: datetime | None
+    predicted_class: str | None
+    melanoma_probability: float | None
+    flagged: bool | None
+    model_version: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values; times in ISO 8601."""
+        return {
+            "sha256": self.sha256, "source": self.source, "status": self.status,
+            "reason": self.reason, "received_at": self.received_at.isoformat(),
+            "screened_at": self.screened_at.isoformat() if self.screened_at else None,
+            "predicted_class": self.predicted_class,
+            "melanoma_probability": self.melanoma_probability, "flagged": self.flagged,
+            "model_version": self.model_version,
+        }
+
+
+RESULT_COLUMNS = tuple(ResultRow.__dataclass_fields__)
+
+
+def results(session: Session, *, since: datetime | None = None,
+            flagged_only: bool = False) -> list[ResultRow]:
+    """Every image (received at or after `since`) with its latest prediction, oldest first."""
+    latest = (select(func.max(Prediction.id)).where(Prediction.image_id == Image.id)
+              .correlate(Image).scalar_subquery())
+    query = (select(Image, Prediction)
+             .outerjoin(Prediction, Prediction.id == latest)
+             .order_by(Image.received_at, Image.id))
+    if since is not None:
+        query = query.where(Image.received_at >= since)
+    if flagged_only:
+        query = query.where(Prediction.flagged.is_(True))
+    rows = []
+    for image, prediction in session.execute(query):
+        rows.append(ResultRow(
+            sha256=image.sha256, source=image.source, status=image.status, reason=image.reason,
+            received_at=image.received_at, screened_at=image.screened_at,
+            predicted_class=prediction.predicted_class if prediction else None,
+            melanoma_probability=prediction.melanoma_probability if prediction else None,
+            flagged=prediction.flagged if prediction else None,
+            model_version=prediction.model_version if prediction else None,
+        ))
+    return rows
