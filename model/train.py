@@ -19,7 +19,12 @@ from model.architectures import ARCHITECTURES, DEFAULT_INPUT_SIZE
 from model.card import ModelCard, card_path_for
 from model.data import MELANOMA, LabelledSet, Sample, scan_folder, stratified_split
 from model.imaging import DecodeError, decode_image
-from model.metrics import evaluate_predictions, sensitivity_specificity, threshold_for_sensitivity
+from model.metrics import (
+    crossfit_threshold,
+    evaluate_predictions,
+    sensitivity_specificity,
+    threshold_for_sensitivity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +285,8 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
     probabilities = averaged if use_flips else plain
     threshold = threshold_for_sensitivity(is_mel, probabilities[:, m], config.target_sensitivity)
     metrics = evaluate_predictions(probabilities, y_val, classes, threshold)
+    metrics["melanoma"]["threshold_set_on_other_half"] = crossfit_threshold(
+        is_mel, probabilities[:, m], config.target_sensitivity, config.seed)
     sens, spec = sensitivity_specificity(is_mel, probabilities[:, m], threshold)
     report(f"alert threshold {threshold:.4f}: validation melanoma sensitivity {sens:.3f}, "
            f"specificity {spec:.3f}; balanced accuracy {metrics['balanced_accuracy']:.3f}")
