@@ -203,9 +203,7 @@ def _alert_text(alert: AlertContent, ranked: list[FlaggedImage]) -> str:
             "   Class probabilities:",
         ]
         width = max(len(name) for name in item.probabilities) if item.probabilities else 0
-        lines += [
-            f"     {name:<{width}}  {value:.3f}" for name, value in item.probabilities.items()
-        ]
+        lines += [f"     {name:<{width}}  {value:.3f}" for name, value in item.probabilities.items()]
         lines.append("")
     lines += [
         f"Model version: {alert.model_version}",
@@ -251,8 +249,7 @@ def _alert_html(
             )
         else:
             pictures.append(
-                '<td style="padding:4px;font-size:12px;color:#6b7280;">'
-                "(image could not be previewed)</td>"
+                '<td style="padding:4px;font-size:12px;color:#6b7280;">(image could not be previewed)</td>'
             )
         if cam_cid:
             pictures.append(
@@ -352,9 +349,7 @@ def backoff_delay(
 
 
 def _ssl_context(config: SmtpConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(
-        cafile=str(config.cafile) if config.cafile is not None else None
-    )
+    context = ssl.create_default_context(cafile=str(config.cafile) if config.cafile is not None else None)
     if not config.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -429,24 +424,18 @@ def deliver(
         refused = dict(exc.recipients)
     except smtplib.SMTPAuthenticationError as exc:
         reply = _reply_text(exc.smtp_code, exc.smtp_error)
-        raise _classify(
-            exc.smtp_code, f"SMTP login as {config.user!r} at {where} refused: {reply}"
-        ) from exc
+        raise _classify(exc.smtp_code, f"SMTP login as {config.user!r} at {where} refused: {reply}") from exc
     except smtplib.SMTPNotSupportedError as exc:
-        raise PermanentMailError(f"SMTP server {where} does not support {exc}") from exc
+        raise PermanentMailError(f"SMTP server {where}: {exc}") from exc
     except smtplib.SMTPResponseException as exc:  # sender refused, data refused, bad greeting
         reply = _reply_text(exc.smtp_code, exc.smtp_error)
-        raise _classify(
-            exc.smtp_code, f"SMTP server {where} refused {message_id}: {reply}"
-        ) from exc
+        raise _classify(exc.smtp_code, f"SMTP server {where} refused {message_id}: {reply}") from exc
     except smtplib.SMTPServerDisconnected as exc:
         raise TransientMailError(f"SMTP server {where} disconnected: {exc}") from exc
     except smtplib.SMTPException as exc:  # e.g. no common AUTH mechanism
         raise PermanentMailError(f"SMTP with {where} failed: {exc}") from exc
     except ssl.SSLCertVerificationError as exc:
-        raise PermanentMailError(
-            f"the certificate of {where} is not trusted: {exc.verify_message}"
-        ) from exc
+        raise PermanentMailError(f"the certificate of {where} is not trusted: {exc.verify_message}") from exc
     except (OSError, TimeoutError) as exc:  # refused connection, timeout, DNS, TLS handshake
         raise TransientMailError(f"cannot reach SMTP server {where}: {exc}") from exc
 
@@ -463,9 +452,7 @@ def deliver(
     return DeliveryResult(message_id, accepted, rejected, deferred)
 
 
-def _send(
-    message: EmailMessage, recipients: list[str], config: SmtpConfig
-) -> dict[str, tuple[int, bytes]]:
+def _send(message: EmailMessage, recipients: list[str], config: SmtpConfig) -> dict[str, tuple[int, bytes]]:
     assert config.host is not None
     smtp: smtplib.SMTP
     if config.security == "tls":
@@ -481,7 +468,7 @@ def _send(
         smtp.ehlo()
         if config.security == "starttls":
             if not smtp.has_extn("starttls"):
-                raise smtplib.SMTPNotSupportedError("STARTTLS")
+                raise smtplib.SMTPNotSupportedError("STARTTLS is not offered")
             smtp.starttls(context=_ssl_context(config))
             smtp.ehlo()
         if config.user:
