@@ -237,7 +237,7 @@ def render_digest_html(content: DigestContent, inline_images: Literal["cid", "da
                 )
             rows.append(
                 f'<tr><td style="{_TD}width:{THUMBNAIL_PX + 16}px;">{picture}</td>'
-                f'<td style="{_TD}word-break:break-all;">{esc(item.source)}</td>'
+                f'<td style="{_TD}overflow-wrap:anywhere;word-break:break-word;">{esc(item.source)}</td>'
                 f'<td style="{_TD}font-weight:bold;color:#b91c1c;text-align:right;">'
                 f"{item.melanoma_probability:.3f}</td>"
                 f'<td style="{_TD}">{esc(item.predicted_class)}</td>'
@@ -273,7 +273,7 @@ def render_digest_html(content: DigestContent, inline_images: Literal["cid", "da
     ):
         if problems:
             rows = [
-                f'<tr><td style="{_TD}word-break:break-all;">{esc(p.source)}</td>'
+                f'<tr><td style="{_TD}overflow-wrap:anywhere;word-break:break-word;">{esc(p.source)}</td>'
                 f'<td style="{_TD}">{esc(p.reason)}</td></tr>'
                 for p in problems
             ]
