@@ -183,6 +183,10 @@ def predict(
         raise typer.Exit(2)
 
 
+from melanoscreen.service_cli import register as _register_service  # noqa: E402, I001
+_register_service(app)
+
+
 def main() -> None:
     """Console entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

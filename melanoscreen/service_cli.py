@@ -1,0 +1,295 @@
+"""The service's commands: up, watch, worker, beat, flower, status, results.
+
+Imports stay inside the commands so that `melanoscreen --help` is fast and never loads TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from melanoscreen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: `up` writes the URL of the Redis it started here, so `status` in another shell can find it.
+BROKER_FILE = "broker.url"
+
+
+def _fail(message: str) -> None:
+    from melanoscreen.cli import fail
+
+    fail(message)
+
+
+def _settings() -> Settings:
+    """The settings, or one error line naming the bad variable."""
+    from pydantic import ValidationError
+
+    from melanoscreen.settings import describe_error, get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        _fail(describe_error(exc))
+        raise  # unreachable: _fail exits
+
+
+def _broker(settings: Settings) -> str:
+    if settings.broker_url:
+        return settings.broker_url
+    recorded = settings.data_dir / BROKER_FILE
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    _fail("MELANOSCREEN_BROKER_URL: not set, and no `melanoscreen up` is running in "
+          f"{settings.data_dir} (start one, or point this at your Redis)")
+    raise AssertionError
+
+
+def _prepare(settings: Settings) -> None:
+    """Create the data folder and bring the schema to the latest revision."""
+    from db.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
+    store = (settings.data_dir / "store").absolute()
+    if store.is_relative_to(settings.inbox_dir):
+        _fail("MELANOSCREEN_INBOX: must not contain the data folder's store")
+    try:
+        upgrade(settings.database)
+    except Exception as exc:
+        _fail(f"MELANOSCREEN_DATABASE_URL: cannot upgrade the schema: {exc}")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def watch(polling: Annotated[bool, typer.Option(
+        "--polling", help="Poll for files whose size and mtime are stable (network shares).")]
+          = False) -> None:
+    """Watch the inbox: take each complete file into the store and enqueue it for screening."""
+    from db.session import make_session_factory
+    from scheduler.queue import make_producer
+    from scheduler.watcher import Watcher, WatcherConfig
+
+    settings = _settings()
+    broker = _broker(settings)
+    _prepare(settings)
+    config = WatcherConfig(
+        inbox=settings.inbox_dir, data_dir=settings.data_dir.absolute(),
+        batch_size=settings.batch_size, batch_delay=settings.batch_delay,
+        rescan_interval=settings.rescan_interval, stable_seconds=settings.stable_seconds,
+        polling=polling)
+    producer = make_producer(broker, settings.visibility_timeout)
+    Watcher(config, make_session_factory(settings.database), producer).run(_stop_on_signals())
+
+
+def worker(concurrency: Annotated[int | None, typer.Option(
+        min=1, help="Pool processes (default: MELANOSCREEN_WORKER_CONCURRENCY, else cores/2).")]
+           = None) -> None:
+    """Run a Celery worker that screens images (one model per pool process)."""
+    from worker import runtime
+    from worker.celery_app import configure_app
+
+    settings = _settings()
+    broker = _broker(settings)
+    _prepare(settings)
+    cores = os.cpu_count() or 1
+    processes = concurrency or settings.worker_concurrency or max(1, cores // 2)
+    runtime.configure(runtime.WorkerConfig(
+        database_url=settings.database, data_dir=settings.data_dir.absolute(),
+        model_path=settings.model, alert_threshold=settings.alert_threshold,
+        batch_size=settings.batch_size, sweep_limit=settings.sweep_limit,
+        max_attempts=settings.max_attempts, concurrency=processes,
+        intra_op_threads=max(1, cores // processes)))
+    app = configure_app(broker, settings.visibility_timeout)
+    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
+                     "--events", f"--hostname=melanoscreen-{os.getpid()}@%h"])
+
+
+def beat() -> None:
+    """Send the periodic tasks: the sweep that re-enqueues work the queue lost."""
+    from scheduler.queue import beat_schedule, make_producer
+
+    settings = _settings()
+    broker = _broker(settings)
+    _prepare(settings)
+    app = make_producer(broker, settings.visibility_timeout)
+    app.conf.beat_schedule = beat_schedule(settings.sweep_interval)
+    app.conf.beat_max_loop_interval = min(settings.sweep_interval, 30.0)
+    schedule = settings.data_dir.absolute() / "celerybeat-schedule"
+    app.Beat(schedule=str(schedule), loglevel="INFO").run()  # type: ignore[attr-defined]
+
+
+def flower() -> None:
+    """Run Flower (the live dashboard) on the same broker."""
+    settings = _settings()
+    broker = _broker(settings)
+    has_auth = bool(settings.flower_user and settings.flower_password)
+    if not settings.flower_is_loopback and not has_auth:
+        _fail(f"MELANOSCREEN_FLOWER_ADDRESS: {settings.flower_address} is not loopback; set "
+              "MELANOSCREEN_FLOWER_USER and MELANOSCREEN_FLOWER_PASSWORD to expose Flower")
+    env = dict(os.environ)
+    if has_auth:
+        assert settings.flower_password is not None
+        # Through the environment, so the password is not visible in `ps`.
+        env["FLOWER_BASIC_AUTH"] = (f"{settings.flower_user}:"
+                                    f"{settings.flower_password.get_secret_value()}")
+    else:
+        # Loopback only: the JSON API is as reachable as the pages.
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    argv = [sys.executable, "-m", "celery", "--broker", broker, "flower",
+            f"--address={settings.flower_address}", f"--port={settings.flower_port}",
+            "--persistent=False"]
+    os.execve(sys.executable, argv, env)
+
+
+def up() -> None:
+    """Start everything: Redis (unless MELANOSCREEN_BROKER_URL), watcher, worker, beat, Flower."""
+    from melanoscreen.supervisor import Child, Supervisor, free_port, redis_argv, wait_for_redis
+
+    settings = _settings()
+    _prepare(settings)
+    data_dir = settings.data_dir.absolute()
+    env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir),
+               MELANOSCREEN_INBOX=str(settings.inbox_dir),
+               MELANOSCREEN_DATABASE_URL=settings.database)
+    children: list[Child] = []
+    broker_file = data_dir / BROKER_FILE
+    if settings.broker_url:
+        broker = settings.broker_url
+    else:
+        port = settings.redis_port or free_port()
+        redis = Child("redis", redis_argv(port, data_dir / "redis"))
+        redis.start()
+        children.append(redis)
+        try:
+            wait_for_redis(port)
+        except TimeoutError as exc:
+            redis.signal_group(signal.SIGKILL)
+            _fail(str(exc))
+        broker = f"redis://127.0.0.1:{port}/0"
+        broker_file.write_text(broker + "\n")
+    env["MELANOSCREEN_BROKER_URL"] = broker
+    me = [sys.executable, "-m", "melanoscreen"]
+    children += [Child(name, [*me, name], env) for name in ("worker", "beat", "flower", "watch")]
+    typer.echo(f"inbox:     {settings.inbox_dir}  (drop images here)")
+    typer.echo(f"dashboard: http://{settings.flower_address}:{settings.flower_port}")
+    typer.echo(f"results:   melanoscreen results   (data in {data_dir})")
+    code = Supervisor(children).run(_stop_on_signals())
+    if not settings.broker_url:
+        broker_file.unlink(missing_ok=True)
+    if code:
+        _fail("a service kept dying; see the log above")
+
+
+def _queue_length(broker: str | None) -> int | None:
+    if not broker or not broker.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    from scheduler.queue import QUEUE
+
+    try:
+        client = redis.Redis.from_url(broker, socket_connect_timeout=1, socket_timeout=1)
+        return int(client.llen(QUEUE))  # type: ignore[arg-type]
+    except redis.RedisError:
+        return None
+
+
+def status(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+           = False) -> None:
+    """How many images are in each state, how many are flagged, how long the queue is."""
+    from db import queries
+    from db.migrate import upgrade
+    from db.session import make_session_factory
+
+    settings = _settings()
+    upgrade(settings.database)
+    with make_session_factory(settings.database).begin() as session:
+        counts = queries.status_counts(session)
+        flagged = queries.flagged_count(session)
+        duplicates = queries.duplicate_count(session)
+    broker = settings.broker_url
+    recorded = settings.data_dir / BROKER_FILE
+    if not broker and recorded.is_file():
+        broker = recorded.read_text().strip()
+    report = {"counts": counts, "flagged": flagged, "queue_length": _queue_length(broker),
+              "duplicates": duplicates}
+    if json_output:
+        typer.echo(json.dumps(report))
+        return
+    for name in ("queued", "screening", "screened", "rejected", "failed"):
+        typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
+    typer.echo(f"{'flagged':<10}{flagged:>8}")
+    typer.echo(f"{'duplicate':<10}{duplicates:>8}")
+    queue = report["queue_length"]
+    typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
+
+
+def _parse_since(value: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since: not an ISO date or time: {value!r}")
+        raise
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def results(
+    since: Annotated[str | None, typer.Option(help="Only images received at or after this ISO "
+                                              "date/time (UTC unless it says otherwise).")] = None,
+    flagged: Annotated[bool, typer.Option("--flagged", help="Only flagged images.")] = False,
+    output_format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Every image with its status and prediction."""
+    from db import queries
+    from db.migrate import upgrade
+    from db.session import make_session_factory
+
+    if output_format not in ("table", "csv", "json"):
+        _fail("--format must be table, csv or json")
+    settings = _settings()
+    when = _parse_since(since) if since else None
+    upgrade(settings.database)
+    with make_session_factory(settings.database).begin() as session:
+        rows = [row.to_json() for row in queries.results(session, since=when,
+                                                         flagged_only=flagged)]
+    if output_format == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif output_format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(queries.RESULT_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
+        for row in rows:
+            p = row["melanoma_probability"]
+            mark = "  ALERT" if row["flagged"] else ""
+            detail = row["predicted_class"] or row["reason"] or ""
+            typer.echo(f"{row['received_at'][:19]:<20} {row['status']:<10} {detail[:26]:<26} "
+                       f"{'' if p is None else f'{p:.3f}':>7}  {row['source']}{mark}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service's commands to the `melanoscreen` app."""
+    for command in (up, watch, worker, beat, flower, status, results):
+        app.command()(command)

@@ -1,0 +1,328 @@
+"""The inbox watcher: takes complete files into the store, records them, enqueues them in batches.
+
+On Linux a file is taken as soon as its writer closes it (IN_CLOSE_WRITE) or it is renamed into
+the inbox; elsewhere, or with `polling`, once its size and mtime have stayed unchanged for
+`stable_seconds`. A scan at start and a periodic rescan catch what arrived while it was down.
+It never imports TensorFlow: work is enqueued by task name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+from watchdog.events import (
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from db import queries
+from db.schema import utcnow
+from scheduler.files import is_ignored, move_atomically, sha256_of, unique_path
+from scheduler.queue import chunks, send_screen_batch
+
+logger = logging.getLogger(__name__)
+
+#: With close-after-write events, a created file that nobody holds open (a rename from outside
+#: the inbox) is taken once it has been quiet this long (seconds).
+MOVED_IN_SETTLE = 0.3
+#: How often (seconds) the loop checks pending files and the batch timer.
+TICK = 0.05
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    """Plain values from the settings."""
+
+    inbox: Path
+    data_dir: Path
+    batch_size: int = 16
+    batch_delay: float = 0.5
+    rescan_interval: float = 30.0
+    stable_seconds: float = 2.0
+    polling: bool = False
+
+    @property
+    def store_dir(self) -> Path:
+        """Where accepted images live, by content hash."""
+        return self.data_dir / "store"
+
+    @property
+    def duplicates_dir(self) -> Path:
+        """Where later arrivals of known content are kept."""
+        return self.data_dir / "duplicates"
+
+
+@dataclass
+class _Pending:
+    opens: int = 0
+    quiet: float = 2.0  # seconds unchanged before it is taken without a close event
+    size: int = -1
+    mtime_ns: int = -1
+    changed_at: float = 0.0
+    ready: bool = False
+
+
+class Intake:
+    """Takes one complete file: hash, record (new or duplicate), move into the data folder."""
+
+    def __init__(self, config: WatcherConfig, sessions: sessionmaker[Session]) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.inbox = config.inbox.resolve()
+
+    def relative_name(self, path: Path) -> Path | None:
+        """The inbox-relative name, or None for anything we must not read."""
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+            return None
+        try:
+            relative = Path(os.path.abspath(path)).relative_to(self.inbox)
+            # A symlinked folder could lead outside: the real path must stay inside too.
+            path.resolve().relative_to(self.inbox)
+        except ValueError:
+            return None
+        return None if is_ignored(relative) else relative
+
+    def take(self, path: Path) -> int | None:
+        """Take `path`; returns the new image id to enqueue, or None (duplicate, ignored, gone)."""
+        relative = self.relative_name(path)
+        if relative is None:
+            return None
+        try:
+            size = path.stat().st_size
+            sha256 = sha256_of(path)
+        except FileNotFoundError:
+            return None
+        received = utcnow()
+        with self.sessions.begin() as session:
+            known = queries.find_image_by_sha256(session, sha256)
+            if known is not None:
+                target = unique_path(self.config.duplicates_dir / _stamped(received, path.name))
+                move_atomically(path, target)
+                queries.add_duplicate(session, image_id=known.id, source=relative.as_posix(),
+                                      location=str(target), received_at=received)
+                logger.info("%s is a duplicate of image %d (%s); kept in %s", relative, known.id,
+                            known.source, target)
+                return None
+            target = self.store_path(sha256, path.suffix)
+            move_atomically(path, target)
+            image = queries.add_image(session, sha256=sha256, source=relative.as_posix(),
+                                      size_bytes=size, location=str(target), received_at=received)
+            logger.info("%s received as image %d", relative, image.id)
+            return image.id
+
+    def store_path(self, sha256: str, suffix: str) -> Path:
+        """store/ab/abcdef...<suffix>: one file per content."""
+        return self.config.store_dir / sha256[:2] / f"{sha256}{suffix.lower()}"
+
+    def recover_store(self) -> list[int]:
+        """Record files that reached the store without their row (a crash between move and commit)."""
+        store = self.config.store_dir
+        if not store.is_dir():
+            return []
+        recovered = []
+        with self.sessions.begin() as session:
+            for path in sorted(store.glob("??/*")):
+                sha256 = path.stem
+                if len(sha256) != 64 or queries.find_image_by_sha256(session, sha256):
+                    continue
+                image = queries.add_image(session, sha256=sha256_of(path),
+                                          source=f"(recovered)/{path.name}",
+                                          size_bytes=path.stat().st_size, location=str(path),
+                                          received_at=utcnow())
+                recovered.append(image.id)
+                logger.warning("recovered %s from the store as image %d", path.name, image.id)
+        return recovered
+
+
+def _stamped(when: datetime, name: str) -> str:
+    return f"{when:%Y%m%dT%H%M%S%f}-{name}"
+
+
+class _Forward(FileSystemEventHandler):
+    """Hands watchdog's events to the watcher loop (one thread does all the work)."""
+
+    def __init__(self, events: queue.Queue[FileSystemEvent]) -> None:
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.events.put(event)
+
+
+class Watcher:
+    """Watches the inbox and feeds the pipeline until `stop` is set."""
+
+    def __init__(self, config: WatcherConfig, sessions: sessionmaker[Session],
+                 producer: Celery) -> None:
+        self.config = config
+        self.intake = Intake(config, sessions)
+        self.sessions = sessions
+        self.producer = producer
+        self.events: queue.Queue[FileSystemEvent] = queue.Queue()
+        self.pending: dict[Path, _Pending] = {}
+        self.batch: list[int] = []
+        self.batch_started = 0.0
+        # Close-after-write events exist only with inotify.
+        self.fast = sys.platform.startswith("linux") and not config.polling
+
+    def _observer(self):  # type: ignore[no-untyped-def]
+        if self.fast:
+            from watchdog.observers.inotify import InotifyObserver
+
+            return InotifyObserver()
+        from watchdog.observers.polling import PollingObserver
+
+        return PollingObserver(timeout=max(0.2, min(1.0, self.config.stable_seconds / 2)))
+
+    def run(self, stop: threading.Event) -> None:
+        """Scan, then follow events and rescan periodically; flushes the last batch on stop."""
+        self.config.inbox.mkdir(parents=True, exist_ok=True)
+        observer = self._observer()
+        observer.schedule(_Forward(self.events), str(self.config.inbox), recursive=True)
+        observer.start()
+        logger.info("watching %s (%s)", self.config.inbox,
+                    "close-after-write events" if self.fast else "polling for stable files")
+        try:
+            self._enqueue_now(self.intake.recover_store())
+            self.rescan()
+            next_rescan = time.monotonic() + self.config.rescan_interval
+            while not stop.is_set():
+                self._drain_events(timeout=TICK)
+                self._take_ready()
+                self._flush_if_due()
+                if time.monotonic() >= next_rescan:
+                    self.rescan()
+                    next_rescan = time.monotonic() + self.config.rescan_interval
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            self._flush(force=True)
+
+    def rescan(self) -> None:
+        """Put every candidate file in the inbox under observation (taken once stable)."""
+        for root, dirs, files in os.walk(self.config.inbox, followlinks=False):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                path = Path(root) / name
+                if path not in self.pending:
+                    self.pending[path] = _Pending(quiet=self.config.stable_seconds,
+                                                  changed_at=time.monotonic())
+
+    def _drain_events(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._on_event(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_event(self, event: FileSystemEvent) -> None:
+        now = time.monotonic()
+        if isinstance(event, FileMovedEvent):
+            self.pending.pop(Path(os.fsdecode(event.src_path)), None)
+            if event.dest_path:
+                # A rename inside the inbox (x.part -> x.jpg): the content is complete.
+                self.pending[Path(os.fsdecode(event.dest_path))] = _Pending(ready=True)
+            return
+        path = Path(os.fsdecode(event.src_path))
+        entry = self.pending.get(path)
+        if isinstance(event, FileCreatedEvent):
+            quiet = MOVED_IN_SETTLE if self.fast else self.config.stable_seconds
+            self.pending[path] = _Pending(quiet=quiet, changed_at=now,
+                                          opens=entry.opens if entry else 0)
+        elif isinstance(event, FileOpenedEvent):
+            entry = self.pending.setdefault(path, _Pending(quiet=self.config.stable_seconds))
+            entry.opens += 1
+            entry.changed_at = now
+        elif isinstance(event, FileClosedNoWriteEvent):
+            if entry is not None:
+                entry.opens = max(0, entry.opens - 1)
+        elif isinstance(event, FileClosedEvent):
+            entry = self.pending.setdefault(path, _Pending())
+            entry.opens = max(0, entry.opens - 1)
+            if entry.opens == 0:
+                entry.ready = True  # the writer closed it: complete, take it now
+        elif isinstance(event, FileModifiedEvent):
+            entry = self.pending.setdefault(path, _Pending(quiet=self.config.stable_seconds))
+            entry.changed_at = now
+            entry.ready = False
+
+    def _is_ready(self, path: Path, entry: _Pending, now: float) -> bool | None:
+        """True: take it; False: wait; None: gone, forget it."""
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        if entry.ready:
+            return True
+        if entry.opens > 0:
+            return False
+        if (info.st_size, info.st_mtime_ns) != (entry.size, entry.mtime_ns):
+            entry.size, entry.mtime_ns, entry.changed_at = info.st_size, info.st_mtime_ns, now
+            return entry.quiet <= 0
+        return now - entry.changed_at >= entry.quiet
+
+    def _take_ready(self) -> None:
+        now = time.monotonic()
+        for path, entry in list(self.pending.items()):
+            ready = self._is_ready(path, entry, now)
+            if ready is None:
+                del self.pending[path]
+            elif ready:
+                del self.pending[path]
+                try:
+                    image_id = self.intake.take(path)
+                except OSError as exc:
+                    logger.error("cannot take %s: %s", path, exc)
+                    continue
+                if image_id is not None:
+                    if not self.batch:
+                        self.batch_started = time.monotonic()
+                    self.batch.append(image_id)
+                    if len(self.batch) >= self.config.batch_size:
+                        self._flush(force=True)
+
+    def _flush_if_due(self) -> None:
+        if self.batch and time.monotonic() - self.batch_started >= self.config.batch_delay:
+            self._flush(force=True)
+
+    def _flush(self, force: bool) -> None:
+        if self.batch and force:
+            ids, self.batch = self.batch, []
+            self._enqueue_now(ids)
+
+    def _enqueue_now(self, image_ids: list[int]) -> None:
+        """Send committed ids; if the broker is down the sweep re-enqueues them later."""
+        for batch in chunks(image_ids, self.config.batch_size):
+            try:
+                send_screen_batch(self.producer, batch)
+            except Exception as exc:  # the broker's errors vary by transport
+                logger.error("could not enqueue images %s (the sweep will): %s", batch, exc)
+                continue
+            with self.sessions.begin() as session:
+                queries.mark_enqueued(session, batch, utcnow())
