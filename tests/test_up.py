@@ -1,0 +1,75 @@
+"""`melanoscreen up`: the whole service from one command, and nothing left behind when it stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from melanoscreen.supervisor import free_port
+from tests.conftest import children_of, is_alive, synthetic_jpeg, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _env(data_dir: Path, model: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOSCREEN_")}
+    env.update({"MELANOSCREEN_DATA_DIR": str(data_dir), "MELANOSCREEN_MODEL": str(model),
+                "MELANOSCREEN_BATCH_DELAY": "0.1", "MELANOSCREEN_WORKER_CONCURRENCY": "1",
+                "MELANOSCREEN_FLOWER_PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def _status(data_dir: Path) -> list[str]:
+    engine = create_engine(f"sqlite:///{data_dir / 'melanoscreen.db'}")
+    try:
+        with engine.connect() as connection:
+            return [r[0] for r in connection.execute(text("SELECT status FROM images"))]
+    finally:
+        engine.dispose()
+
+
+def test_up_screens_a_drop_and_leaves_no_process_behind_after_sigterm(
+        tmp_path: Path, tiny_model: Path) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "melanoscreen", "up"], cwd=tmp_path,
+                              env=_env(data_dir, tiny_model), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: (data_dir / "broker.url").exists(), timeout=60, message="redis")
+        assert "inbox:" in log.read_text() or wait_until(lambda: "inbox:" in log.read_text())
+        (data_dir / "inbox" / "one.jpg").write_bytes(synthetic_jpeg(30_000))
+        wait_until(lambda: _status(data_dir) == ["screened"], timeout=120,
+                   message="the image screened by up's worker")
+        family = children_of(up.pid)
+        assert len(family) >= 6  # redis, worker (+ its pool), beat, flower, watcher
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=90) == 0
+        time.sleep(0.5)
+        left = [pid for pid in family if is_alive(pid)]
+        assert left == [], f"left running: {left}\n{log.read_text()[-3000:]}"
+        assert not (data_dir / "broker.url").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_up_gives_up_with_an_error_when_a_child_keeps_dying(tmp_path: Path,
+                                                            tiny_model: Path) -> None:
+    # Flower refuses a public address without a password, so it exits at every start.
+    env = _env(tmp_path / "data", tiny_model, MELANOSCREEN_FLOWER_ADDRESS="0.0.0.0")
+    result = subprocess.run([sys.executable, "-m", "melanoscreen", "up"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "flower keeps dying" in result.stderr
+    assert "restarting" in result.stderr
