@@ -42,7 +42,9 @@ def upgrade(url: str, revision: str = "head") -> None:
                 return
             except DBAPIError as exc:
                 # Two SQLite processes upgrading at once: the loser sees "already exists".
-                if attempt == 4:
+                message = str(exc.orig).lower()
+                if attempt == 4 or not ("already exists" in message or "locked" in message
+                                        or "duplicate" in message):
                     raise
                 logger.warning("schema upgrade collided (%s); retrying", exc.orig)
                 time.sleep(0.5 * (attempt + 1))

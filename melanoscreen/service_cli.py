@@ -38,6 +38,8 @@ def _settings() -> Settings:
 
     from melanoscreen.settings import describe_error, get_settings
 
+    # Alembic logs every plugin and step at INFO: keep command output to what matters.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return get_settings()
     except ValidationError as exc:
@@ -56,19 +58,26 @@ def _broker(settings: Settings) -> str:
     raise AssertionError
 
 
-def _prepare(settings: Settings) -> None:
-    """Create the data folder and bring the schema to the latest revision."""
+def _upgrade(settings: Settings) -> None:
+    """Bring the schema to the latest revision, or fail with one line."""
     from db.migrate import upgrade
 
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database)
+    except Exception as exc:
+        _fail(f"MELANOSCREEN_DATABASE_URL: cannot open or upgrade the database: "
+              f"{str(exc).splitlines()[0]}")
+
+
+def _prepare(settings: Settings) -> None:
+    """Create the data folder and inbox and bring the schema to the latest revision."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     store = (settings.data_dir / "store").absolute()
     if store.is_relative_to(settings.inbox_dir):
         _fail("MELANOSCREEN_INBOX: must not contain the data folder's store")
-    try:
-        upgrade(settings.database)
-    except Exception as exc:
-        _fail(f"MELANOSCREEN_DATABASE_URL: cannot upgrade the schema: {exc}")
+    _upgrade(settings)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -218,12 +227,11 @@ def _queue_length(broker: str | None) -> int | None:
 def status(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
            = False) -> None:
     """How many images are in each state, how many are flagged, how long the queue is."""
+    settings = _settings()
     from db import queries
-    from db.migrate import upgrade
     from db.session import make_session_factory
 
-    settings = _settings()
-    upgrade(settings.database)
+    _upgrade(settings)
     with make_session_factory(settings.database).begin() as session:
         counts = queries.status_counts(session)
         flagged = queries.flagged_count(session)
@@ -261,15 +269,14 @@ def results(
     output_format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Every image with its status and prediction."""
-    from db import queries
-    from db.migrate import upgrade
-    from db.session import make_session_factory
-
     if output_format not in ("table", "csv", "json"):
         _fail("--format must be table, csv or json")
     settings = _settings()
+    from db import queries
+    from db.session import make_session_factory
+
     when = _parse_since(since) if since else None
-    upgrade(settings.database)
+    _upgrade(settings)
     with make_session_factory(settings.database).begin() as session:
         rows = [row.to_json() for row in queries.results(session, since=when,
                                                          flagged_only=flagged)]

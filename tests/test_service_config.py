@@ -1,0 +1,127 @@
+"""Settings, the command line and the deployment files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from melanoscreen.settings import Settings, describe_error
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICE_COMMANDS = {"up", "watch", "worker", "beat", "flower", "status", "results"}
+
+
+def _clean_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOSCREEN_")}
+    env.update(values)
+    return env
+
+
+def _settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("MELANOSCREEN_"):
+            monkeypatch.delenv(key)
+    for key, value in values.items():
+        monkeypatch.setenv(f"MELANOSCREEN_{key}", value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = _settings(monkeypatch)
+    assert settings.data_dir == Path("melanoscreen-data")
+    assert settings.inbox_dir == (tmp_path / "melanoscreen-data" / "inbox")
+    assert settings.database.startswith("sqlite:///") and settings.database.endswith(".db")
+    assert settings.broker_url is None and settings.model is None
+    assert settings.alert_threshold is None and settings.alert_recipients == []
+    assert str(settings.digest_time) == "07:00:00" and settings.timezone == "UTC"
+    assert (settings.flower_address, settings.flower_port) == ("127.0.0.1", 5555)
+
+
+def test_recipients_are_a_comma_separated_list_of_addresses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(monkeypatch, ALERT_RECIPIENTS=" derm@clinic.example, oncall@clinic.example ")
+    assert settings.alert_recipients == ["derm@clinic.example", "oncall@clinic.example"]
+    with pytest.raises(ValidationError) as error:
+        _settings(monkeypatch, ALERT_RECIPIENTS="derm@clinic.example,not-an-address")
+    assert describe_error(error.value).startswith("MELANOSCREEN_ALERT_RECIPIENTS: ")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("ALERT_THRESHOLD", "1.5"), ("SMTP_SECURITY", "ssl"), ("TIMEZONE", "Mars/Olympus"),
+    ("FLOWER_PORT", "99999"), ("BATCH_SIZE", "0"),
+])
+def test_a_bad_value_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch, name: str,
+                                          value: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        _settings(monkeypatch, **{name: value})
+    line = describe_error(error.value)
+    assert line.startswith(f"MELANOSCREEN_{name}: ") and "\n" not in line
+
+
+def test_a_bad_setting_stops_a_command_with_one_error_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "melanoscreen", "status"], cwd=tmp_path,
+                            env=_clean_env(MELANOSCREEN_ALERT_THRESHOLD="2"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: MELANOSCREEN_ALERT_THRESHOLD: must be between 0 and 1"
+
+
+def test_flower_refuses_a_public_address_without_a_password(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "melanoscreen", "flower"], cwd=tmp_path,
+                            env=_clean_env(MELANOSCREEN_FLOWER_ADDRESS="0.0.0.0",
+                                           MELANOSCREEN_BROKER_URL="redis://127.0.0.1:1/0"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "MELANOSCREEN_FLOWER_USER" in result.stderr
+
+
+def test_every_command_has_help_and_help_never_loads_tensorflow() -> None:
+    script = ("import sys; from typer.testing import CliRunner; from melanoscreen.cli import app\n"
+              "r = CliRunner()\n"
+              "for c in sys.argv[1:]:\n"
+              "    assert r.invoke(app, [c, '--help']).exit_code == 0, c\n"
+              "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script, *sorted(SERVICE_COMMANDS)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_queue_settings_of_watcher_and_worker_agree() -> None:
+    from scheduler.queue import SCREEN_BATCH, SWEEP, beat_schedule, celery_config
+    from worker.celery_app import configure_app
+
+    app = configure_app("redis://127.0.0.1:1/0", 1234)
+    shared = celery_config("redis://127.0.0.1:1/0", 1234)
+    for key, value in shared.items():
+        assert app.conf[key] == value, key
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.worker_prefetch_multiplier == 1
+    import worker.tasks  # noqa: F401 - registers the tasks
+
+    assert {SCREEN_BATCH, SWEEP} <= set(app.tasks)
+    assert {entry["task"] for entry in beat_schedule(60).values()} <= set(app.tasks)
+
+
+def test_every_compose_service_runs_a_real_melanoscreen_command() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "postgres", "worker", "watcher", "beat", "flower"} <= set(services)
+    ours = {name: s for name, s in services.items() if "build" in s or
+            str(s.get("image", "")).startswith("melanoscreen")}
+    assert {"worker", "watcher", "beat", "flower"} <= set(ours)
+    for name, service in ours.items():
+        command = service["command"]
+        words = command.split() if isinstance(command, str) else list(command)
+        assert words[0] == "melanoscreen", name
+        assert words[1] in SERVICE_COMMANDS | {"digest"}, name
+        assert "healthcheck" in service, name
+    assert "container_name" not in services["worker"]  # --scale worker=N needs this
+    smtp = [s for s in services.values() if "mailpit" in str(s.get("image", ""))]
+    assert smtp, "an SMTP catcher"
