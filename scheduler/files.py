@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path, PurePath
 
 #: Names that are still being written or are not meant for us.
@@ -18,6 +19,31 @@ def is_ignored(relative: PurePath) -> bool:
         return True
     name = relative.name.lower()
     return name.endswith("~") or name.endswith(PARTIAL_SUFFIXES)
+
+
+def open_for_writing(path: Path) -> bool | None:
+    """Whether any process holds `path` open for writing; None where this cannot be told.
+
+    Linux refuses a read lease (EAGAIN) on a file that is open for writing anywhere on the host.
+    Leases need the file's owner (or CAP_LEASE) and a local file system; otherwise: None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            return True if exc.errno == errno.EAGAIN else None
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:

@@ -34,7 +34,13 @@ from watchdog.events import (
 
 from db import queries
 from db.schema import utcnow
-from scheduler.files import is_ignored, move_atomically, sha256_of, unique_path
+from scheduler.files import (
+    is_ignored,
+    move_atomically,
+    open_for_writing,
+    sha256_of,
+    unique_path,
+)
 from scheduler.queue import chunks, send_screen_batch
 
 logger = logging.getLogger(__name__)
@@ -256,9 +262,10 @@ class Watcher:
             self.pending[path] = _Pending(quiet=quiet, changed_at=now,
                                           opens=entry.opens if entry else 0)
         elif isinstance(event, FileOpenedEvent):
-            entry = self.pending.setdefault(path, _Pending(quiet=self.config.stable_seconds))
+            # Opening changes nothing (and our own checks open files): no clock reset here.
+            entry = self.pending.setdefault(path, _Pending(quiet=self.config.stable_seconds,
+                                                           changed_at=now))
             entry.opens += 1
-            entry.changed_at = now
         elif isinstance(event, FileClosedNoWriteEvent):
             if entry is not None:
                 entry.opens = max(0, entry.opens - 1)
@@ -284,8 +291,20 @@ class Watcher:
             return False
         if (info.st_size, info.st_mtime_ns) != (entry.size, entry.mtime_ns):
             entry.size, entry.mtime_ns, entry.changed_at = info.st_size, info.st_mtime_ns, now
-            return entry.quiet <= 0
-        return now - entry.changed_at >= entry.quiet
+            if entry.quiet > 0:
+                return False
+        elif now - entry.changed_at < entry.quiet:
+            return False
+        # Quiet long enough; but a writer that started before its folder was watched, or before
+        # the watcher ran, sent us no open event: ask the kernel whether anyone still writes.
+        writing = open_for_writing(path)
+        if writing:
+            entry.changed_at = now
+            return False
+        if writing is None and entry.quiet < self.config.stable_seconds:
+            entry.quiet = self.config.stable_seconds  # cannot tell: fall back to the stable rule
+            return False
+        return True
 
     def _take_ready(self) -> None:
         now = time.monotonic()
