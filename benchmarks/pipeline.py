@@ -85,7 +85,7 @@ def run_pipeline(data_dir: Path, files: list[Path], prefix: str, timeout: float)
 
 def run_plain_loop(model: Path | None, files: list[Path]) -> dict[str, float]:
     """Open, predict, insert and commit per file: what a script without the pipeline does."""
-    from model.inference import Classifier
+    from model.inference import Classifier, Prediction
 
     classifier = Classifier(model)
     classifier.predict(files[:2])  # warm up the compiled forward pass
@@ -95,7 +95,7 @@ def run_plain_loop(model: Path | None, files: list[Path]) -> dict[str, float]:
         started = time.perf_counter()
         for path in files:
             [answer] = classifier.predict([path])
-            if hasattr(answer, "probabilities"):
+            if isinstance(answer, Prediction):
                 db.execute("INSERT INTO predictions VALUES (?, ?, ?)",
                            (path.name, answer.melanoma_probability,
                             json.dumps(answer.probabilities)))

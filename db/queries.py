@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import Duplicate, Image, Prediction
@@ -81,11 +81,12 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
                     melanoma_probability: float, predicted_class: str, threshold: float,
                     seconds: float) -> Prediction | None:
     """Store the prediction if this token still holds the claim; None if someone else won."""
-    won = session.execute(
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
         .where(Image.id == image_id, Image.status == "screening", Image.claim_token == token)
         .values(status="screened", screened_at=now, claim_token=None, reason=None)
-    ).rowcount
+    )
+    won = result.rowcount
     if won != 1:
         return None
     prediction = Prediction(
@@ -102,12 +103,13 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
 def finish_rejected(session: Session, image_id: int, *, token: str, now: datetime, reason: str,
                     location: str) -> bool:
     """Mark an unreadable image `rejected` with its reason and new location, if still claimed."""
-    return session.execute(
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
         .where(Image.id == image_id, Image.status == "screening", Image.claim_token == token)
         .values(status="rejected", reason=reason, location=location, screened_at=now,
                 claim_token=None)
-    ).rowcount == 1
+    )
+    return result.rowcount == 1
 
 
 def release_claims(session: Session, image_ids: Sequence[int], *, token: str) -> None:

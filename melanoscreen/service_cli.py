@@ -145,7 +145,7 @@ def beat() -> None:
     app.conf.beat_schedule = beat_schedule(settings.sweep_interval)
     app.conf.beat_max_loop_interval = min(settings.sweep_interval, 30.0)
     schedule = settings.data_dir.absolute() / "celerybeat-schedule"
-    app.Beat(schedule=str(schedule), loglevel="INFO").run()  # type: ignore[attr-defined]
+    app.Beat(schedule=str(schedule), loglevel="INFO").run()
 
 
 def flower() -> None:
@@ -219,7 +219,7 @@ def _queue_length(broker: str | None) -> int | None:
 
     try:
         client = redis.Redis.from_url(broker, socket_connect_timeout=1, socket_timeout=1)
-        return int(client.llen(QUEUE))  # type: ignore[arg-type]
+        return int(client.llen(QUEUE))
     except redis.RedisError:
         return None
 

@@ -31,6 +31,7 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
+from watchdog.observers.api import BaseObserver
 
 from db import queries
 from db.schema import utcnow
@@ -192,7 +193,7 @@ class Watcher:
         # Close-after-write events exist only with inotify.
         self.fast = sys.platform.startswith("linux") and not config.polling
 
-    def _observer(self):  # type: ignore[no-untyped-def]
+    def _observer(self) -> BaseObserver:
         if self.fast:
             from watchdog.observers.inotify import InotifyObserver
 

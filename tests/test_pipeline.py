@@ -154,9 +154,9 @@ def test_flower_lists_the_worker_and_the_screening_tasks(service: Service) -> No
             return None
 
     workers = wait_until(lambda: get("/api/workers?refresh=1"), timeout=60, message="workers")
-    assert any(name.startswith("melanoscreen-") for name in workers)  # type: ignore[union-attr]
+    assert any(name.startswith("melanoscreen-") for name in workers)
     tasks = wait_until(lambda: get("/api/tasks"), timeout=60, message="tasks")
-    names = {task["name"] for task in tasks.values()}  # type: ignore[union-attr]
+    names = {task["name"] for task in tasks.values()}
     assert "worker.tasks.screen_batch" in names
 
 
@@ -224,3 +224,26 @@ def test_the_worker_shuts_down_cleanly_on_sigterm(service: Service) -> None:
     service.start("worker")
     service.drop("restart/after.jpg", synthetic_jpeg(9100))
     assert service.wait_finished("restart/", 1)[0].status == "screened"
+
+
+def test_the_polling_watcher_takes_files_once_their_size_is_stable(service: Service) -> None:
+    service.stop("watch")
+    service.start("watch", "--polling")
+    try:
+        content = synthetic_jpeg(9200, size=(160, 120))
+        path = service.inbox / "polled" / "chunked.jpg"
+        path.parent.mkdir(parents=True)
+        half = len(content) // 2
+        with open(path, "wb") as handle:
+            handle.write(content[:half])
+            handle.flush()
+            time.sleep(0.3)  # shorter than MELANOSCREEN_STABLE_SECONDS
+            handle.write(content[half:])
+        service.drop("polled/plain.jpg", synthetic_jpeg(9201))
+        rows = service.wait_finished("polled/", 2)
+        assert {r.status for r in rows} == {"screened"}
+        by_name = {r.source: r for r in rows}
+        assert by_name["polled/chunked.jpg"].sha256 == hashlib.sha256(content).hexdigest()
+    finally:
+        service.stop("watch")
+        service.start("watch")
