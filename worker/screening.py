@@ -23,6 +23,7 @@ class BatchOutcome:
     screened: int = 0
     rejected: int = 0
     skipped: int = 0  # already finished, or claimed by another delivery
+    flagged: tuple[int, ...] = ()  # image ids whose melanoma probability reached the threshold
 
 
 def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:
@@ -76,6 +77,7 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
             logger.warning("image %d rejected: %s", image_id, answer.reason)
 
     screened = rejected = 0
+    flagged: list[int] = []
     finished = utcnow()
     with sessions.begin() as session:
         for (image_id, _path), answer in zip(work, answers, strict=True):
@@ -90,8 +92,11 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
                 melanoma_probability=answer.melanoma_probability,
                 predicted_class=answer.predicted_class, threshold=threshold, seconds=per_image)
             screened += prediction is not None
+            if prediction is not None and prediction.flagged:
+                flagged.append(image_id)
     lost = len(work) - screened - rejected
-    return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost)
+    return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
+                        flagged=tuple(flagged))
 
 
 def sweep_stale(batch_size: int) -> list[list[int]]:

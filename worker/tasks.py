@@ -24,8 +24,9 @@ def screen_batch(self: Task, image_ids: list[int]) -> dict[str, Any]:
     outcome = screening.screen_batch([int(i) for i in image_ids], token=str(self.request.id))
     logger.info("batch of %d: %d screened, %d rejected, %d skipped", len(image_ids),
                 outcome.screened, outcome.rejected, outcome.skipped)
+    # Committed by now: the alert engineer's delivery task can be enqueued from here by id.
     return {"screened": outcome.screened, "rejected": outcome.rejected,
-            "skipped": outcome.skipped}
+            "skipped": outcome.skipped, "flagged": list(outcome.flagged)}
 
 
 @app.task(name=SWEEP, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)
