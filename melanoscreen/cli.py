@@ -185,6 +185,8 @@ def predict(
 
 from melanoscreen.service_cli import register as _register_service  # noqa: E402, I001
 _register_service(app)
+from melanoscreen.alerts_cli import register as _register_alerts  # noqa: E402, I001
+_register_alerts(app)
 
 
 def main() -> None:

@@ -80,6 +80,13 @@ def _prepare(settings: Settings) -> None:
     _upgrade(settings)
 
 
+def warn_if_nobody_is_told(settings: Settings) -> None:
+    """Log, at start, that flagged images will be recorded but nobody emailed."""
+    if not settings.alert_recipients:
+        logger.warning("MELANOSCREEN_ALERT_RECIPIENTS is empty: flagged images are recorded "
+                       "(melanoscreen results --flagged) but nobody will be told")
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -114,13 +121,16 @@ def watch(polling: Annotated[bool, typer.Option(
 def worker(concurrency: Annotated[int | None, typer.Option(
         min=1, help="Pool processes (default: MELANOSCREEN_WORKER_CONCURRENCY, else cores/2).")]
            = None) -> None:
-    """Run a Celery worker that screens images (one model per pool process)."""
+    """Run a Celery worker that screens images, delivers alerts and writes the digests."""
+    from scheduler import tasks as scheduler_tasks
+    from scheduler.digest_job import DigestJobConfig
     from worker import runtime
     from worker.celery_app import configure_app
 
     settings = _settings()
     broker = _broker(settings)
     _prepare(settings)
+    warn_if_nobody_is_told(settings)
     cores = os.cpu_count() or 1
     processes = concurrency or settings.worker_concurrency or max(1, cores // 2)
     runtime.configure(runtime.WorkerConfig(
@@ -128,15 +138,22 @@ def worker(concurrency: Annotated[int | None, typer.Option(
         model_path=settings.model, alert_threshold=settings.alert_threshold,
         batch_size=settings.batch_size, sweep_limit=settings.sweep_limit,
         max_attempts=settings.max_attempts, concurrency=processes,
-        intra_op_threads=max(1, cores // processes)))
+        intra_op_threads=max(1, cores // processes),
+        alert_recipients=tuple(settings.alert_recipients), smtp=settings.smtp_config(),
+        timezone=settings.timezone, alert_max_attempts=settings.alert_max_attempts,
+        alert_retry_base=settings.alert_retry_base))
+    scheduler_tasks.configure(DigestJobConfig(
+        database_url=settings.database, recipients=tuple(settings.alert_recipients),
+        digest_time=settings.digest_time, timezone=settings.timezone,
+        sender=settings.smtp_sender))
     app = configure_app(broker, settings.visibility_timeout)
     app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
                      "--events", f"--hostname=melanoscreen-{os.getpid()}@%h"])
 
 
 def beat() -> None:
-    """Send the periodic tasks: the sweep that re-enqueues work the queue lost."""
-    from scheduler.queue import beat_schedule, make_producer
+    """Send the periodic tasks: the sweep that re-enqueues lost work, and the nightly digest."""
+    from scheduler.queue import beat_schedule, make_producer, send_queue_digests
 
     settings = _settings()
     broker = _broker(settings)
@@ -145,6 +162,8 @@ def beat() -> None:
     app.conf.beat_schedule = beat_schedule(settings.sweep_interval)
     app.conf.beat_max_loop_interval = min(settings.sweep_interval, 30.0)
     schedule = settings.data_dir.absolute() / "celerybeat-schedule"
+    # At start too: a digest missed while the service was down goes out now, not a minute later.
+    send_queue_digests(app)
     app.Beat(schedule=str(schedule), loglevel="INFO").run()
 
 
@@ -177,6 +196,7 @@ def up() -> None:
 
     settings = _settings()
     _prepare(settings)
+    warn_if_nobody_is_told(settings)
     data_dir = settings.data_dir.absolute()
     env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir),
                MELANOSCREEN_INBOX=str(settings.inbox_dir),
@@ -226,9 +246,9 @@ def _queue_length(broker: str | None) -> int | None:
 
 def status(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
            = False) -> None:
-    """How many images are in each state, how many are flagged, how long the queue is."""
+    """Images per state, flagged, queue length, alerts pending/sent/failed, the last digest."""
     settings = _settings()
-    from db import queries
+    from db import outbox, queries
     from db.session import make_session_factory
 
     _upgrade(settings)
@@ -236,12 +256,19 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
         counts = queries.status_counts(session)
         flagged = queries.flagged_count(session)
         duplicates = queries.duplicate_count(session)
+        alerts = outbox.outbox_counts(session, "alert")
+        digest_messages = outbox.outbox_counts(session, "digest")
+        last = outbox.last_digest(session)
+    last_digest: dict[str, Any] | None = None if last is None else {
+        "date": last.day.isoformat(), "created_at": last.created_at.isoformat(),
+        "recipients": last.recipients}
     broker = settings.broker_url
     recorded = settings.data_dir / BROKER_FILE
     if not broker and recorded.is_file():
         broker = recorded.read_text().strip()
-    report = {"counts": counts, "flagged": flagged, "queue_length": _queue_length(broker),
-              "duplicates": duplicates}
+    report: dict[str, Any] = {"counts": counts, "flagged": flagged, "queue_length": _queue_length(broker),
+              "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
+              "last_digest": last_digest, "alert_recipients": len(settings.alert_recipients)}
     if json_output:
         typer.echo(json.dumps(report))
         return
@@ -251,6 +278,13 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     typer.echo(f"{'duplicate':<10}{duplicates:>8}")
     queue = report["queue_length"]
     typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
+    typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items())
+               + ("" if settings.alert_recipients else "  (no recipients configured)"))
+    if last_digest is None:
+        typer.echo("last digest: none yet")
+    else:
+        typer.echo(f"last digest: {last_digest['date']} (written {last_digest['created_at'][:19]}, "
+                   f"{last_digest['recipients']} recipient(s))")
 
 
 def _parse_since(value: str) -> datetime:

@@ -6,11 +6,14 @@ import ipaddress
 from datetime import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import EmailStr, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from worker.mail import SmtpConfig
 
 ENV_PREFIX = "MELANOSCREEN_"
 _EMAIL = TypeAdapter(EmailStr)
@@ -31,11 +34,19 @@ class Settings(BaseSettings):
     alert_recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     smtp_host: str | None = None
+    #: No port: 587 for starttls (the default), 465 for tls, 25 for none.
     smtp_port: int | None = Field(default=None, ge=1, le=65535)
     smtp_user: str | None = None
     smtp_password: SecretStr | None = None
     smtp_security: Literal["none", "starttls", "tls"] = "starttls"
     smtp_sender: str = "melanoscreen@localhost"
+    #: An extra certificate (PEM) to trust, e.g. a private CA of the mail server.
+    smtp_cafile: Path | None = None
+    smtp_timeout: float = Field(default=30.0, gt=0.0)
+    #: Delivery tries per message before it is marked `failed`, and the first retry's ceiling
+    #: (seconds; it doubles per try, full jitter, capped at an hour).
+    alert_max_attempts: int = Field(default=8, ge=1)
+    alert_retry_base: float = Field(default=30.0, gt=0.0)
 
     digest_time: time = time(7, 0)
     timezone: str = "UTC"
@@ -115,6 +126,16 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.flower_address).is_loopback
         except ValueError:
             return False
+
+    def smtp_config(self) -> SmtpConfig:
+        """The mail settings as the delivery code takes them (no host: the outbox folder)."""
+        from worker.mail import SmtpConfig
+
+        return SmtpConfig(
+            host=self.smtp_host or None, port=self.smtp_port, user=self.smtp_user or None,
+            password=self.smtp_password.get_secret_value() if self.smtp_password else None,
+            security=self.smtp_security, sender=self.smtp_sender, timeout=self.smtp_timeout,
+            cafile=self.smtp_cafile.absolute() if self.smtp_cafile else None)
 
     def require_broker(self) -> str:
         """The broker URL; only `up` may run without one (it starts its own Redis)."""

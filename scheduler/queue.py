@@ -11,6 +11,10 @@ from celery import Celery
 #: Shipped task names are an API: the worker registers exactly these.
 SCREEN_BATCH = "worker.tasks.screen_batch"
 SWEEP = "worker.tasks.sweep"
+DELIVER_MESSAGE = "worker.tasks.deliver_message"
+QUEUE_DIGESTS = "scheduler.tasks.queue_digests"
+#: How often beat asks whether a digest is owed (seconds); the due-date logic decides.
+DIGEST_CHECK_INTERVAL = 60.0
 #: The one queue every screening task goes to (Celery's default name).
 QUEUE = "celery"
 
@@ -51,8 +55,22 @@ def send_screen_batch(app: Celery, image_ids: Sequence[int]) -> None:
     app.send_task(SCREEN_BATCH, args=[list(image_ids)], retry=True, retry_policy=_SEND_RETRY)
 
 
-def beat_schedule(sweep_interval: float) -> dict[str, dict[str, Any]]:
+def send_queue_digests(app: Celery) -> None:
+    """Ask a worker to send the digests owed now, if any (beat does this at start, too)."""
+    app.send_task(QUEUE_DIGESTS, retry=True, retry_policy=_SEND_RETRY)
+
+
+def send_deliver_message(app: Celery, outbox_id: int) -> None:
+    """Ask a worker to deliver one outbox message."""
+    app.send_task(DELIVER_MESSAGE, args=[outbox_id], retry=True, retry_policy=_SEND_RETRY)
+
+
+def beat_schedule(sweep_interval: float,
+                  digest_interval: float = DIGEST_CHECK_INTERVAL) -> dict[str, dict[str, Any]]:
     """The periodic tasks that `melanoscreen beat` sends: one entry per task."""
     return {
         "sweep": {"task": SWEEP, "schedule": timedelta(seconds=sweep_interval)},
+        # Every minute, not once a day: the job sends only what is owed (a unique row per date),
+        # so a beat restart, two beats or a DST change neither skip nor double a digest.
+        "digest": {"task": QUEUE_DIGESTS, "schedule": timedelta(seconds=digest_interval)},
     }

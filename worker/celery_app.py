@@ -1,10 +1,14 @@
-"""The worker's Celery app: late acks, prefetch 1, events on; tasks live in `worker.tasks`."""
+"""The worker's Celery app: late acks, prefetch 1, events on; tasks live in `worker.tasks`.
+
+`scheduler.tasks` (the digest job) is listed by name: the worker process registers it when it
+starts, without this package importing scheduler code.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("melanoscreen", include=["worker.tasks"])
+app = Celery("melanoscreen", include=["worker.tasks", "scheduler.tasks"])
 
 
 def configure_app(broker_url: str, visibility_timeout: int) -> Celery:

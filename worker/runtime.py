@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_session_factory
+from worker.mail import SmtpConfig
 
 if TYPE_CHECKING:
     from model.inference import Classifier
+    from worker.delivery import DeliveryOptions
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,26 @@ class WorkerConfig:
     max_attempts: int = 5
     concurrency: int = 1
     intra_op_threads: int = 1
+    alert_recipients: tuple[str, ...] = ()  # empty: flagged images are recorded, nobody is told
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)  # no host: .eml files in outbox/
+    timezone: str = "UTC"
+    alert_max_attempts: int = 8
+    alert_retry_base: float = 30.0  # seconds
+    alert_retry_cap: float = 3600.0
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where messages go as .eml files when no SMTP host is configured."""
+        return self.data_dir / "outbox"
+
+    def delivery_options(self) -> DeliveryOptions:
+        """The delivery settings as the delivery code takes them."""
+        from worker.delivery import DeliveryOptions
+
+        return DeliveryOptions(smtp=self.smtp, outbox_dir=self.outbox_dir, timezone=self.timezone,
+                               max_attempts=self.alert_max_attempts,
+                               retry_base=self.alert_retry_base, retry_cap=self.alert_retry_cap,
+                               stale_after=self.sweep_limit)
 
     @property
     def quarantine_dir(self) -> Path:
@@ -93,3 +115,15 @@ def classifier() -> Classifier:
             logger.info("process %d loaded model %s (%d TensorFlow threads)", os.getpid(),
                         state.classifier.version, cfg.intra_op_threads)
         return state.classifier
+
+
+def gradcam_overlay(path: Path) -> bytes | None:
+    """The Grad-CAM overlay (PNG) of a stored image by this process's model; None on failure."""
+    try:
+        from model.gradcam import overlay_png
+
+        return overlay_png(classifier(), path)
+    except Exception:
+        # An alert without its overlay is still an alert: never let the picture stop it.
+        logger.exception("no Grad-CAM overlay for %s", path)
+        return None

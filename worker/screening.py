@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from db import queries
+from sqlalchemy.orm import Session
+
+from db import outbox, queries
 from db.schema import utcnow
 from worker import runtime
+from worker.delivery import alert_subject_for, new_alert_message_id
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,7 @@ class BatchOutcome:
     rejected: int = 0
     skipped: int = 0  # already finished, or claimed by another delivery
     flagged: tuple[int, ...] = ()  # image ids whose melanoma probability reached the threshold
+    alerts: tuple[int, ...] = ()  # outbox ids of the alert messages written for them
 
 
 def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:
@@ -54,6 +58,7 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
             session, image_ids, token=token, now=now,
             stale_before=now - timedelta(seconds=cfg.sweep_limit), max_attempts=cfg.max_attempts)
         work = [(image.id, Path(image.location)) for image in claimed]
+        sources = {image.id: image.source for image in claimed}
     skipped = len(set(image_ids)) - len(work)
     if not work:
         return BatchOutcome(skipped=skipped)
@@ -77,7 +82,8 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
             logger.warning("image %d rejected: %s", image_id, answer.reason)
 
     screened = rejected = 0
-    flagged: list[int] = []
+    flagged: list[tuple[int, int, float]] = []  # (image id, prediction id, melanoma probability)
+    alerts: list[int] = []
     finished = utcnow()
     with sessions.begin() as session:
         for (image_id, _path), answer in zip(work, answers, strict=True):
@@ -93,10 +99,33 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
                 predicted_class=answer.predicted_class, threshold=threshold, seconds=per_image)
             screened += prediction is not None
             if prediction is not None and prediction.flagged:
-                flagged.append(image_id)
+                flagged.append((image_id, prediction.id, prediction.melanoma_probability))
+        if flagged and cfg.alert_recipients:
+            # Same transaction as the predictions: a flag is never stored without its alert.
+            alerts = write_alerts(session, flagged, sources, threshold=threshold,
+                                  recipients=cfg.alert_recipients)
+    if flagged and not cfg.alert_recipients:
+        logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
+                       len(flagged))
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
-                        flagged=tuple(flagged))
+                        flagged=tuple(image_id for image_id, _, _ in flagged),
+                        alerts=tuple(alerts))
+
+
+def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
+                 *, threshold: float, recipients: tuple[str, ...]) -> list[int]:
+    """One alert outbox row per recipient for the flagged images of one batch; their ids."""
+    message_id = new_alert_message_id()
+    subject = alert_subject_for([(sources[i], p) for i, _, p in flagged], threshold)
+    now = utcnow()
+    ids = []
+    for recipient in recipients:
+        outbox_id = outbox.add_message(session, kind="alert", recipient=recipient,
+                                       message_id=message_id, subject=subject, now=now)
+        outbox.link_alert_images(session, outbox_id, [(i, pid) for i, pid, _ in flagged])
+        ids.append(outbox_id)
+    return ids
 
 
 def sweep_stale(batch_size: int) -> list[list[int]]:

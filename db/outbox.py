@@ -1,0 +1,238 @@
+"""Outbox, digest and delivery-attempt queries: each takes the session first and never commits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.schema import AlertImage, DeliveryAttempt, Digest, Image, OutboxMessage, Prediction
+
+
+def add_message(session: Session, *, kind: str, recipient: str, message_id: str, subject: str,
+                now: datetime, raw: bytes | None = None, digest_date: date | None = None) -> int:
+    """A new `pending` outbox row; flushed, so it has its id."""
+    row = OutboxMessage(kind=kind, recipient=recipient, message_id=message_id, subject=subject,
+                        status="pending", attempts=0, raw=raw, digest_date=digest_date,
+                        created_at=now, enqueued_at=now)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def link_alert_images(session: Session, outbox_id: int,
+                      images: Sequence[tuple[int, int]]) -> None:
+    """Record which (image id, prediction id) pairs an alert message is about."""
+    session.add_all(AlertImage(outbox_id=outbox_id, image_id=image_id, prediction_id=prediction_id)
+                    for image_id, prediction_id in images)
+    session.flush()
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """An outbox row this delivery now holds (`sending`)."""
+
+    id: int
+    kind: str
+    recipient: str
+    message_id: str
+    subject: str
+    raw: bytes | None
+    attempts: int  # including this one
+
+
+def claim_message(session: Session, outbox_id: int, *, token: str, now: datetime,
+                  stale_before: datetime) -> ClaimedMessage | None:
+    """Move a `pending` row (or this token's own, or a stale `sending` one) to `sending`.
+
+    The status test is inside the UPDATE, so two deliveries of one row cannot both hold it, and
+    a row already `sent` or `failed` is never taken again. None when it is not ours to send.
+    """
+    claimable = or_(
+        OutboxMessage.status == "pending",
+        and_(OutboxMessage.status == "sending",
+             or_(OutboxMessage.claim_token == token, OutboxMessage.claimed_at < stale_before)),
+    )
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(OutboxMessage)
+        .where(OutboxMessage.id == outbox_id, claimable)
+        .values(status="sending", claim_token=token, claimed_at=now,
+                attempts=OutboxMessage.attempts + 1)
+    )
+    if result.rowcount != 1:
+        return None
+    row = session.get_one(OutboxMessage, outbox_id, populate_existing=True)
+    return ClaimedMessage(row.id, row.kind, row.recipient, row.message_id, row.subject, row.raw,
+                          row.attempts)
+
+
+def store_raw(session: Session, outbox_id: int, *, token: str, raw: bytes) -> bool:
+    """Keep the composed bytes, so a retry sends the very same message; False if not held."""
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(OutboxMessage)
+        .where(OutboxMessage.id == outbox_id, OutboxMessage.claim_token == token,
+               OutboxMessage.status == "sending", OutboxMessage.raw.is_(None))
+        .values(raw=raw)
+    )
+    return result.rowcount == 1
+
+
+def record_attempt(session: Session, outbox_id: int, *, now: datetime, outcome: str,
+                   detail: str | None) -> None:
+    """Append one delivery attempt to the log."""
+    session.add(DeliveryAttempt(outbox_id=outbox_id, at=now, outcome=outcome, detail=detail))
+    session.flush()
+
+
+def finish_message(session: Session, outbox_id: int, *, token: str, now: datetime, status: str,
+                   error: str | None = None, next_attempt_at: datetime | None = None) -> bool:
+    """Release the claim: `sent`, `failed` (with the reason) or back to `pending` for a retry."""
+    values: dict[str, Any] = {"status": status, "claim_token": None, "last_error": error}
+    if status == "sent":
+        values["sent_at"] = now
+    elif status == "failed":
+        values["failed_at"] = now
+    else:
+        values.update(next_attempt_at=next_attempt_at, enqueued_at=now)
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(OutboxMessage)
+        .where(OutboxMessage.id == outbox_id, OutboxMessage.claim_token == token,
+               OutboxMessage.status == "sending")
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def stale_message_ids(session: Session, *, before: datetime, limit: int = 1000) -> list[int]:
+    """Rows the queue may have lost: `pending` and overdue, or `sending` with a stale claim."""
+    overdue = and_(
+        OutboxMessage.status == "pending",
+        func.coalesce(OutboxMessage.enqueued_at, OutboxMessage.created_at) < before,
+        or_(OutboxMessage.next_attempt_at.is_(None), OutboxMessage.next_attempt_at < before),
+    )
+    stuck = and_(OutboxMessage.status == "sending", OutboxMessage.claimed_at < before,
+                 func.coalesce(OutboxMessage.enqueued_at, OutboxMessage.created_at) < before)
+    return list(session.scalars(
+        select(OutboxMessage.id).where(or_(overdue, stuck)).order_by(OutboxMessage.id).limit(limit)
+    ))
+
+
+def mark_messages_enqueued(session: Session, outbox_ids: Sequence[int], now: datetime) -> None:
+    """Note when these rows were last handed to the queue (the sweep's clock)."""
+    if outbox_ids:
+        session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(outbox_ids))
+                        .values(enqueued_at=now))
+
+
+def requeue_failed(session: Session, *, now: datetime, kinds: Sequence[str] = ("alert",)) -> list[int]:
+    """Give failed rows of these kinds a fresh set of attempts; returns their ids."""
+    ids = list(session.scalars(
+        select(OutboxMessage.id).where(OutboxMessage.status == "failed",
+                                       OutboxMessage.kind.in_(kinds)).order_by(OutboxMessage.id)
+    ))
+    if ids:
+        session.execute(
+            update(OutboxMessage).where(OutboxMessage.id.in_(ids), OutboxMessage.status == "failed")
+            .values(status="pending", attempts=0, failed_at=None, next_attempt_at=None,
+                    enqueued_at=now, claim_token=None)
+        )
+    return ids
+
+
+def outbox_counts(session: Session, kind: str = "alert") -> dict[str, int]:
+    """Number of outbox rows of `kind` per status (every status present, zero included)."""
+    counts = dict.fromkeys(("pending", "sending", "sent", "failed"), 0)
+    rows = session.execute(select(OutboxMessage.status, func.count())
+                           .where(OutboxMessage.kind == kind).group_by(OutboxMessage.status))
+    counts.update({status: int(count) for status, count in rows})
+    return counts
+
+
+@dataclass(frozen=True)
+class AlertItem:
+    """One flagged image of an alert, with what the email shows about it."""
+
+    source: str
+    location: str
+    received_at: datetime
+    melanoma_probability: float
+    probabilities: dict[str, float]
+    predicted_class: str
+    model_version: str
+    threshold: float
+
+
+def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:
+    """The flagged images an alert message is about, highest melanoma probability first."""
+    rows = session.execute(
+        select(Image, Prediction)
+        .join(AlertImage, AlertImage.image_id == Image.id)
+        .join(Prediction, Prediction.id == AlertImage.prediction_id)
+        .where(AlertImage.outbox_id == outbox_id)
+        .order_by(Prediction.melanoma_probability.desc(), Image.id)
+    )
+    return [AlertItem(image.source, image.location, image.received_at,
+                      prediction.melanoma_probability, dict(prediction.probabilities),
+                      prediction.predicted_class, prediction.model_version, prediction.threshold)
+            for image, prediction in rows]
+
+
+# ---- digests ----------------------------------------------------------------------------------
+
+def last_digest(session: Session) -> Digest | None:
+    """The latest digest date taken, if any."""
+    return session.scalars(select(Digest).order_by(Digest.day.desc()).limit(1)).one_or_none()
+
+
+def take_digest(session: Session, *, day: date, period_start: datetime, period_end: datetime,
+                recipients: int, now: datetime) -> None:
+    """Insert the digest row for `day`; raises IntegrityError when someone else already has it.
+
+    Callers make this the first statement of their transaction, so that on SQLite the write lock
+    is waited for (busy timeout) instead of failing on a stale snapshot.
+    """
+    session.add(Digest(day=day, period_start=period_start, period_end=period_end,
+                       recipients=recipients, created_at=now))
+    session.flush()
+
+
+def images_in_period(session: Session, start: datetime, end: datetime,
+                     statuses: Sequence[str]) -> list[Image]:
+    """Images that reached one of `statuses` in [start, end), oldest first."""
+    return list(session.scalars(
+        select(Image).where(Image.status.in_(statuses), Image.screened_at >= start,
+                            Image.screened_at < end).order_by(Image.screened_at, Image.id)
+    ))
+
+
+def flagged_in_period(session: Session, start: datetime,
+                      end: datetime) -> list[tuple[Image, Prediction]]:
+    """Flagged predictions made in [start, end) with their images, highest probability first."""
+    return [(image, prediction) for image, prediction in session.execute(
+        select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
+        .where(Prediction.flagged.is_(True), Prediction.created_at >= start,
+               Prediction.created_at < end)
+        .order_by(Prediction.melanoma_probability.desc(), Image.id)
+    )]
+
+
+def latest_prediction_before(session: Session, end: datetime) -> Prediction | None:
+    """The newest prediction made before `end` (for the model version and threshold)."""
+    return session.scalars(select(Prediction).where(Prediction.created_at < end)
+                           .order_by(Prediction.created_at.desc()).limit(1)).one_or_none()
+
+
+def undelivered_alerts(session: Session, start: datetime, end: datetime) -> list[OutboxMessage]:
+    """Alerts that failed in [start, end), or were tried before `end` and wait for a retry."""
+    failed = and_(OutboxMessage.status == "failed", OutboxMessage.failed_at >= start,
+                  OutboxMessage.failed_at < end)
+    unsent = and_(OutboxMessage.status == "pending", OutboxMessage.attempts > 0,
+                  OutboxMessage.created_at < end)
+    return list(session.scalars(
+        select(OutboxMessage).where(OutboxMessage.kind == "alert", or_(failed, unsent))
+        .order_by(OutboxMessage.created_at, OutboxMessage.id)
+    ))
