@@ -9,6 +9,7 @@ sends nothing. Delivery happens after the commit, from the outbox.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
     )
 
 
+def recipient_digest_message_id(day: date, recipient: str) -> str:
+    """`<digest-DAY.HASH@melanoscreen.invalid>`: the Message-ID of one recipient's copy."""
+    left, right = digest_message_id(day).strip("<>").split("@", 1)
+    return f"<{left}.{hashlib.sha256(recipient.lower().encode()).hexdigest()[:10]}@{right}>"
+
+
 def take_and_write_digest(sessions: sessionmaker[Session], config: DigestJobConfig, day: date,
                           now: datetime) -> list[int] | None:
     """Take the row for `day` and write one outbox row per recipient; None if already taken."""
@@ -99,11 +106,14 @@ def take_and_write_digest(sessions: sessionmaker[Session], config: DigestJobConf
             outbox.take_digest(session, day=day, period_start=start, period_end=end,
                                recipients=len(config.recipients), now=now)
             content = build_digest_content(session, day, config.digest_time, config.timezone)
-            message_id = digest_message_id(day)
-            message = compose_digest(content, message_id=message_id, sender=config.sender)
+            message = compose_digest(content, message_id=digest_message_id(day),
+                                     sender=config.sender)
             message["Date"] = formatdate(usegmt=True)
             ids = []
             for recipient in config.recipients:
+                # One Message-ID per recipient's copy (an outbox row is one email), stable.
+                message_id = recipient_digest_message_id(day, recipient)
+                message.replace_header("Message-ID", message_id)
                 del message["To"]
                 message["To"] = recipient
                 ids.append(outbox.add_message(

@@ -257,7 +257,8 @@ def service_env(data_dir: Path, broker_url: str, model_path: Path, **extra: str)
 
 
 def start_service(tmp: Path, broker_url: str, model_path: Path,
-                  names: tuple[str, ...] = ("worker", "beat", "watch")) -> Service:
+                  names: tuple[str, ...] = ("worker", "beat", "watch"),
+                  extra_env: dict[str, str] | None = None) -> Service:
     """Prepare a data folder (schema upgraded) and start the named services."""
     from db.migrate import upgrade
 
@@ -265,7 +266,8 @@ def start_service(tmp: Path, broker_url: str, model_path: Path,
     (data_dir / "inbox").mkdir(parents=True)
     log_dir = tmp / "logs"
     log_dir.mkdir()
-    service = Service(data_dir, service_env(data_dir, broker_url, model_path), log_dir)
+    service = Service(data_dir, service_env(data_dir, broker_url, model_path, **(extra_env or {})),
+                      log_dir)
     upgrade(service.database_url)
     for name in names:
         service.start(name)

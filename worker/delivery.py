@@ -10,6 +10,7 @@ Message-ID (it is composed once and its bytes kept), so mail clients can tell it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -66,9 +67,14 @@ class DeliveryOutcome:
     detail: str | None = None
 
 
-def new_alert_message_id() -> str:
-    """A fresh Message-ID for one alert (the same for each of its recipients and resends)."""
-    return alert_message_id(uuid.uuid4().hex)
+def new_alert_key() -> str:
+    """A fresh key for one alert; each recipient's message gets a Message-ID derived from it."""
+    return uuid.uuid4().hex
+
+
+def recipient_message_id(key: str, recipient: str) -> str:
+    """The stable Message-ID of one recipient's copy of the alert `key` (kept on every resend)."""
+    return alert_message_id(f"{key}.{hashlib.sha256(recipient.lower().encode()).hexdigest()[:10]}")
 
 
 def alert_subject_for(sources: list[tuple[str, float]], threshold: float) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from db import outbox, queries
 from db.schema import utcnow
 from worker import runtime
-from worker.delivery import alert_subject_for, new_alert_message_id
+from worker.delivery import alert_subject_for, new_alert_key, recipient_message_id
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,14 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
 def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
                  *, threshold: float, recipients: tuple[str, ...]) -> list[int]:
     """One alert outbox row per recipient for the flagged images of one batch; their ids."""
-    message_id = new_alert_message_id()
+    key = new_alert_key()
     subject = alert_subject_for([(sources[i], p) for i, _, p in flagged], threshold)
     now = utcnow()
     ids = []
     for recipient in recipients:
         outbox_id = outbox.add_message(session, kind="alert", recipient=recipient,
-                                       message_id=message_id, subject=subject, now=now)
+                                       message_id=recipient_message_id(key, recipient),
+                                       subject=subject, now=now)
         outbox.link_alert_images(session, outbox_id, [(i, pid) for i, pid, _ in flagged])
         ids.append(outbox_id)
     return ids
