@@ -109,6 +109,12 @@ def seed_day(sessions: sessionmaker[Session], folder: Path) -> None:
                      period_end=berlin(19, 7), recipients=2, created_at=berlin(19, 7)))
 
 
+def body(message: EmailMessage, kind: str) -> str:
+    part = message.get_body(preferencelist=(kind,))
+    assert part is not None, f"no {kind} part"
+    return str(part.get_content())
+
+
 def options(tmp_path: Path, smtp: SmtpConfig) -> DeliveryOptions:
     return DeliveryOptions(smtp=smtp, outbox_dir=tmp_path / "outbox", retry_base=0.1)
 
@@ -136,7 +142,7 @@ def test_the_digest_of_a_seeded_day_has_the_right_counts_and_rows(
     message = received[0].message
     assert message["Subject"] == ("MelanoScreen digest 2026-11-20: 2 flagged of 3 screened, "
                                   "1 alert NOT delivered")
-    text = message.get_body(preferencelist=("plain",)).get_content()
+    text = body(message, "plain")
     assert "Screened: 3   Flagged: 2   Rejected: 1   Failed: 1" in text
     # Highest probability first; nothing from outside the window.
     assert text.index("0.910  clinic-b/first.jpg") < text.index("0.620  clinic-a/second.jpg")
@@ -145,7 +151,7 @@ def test_the_digest_of_a_seeded_day_has_the_right_counts_and_rows(
     assert "clinic-b/stuck.jpg: gave up after 5 screening attempts" in text
     assert "550 mailbox unavailable" in text
     assert "Model version: dermnet-test" in text
-    html = message.get_body(preferencelist=("html",)).get_content()
+    html = body(message, "html")
     assert html.count('alt="lesion"') == 2
     assert len(decoded_images(image_parts(message))) == 2
     ids = {r.message["Message-ID"] for r in received}
@@ -162,7 +168,7 @@ def test_a_quiet_day_gets_a_short_digest_that_says_so(
     message = BytesParser(policy=policy.default).parsebytes(files[0].read_bytes())
     assert isinstance(message, EmailMessage)
     assert message["Subject"] == "MelanoScreen digest 2026-11-20: nothing flagged (0 screened)"
-    assert "Nothing was flagged in this period." in message.get_body(("plain",)).get_content()
+    assert "Nothing was flagged in this period." in body(message, "plain")
 
 
 def test_a_digest_is_written_once_when_two_runs_race_for_the_same_date(

@@ -69,12 +69,13 @@ class DeliveryOutcome:
 
 def new_alert_key() -> str:
     """A fresh key for one alert; each recipient's message gets a Message-ID derived from it."""
-    return uuid.uuid4().hex
+    # Short enough that the Message-ID header is never folded (78 columns).
+    return uuid.uuid4().hex[:16]
 
 
 def recipient_message_id(key: str, recipient: str) -> str:
     """The stable Message-ID of one recipient's copy of the alert `key` (kept on every resend)."""
-    return alert_message_id(f"{key}.{hashlib.sha256(recipient.lower().encode()).hexdigest()[:10]}")
+    return alert_message_id(f"{key}.{hashlib.sha256(recipient.lower().encode()).hexdigest()[:8]}")
 
 
 def alert_subject_for(sources: list[tuple[str, float]], threshold: float) -> str:
