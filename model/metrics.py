@@ -151,6 +151,8 @@ def crossfit_threshold(positive: np.ndarray, scores: np.ndarray, target: float,
         half[chosen] = True
     sens, spec = [], []
     for fit, held in ((half, ~half), (~half, half)):
+        if not positive[fit].any():
+            continue  # too few positives to split: no honest figure from this half
         threshold = threshold_for_sensitivity(positive[fit], scores[fit], target)
         s, p = sensitivity_specificity(positive[held], scores[held], threshold)
         if s is not None and p is not None:

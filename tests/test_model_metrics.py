@@ -93,3 +93,8 @@ def test_crossfit_threshold_measures_on_the_half_it_was_not_set_on() -> None:
     positive = np.random.default_rng(2).uniform(size=200) < 0.3
     figures = crossfit_threshold(positive, noise, 0.95)
     assert figures["specificity"] is not None and figures["specificity"] < 0.3
+
+
+def test_crossfit_threshold_with_one_positive_gives_no_figure_instead_of_failing() -> None:
+    figures = crossfit_threshold(np.array([1, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3]), 0.95)
+    assert figures == {"sensitivity": None, "specificity": None}
