@@ -46,6 +46,7 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     patience: int = 25
     input_size: tuple[int, int] | None = None
+    widths: tuple[int, ...] | None = None  # melanonet block widths; None: the builder's default
     seed_copies_per_class: int = 500
 
 
@@ -113,7 +114,7 @@ class _Progress:
     def __init__(self, *, predict: Callable[[], np.ndarray], y_val: np.ndarray,
                  classes: list[str], epochs: int, start_epoch: int, best: float,
                  checkpoint: Path, best_path: Path, state_path: Path, patience: int,
-                 report: Reporter, select: bool) -> None:
+                 report: Reporter, select: bool, seconds_before: float) -> None:
         import keras
 
         class Callback(keras.callbacks.Callback):
@@ -127,6 +128,7 @@ class _Progress:
         self.checkpoint, self.best_path, self.state_path = checkpoint, best_path, state_path
         self.patience, self.report, self.select = patience, report, select
         self.started = time.monotonic()
+        self.seconds_before = seconds_before
         self.epoch_start = self.started
         self.stale = 0
 
@@ -147,7 +149,9 @@ class _Progress:
         else:
             self.stale += 1
         model.save(self.checkpoint)
-        self.state_path.write_text(json.dumps({"epoch": epoch + 1, "best": self.best}))
+        self.state_path.write_text(json.dumps({
+            "epoch": epoch + 1, "best": self.best,
+            "seconds": self.seconds_before + time.monotonic() - self.started}))
         done = epoch + 1 - self.start_epoch
         per_epoch = (time.monotonic() - self.started) / max(done, 1)
         eta = per_epoch * (self.epochs - epoch - 1)
@@ -212,7 +216,8 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
         x_pool_val, y_pool_val = x_pool[order[cut:]], y_pool[order[cut:]]
         seed_protocol = {"pool": len(x_pool), "pool_validation": len(x_pool_val)}
 
-    model = ARCHITECTURES[config.arch]((height, width, 3), k)
+    builder_options = {"widths": tuple(config.widths)} if config.widths else {}
+    model = ARCHITECTURES[config.arch]((height, width, 3), k, **builder_options)
     steps = math.ceil(len(x_train) / config.batch_size)
     if config.arch == "seed":
         optimizer: Any = keras.optimizers.Adam()
@@ -246,10 +251,11 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
     checkpoint = out.with_name(out.stem + ".last.keras")
     best_path = out.with_name(out.stem + ".best.keras")
     state_path = out.with_name(out.stem + ".state.json")
-    start_epoch, best = 0, -1.0
+    start_epoch, best, seconds_before = 0, -1.0, 0.0
     if resume and checkpoint.is_file() and state_path.is_file():
         state = json.loads(state_path.read_text())
         start_epoch, best = int(state["epoch"]), float(state["best"])
+        seconds_before = float(state.get("seconds", 0.0))
         model = keras.models.load_model(checkpoint)
         report(f"resuming from epoch {start_epoch} (best balanced accuracy {best:.3f})")
 
@@ -262,13 +268,13 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
                          epochs=config.epochs, start_epoch=start_epoch, best=best,
                          checkpoint=checkpoint, best_path=best_path, state_path=state_path,
                          patience=config.patience, report=report,
-                         select=config.arch != "seed")
+                         select=config.arch != "seed", seconds_before=seconds_before)
     started = time.monotonic()
     if start_epoch < config.epochs:
         model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch,
                   class_weight=class_weight, callbacks=[progress.callback], verbose=0,
                   shuffle=False)  # the tf.data pipeline shuffles, seeded
-    seconds = time.monotonic() - started
+    seconds = seconds_before + time.monotonic() - started  # all sessions of a resumed run
 
     model = keras.models.load_model(best_path, compile=False)
     model.save(out)
