@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ class Prediction:
 class Classifier:
     """A loaded model and its card; `predict` runs batches through one compiled forward pass."""
 
-    def __init__(self, model_path: Path | str | None = None) -> None:
+    def __init__(self, model_path: Path | str | None = None, *,
+                 decode_threads: int | None = None) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
@@ -79,6 +81,9 @@ class Classifier:
             return probabilities
 
         self._forward = forward
+        # Pillow releases the GIL while it decodes and resizes, so threads decode in parallel.
+        self._decode_threads = decode_threads or min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -114,6 +119,19 @@ class Classifier:
                   for i in range(0, len(images), batch_size)]
         return np.concatenate(chunks).astype(np.float32)
 
+    def _decode_all(self, sources: Sequence[ImageSource]) -> list[np.ndarray | DecodeError]:
+        def attempt(source: ImageSource) -> np.ndarray | DecodeError:
+            try:
+                return self.decode(source)
+            except DecodeError as exc:
+                return exc
+
+        if self._decode_threads <= 1 or len(sources) <= 1:
+            return [attempt(source) for source in sources]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="decode")
+        return list(self._pool.map(attempt, sources))
+
     def to_prediction(self, probabilities: np.ndarray) -> Prediction:
         """Wrap one probability vector."""
         m = self.card.melanoma_index
@@ -132,15 +150,9 @@ class Classifier:
         """
         results: list[Prediction | DecodeError] = []
         for start in range(0, len(sources), batch_size):
-            chunk = sources[start : start + batch_size]
-            decoded: list[np.ndarray] = []
-            slots: list[Prediction | DecodeError | None] = []
-            for source in chunk:
-                try:
-                    decoded.append(self.decode(source))
-                    slots.append(None)
-                except DecodeError as exc:
-                    slots.append(exc)
+            decoded_or_errors = self._decode_all(sources[start : start + batch_size])
+            decoded = [d for d in decoded_or_errors if not isinstance(d, DecodeError)]
+            slots = [d if isinstance(d, DecodeError) else None for d in decoded_or_errors]
             probabilities = iter(self.predict_arrays(np.stack(decoded)) if decoded else [])
             for slot in slots:
                 results.append(slot if slot is not None else self.to_prediction(next(probabilities)))
