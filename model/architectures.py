@@ -47,9 +47,9 @@ def build_melanonet(input_shape: tuple[int, int, int], num_classes: int, *,
                     dropout: float = 0.3) -> keras.Model:
     """MelanoScreen's CNN: a strided stem, VGG-style BN blocks, global pooling, small head.
 
-    Input float32, shape (batch, H, W, 3), values 0..255 (160x160 in the shipped model);
-    each block halves H and W. Global average pooling keeps it small (~0.4 M parameters) and
-    lets Grad-CAM read the last block, "last_conv", at H/32 x W/32.
+    Input float32, shape (batch, H, W, 3), values 0..255 (160x160 in the shipped model); the
+    stem and the three pools between blocks leave H/16 x W/16 (10x10). Global average pooling
+    keeps it small (0.75 M parameters) and Grad-CAM reads the last block ("last_relu").
     """
     import keras
     from keras import layers
