@@ -27,6 +27,7 @@ from mail_fixtures import (
     synthetic_lesion,
 )
 
+from model.data import ISIC_CLASSES as CLASSES
 from worker.mail import (
     DISCLAIMER,
     AlertContent,
@@ -41,17 +42,6 @@ from worker.mail import (
     outbox_file_name,
 )
 
-CLASSES = (
-    "actinic keratosis",
-    "basal cell carcinoma",
-    "dermatofibroma",
-    "melanoma",
-    "nevus",
-    "pigmented benign keratosis",
-    "seborrheic keratosis",
-    "squamous cell carcinoma",
-    "vascular lesion",
-)
 DOCTORS = ["dr.a@clinic.test", "dr.b@clinic.test"]
 SENDER = "melanoscreen@clinic.test"
 
