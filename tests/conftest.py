@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import create_engine, text
 
+from db.migrate import upgrade
 from melanoscreen.supervisor import free_port, redis_argv, wait_for_redis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -282,3 +285,31 @@ def service(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
                             names=("worker", "beat", "flower", "watch"))
     yield running
     running.stop_all()
+
+
+POSTGRES = os.environ.get("MELANOSCREEN_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database: a SQLite file, or a schema of its own in PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+        upgrade(url)
+        yield url
+        return
+    if not POSTGRES:
+        pytest.skip("MELANOSCREEN_TEST_POSTGRES_URL is not set")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in POSTGRES else "?"
+    url = f"{POSTGRES}{separator}options=-csearch_path%3D{schema}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

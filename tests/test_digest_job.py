@@ -31,7 +31,6 @@ from mail_fixtures import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrate import upgrade
 from db.schema import Digest, Image, OutboxMessage, Prediction
 from db.session import make_session_factory
 from scheduler.digest_job import DigestJobConfig, queue_due_digests
@@ -49,10 +48,9 @@ def berlin(day: int, hour: int, minute: int = 0) -> datetime:
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'digest.db'}"
-    upgrade(url)
-    return url
+def database(database_url: str) -> str:
+    """A migrated database: SQLite, and PostgreSQL where MELANOSCREEN_TEST_POSTGRES_URL is set."""
+    return database_url
 
 
 @pytest.fixture
