@@ -117,12 +117,16 @@ class _Progress:
                  report: Reporter, select: bool, seconds_before: float) -> None:
         import keras
 
+        progress = self
+
         class Callback(keras.callbacks.Callback):
-            pass
+            def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+                progress._begin(epoch, logs)
+
+            def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+                progress._end(epoch, logs)
 
         self.callback = Callback()
-        self.callback.on_epoch_begin = self._begin
-        self.callback.on_epoch_end = self._end
         self.predict, self.y_val, self.classes = predict, y_val, classes
         self.epochs, self.start_epoch, self.best = epochs, start_epoch, best
         self.checkpoint, self.best_path, self.state_path = checkpoint, best_path, state_path
