@@ -1,0 +1,172 @@
+"""The model's commands: train, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from melanoscreen.console import fail
+
+if TYPE_CHECKING:
+    from model.inference import Classifier
+
+
+def _model_path(model: Path | None) -> Path | None:
+    """An explicit --model, else MELANOSCREEN_MODEL, else the shipped model (None)."""
+    if model is not None:
+        return model
+    import os
+
+    env = os.environ.get("MELANOSCREEN_MODEL")
+    return Path(env) if env else None
+
+
+def _load_classifier(model: Path | None) -> Classifier:
+    from model.inference import Classifier
+
+    try:
+        return Classifier(_model_path(model))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        fail(f"cannot load the model: {exc}")
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Folder with one sub-folder of images per class.")],
+    out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
+    arch: Annotated[str, typer.Option(help="Architecture: melanonet (ours) or seed.")] = "melanonet",
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    seed: Annotated[int, typer.Option(help="Seed for the split, weights and augmentation.")] = 1337,
+    target_sensitivity: Annotated[
+        float, typer.Option(min=0.5, max=1.0, help="Validation melanoma sensitivity the alert "
+                            "threshold must reach.")] = 0.95,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint beside OUT.")] = True,
+) -> None:
+    """Train a model from scratch and write it with its model card."""
+    from model.train import TrainConfig
+    from model.train import train as run_training
+
+    config = TrainConfig(arch=arch, epochs=epochs, seed=seed, batch_size=batch_size,
+                         target_sensitivity=target_sensitivity)
+    try:
+        card = run_training(data, out, config, resume=resume,
+                            report=lambda line: typer.echo(line, err=True))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    mel = card.validation["melanoma"]
+    typer.echo(f"wrote {out} ({card.version}): validation balanced accuracy "
+               f"{card.validation['balanced_accuracy']:.3f}, melanoma AUC {mel['auc']:.3f}, "
+               f"threshold {card.alert_threshold:.4f} (sensitivity {mel['sensitivity']:.3f}, "
+               f"specificity {mel['specificity']:.3f})")
+
+
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Folder with one sub-folder of images per class.")],
+    model: Annotated[Path | None, typer.Option(help="A .keras file; default: the shipped model.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write PNG figures into this folder.")] = None,
+    split: Annotated[str, typer.Option(help="all, or 'validation': only the card's validation "
+                                       "images (for the training folder).")] = "all",
+) -> None:
+    """Evaluate a model on a labelled folder: accuracy, per-class figures, melanoma AUC."""
+    from model.evaluate import evaluate_folder, write_report
+
+    classifier = _load_classifier(model)
+    only = None
+    if split == "validation":
+        only = set(classifier.card.training_set.get("validation_sha256", []))
+        if not only:
+            fail("this model's card records no validation split")
+    elif split != "all":
+        fail("--split must be 'all' or 'validation'")
+
+    def progress(done: int, total: int) -> None:
+        if not json_output:
+            typer.echo(f"\r{done}/{total} images", nl=False, err=True)
+
+    try:
+        figures, probabilities, labels = evaluate_folder(classifier, data, only_sha256=only,
+                                                         progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if report is not None:
+        written = write_report(figures, probabilities, labels, report)
+        figures["report"] = [str(p) for p in written]
+    if json_output:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    typer.echo("", err=True)
+    mel = figures["melanoma"]
+    typer.echo(f"{figures['n']} images, model {figures['model_version']}")
+    typer.echo(f"accuracy {figures['accuracy']:.3f}  balanced accuracy "
+               f"{figures['balanced_accuracy']:.3f}  calibration error "
+               f"{figures['expected_calibration_error']:.3f}")
+    typer.echo(f"melanoma: AUC {_fmt(mel['auc'])}  at threshold {mel['threshold']:.4f}: "
+               f"sensitivity {_fmt(mel['sensitivity'])}  specificity {_fmt(mel['specificity'])}")
+    typer.echo(f"{'class':<28}{'precision':>10}{'recall':>10}{'f1':>8}{'support':>9}")
+    for name, row in figures["per_class"].items():
+        typer.echo(f"{name:<28}{row['precision']:>10.3f}{_fmt(row['recall']):>10}"
+                   f"{row['f1']:>8.3f}{row['support']:>9}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to screen.")],
+    model: Annotated[Path | None, typer.Option(help="A .keras file; default: the shipped model.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    explain: Annotated[Path | None, typer.Option(help="Write a Grad-CAM overlay PNG per image "
+                                                  "into this folder.")] = None,
+) -> None:
+    """Print the nine class probabilities of each image (unreadable ones say why)."""
+    from model.imaging import DecodeError
+
+    classifier = _load_classifier(model)
+    results = classifier.predict(list(images))
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    for path, result in zip(images, results, strict=True):
+        if isinstance(result, DecodeError):
+            failures += 1
+            rows.append({"image": str(path), "error": result.reason})
+            continue
+        row: dict[str, Any] = {
+            "image": str(path),
+            "predicted_class": result.predicted_class,
+            "melanoma_probability": result.melanoma_probability,
+            "flagged": result.melanoma_probability >= classifier.threshold,
+            "probabilities": dict(zip(classifier.classes, result.probabilities, strict=True)),
+        }
+        if explain is not None:
+            from model.gradcam import overlay_png
+
+            explain.mkdir(parents=True, exist_ok=True)
+            target = explain / f"{path.stem}.gradcam.png"
+            target.write_bytes(overlay_png(classifier, path))
+            row["explanation"] = str(target)
+        rows.append(row)
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            if "error" in row:
+                typer.echo(f"{row['image']}: unreadable: {row['error']}")
+                continue
+            flag = "  ALERT" if row["flagged"] else ""
+            typer.echo(f"{row['image']}: {row['predicted_class']}  melanoma "
+                       f"p={row['melanoma_probability']:.3f}{flag}")
+            for name, p in row["probabilities"].items():
+                typer.echo(f"    {name:<28}{p:.3f}")
+    if failures:
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add train, evaluate and predict to the `melanoscreen` app."""
+    for command in (train, evaluate, predict):
+        app.command()(command)
