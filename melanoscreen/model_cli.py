@@ -8,20 +8,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from melanoscreen.console import fail
+from melanoscreen.console import fail, load_settings
 
 if TYPE_CHECKING:
     from model.inference import Classifier
 
 
 def _model_path(model: Path | None) -> Path | None:
-    """An explicit --model, else MELANOSCREEN_MODEL, else the shipped model (None)."""
-    if model is not None:
-        return model
-    import os
-
-    env = os.environ.get("MELANOSCREEN_MODEL")
-    return Path(env) if env else None
+    """An explicit --model, else MELANOSCREEN_MODEL (validated with the other settings), else the
+    shipped model (None)."""
+    return model if model is not None else load_settings().model
 
 
 def _load_classifier(model: Path | None) -> Classifier:
