@@ -10,14 +10,24 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import AlertImage, DeliveryAttempt, Digest, Image, OutboxMessage, Prediction
+from db.schema import (
+    AlertImage,
+    DeliveryAttempt,
+    Digest,
+    Image,
+    ImageStatus,
+    OutboxKind,
+    OutboxMessage,
+    OutboxStatus,
+    Prediction,
+)
 
 
-def add_message(session: Session, *, kind: str, recipient: str, message_id: str, subject: str,
+def add_message(session: Session, *, kind: OutboxKind, recipient: str, message_id: str, subject: str,
                 now: datetime, raw: bytes | None = None, digest_date: date | None = None) -> int:
     """A new `pending` outbox row; flushed, so it has its id."""
     row = OutboxMessage(kind=kind, recipient=recipient, message_id=message_id, subject=subject,
-                        status="pending", attempts=0, raw=raw, digest_date=digest_date,
+                        status=OutboxStatus.PENDING, attempts=0, raw=raw, digest_date=digest_date,
                         created_at=now, enqueued_at=now)
     session.add(row)
     session.flush()
@@ -37,7 +47,7 @@ class ClaimedMessage:
     """An outbox row this delivery now holds (`sending`)."""
 
     id: int
-    kind: str
+    kind: OutboxKind
     recipient: str
     message_id: str
     subject: str
@@ -53,14 +63,14 @@ def claim_message(session: Session, outbox_id: int, *, token: str, now: datetime
     a row already `sent` or `failed` is never taken again. None when it is not ours to send.
     """
     claimable = or_(
-        OutboxMessage.status == "pending",
-        and_(OutboxMessage.status == "sending",
+        OutboxMessage.status == OutboxStatus.PENDING,
+        and_(OutboxMessage.status == OutboxStatus.SENDING,
              or_(OutboxMessage.claim_token == token, OutboxMessage.claimed_at < stale_before)),
     )
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(OutboxMessage)
         .where(OutboxMessage.id == outbox_id, claimable)
-        .values(status="sending", claim_token=token, claimed_at=now,
+        .values(status=OutboxStatus.SENDING, claim_token=token, claimed_at=now,
                 attempts=OutboxMessage.attempts + 1)
     )
     if result.rowcount != 1:
@@ -75,7 +85,7 @@ def store_raw(session: Session, outbox_id: int, *, token: str, raw: bytes) -> bo
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(OutboxMessage)
         .where(OutboxMessage.id == outbox_id, OutboxMessage.claim_token == token,
-               OutboxMessage.status == "sending", OutboxMessage.raw.is_(None))
+               OutboxMessage.status == OutboxStatus.SENDING, OutboxMessage.raw.is_(None))
         .values(raw=raw)
     )
     return result.rowcount == 1
@@ -88,20 +98,21 @@ def record_attempt(session: Session, outbox_id: int, *, now: datetime, outcome: 
     session.flush()
 
 
-def finish_message(session: Session, outbox_id: int, *, token: str, now: datetime, status: str,
+def finish_message(session: Session, outbox_id: int, *, token: str, now: datetime,
+                   status: OutboxStatus,
                    error: str | None = None, next_attempt_at: datetime | None = None) -> bool:
     """Release the claim: `sent`, `failed` (with the reason) or back to `pending` for a retry."""
     values: dict[str, Any] = {"status": status, "claim_token": None, "last_error": error}
-    if status == "sent":
+    if status is OutboxStatus.SENT:
         values["sent_at"] = now
-    elif status == "failed":
+    elif status is OutboxStatus.FAILED:
         values["failed_at"] = now
     else:
         values.update(next_attempt_at=next_attempt_at, enqueued_at=now)
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(OutboxMessage)
         .where(OutboxMessage.id == outbox_id, OutboxMessage.claim_token == token,
-               OutboxMessage.status == "sending")
+               OutboxMessage.status == OutboxStatus.SENDING)
         .values(**values)
     )
     return result.rowcount == 1
@@ -110,11 +121,11 @@ def finish_message(session: Session, outbox_id: int, *, token: str, now: datetim
 def stale_message_ids(session: Session, *, before: datetime, limit: int = 1000) -> list[int]:
     """Rows the queue may have lost: `pending` and overdue, or `sending` with a stale claim."""
     overdue = and_(
-        OutboxMessage.status == "pending",
+        OutboxMessage.status == OutboxStatus.PENDING,
         func.coalesce(OutboxMessage.enqueued_at, OutboxMessage.created_at) < before,
         or_(OutboxMessage.next_attempt_at.is_(None), OutboxMessage.next_attempt_at < before),
     )
-    stuck = and_(OutboxMessage.status == "sending", OutboxMessage.claimed_at < before,
+    stuck = and_(OutboxMessage.status == OutboxStatus.SENDING, OutboxMessage.claimed_at < before,
                  func.coalesce(OutboxMessage.enqueued_at, OutboxMessage.created_at) < before)
     return list(session.scalars(
         select(OutboxMessage.id).where(or_(overdue, stuck)).order_by(OutboxMessage.id).limit(limit)
@@ -128,27 +139,29 @@ def mark_messages_enqueued(session: Session, outbox_ids: Sequence[int], now: dat
                         .values(enqueued_at=now))
 
 
-def requeue_failed(session: Session, *, now: datetime, kinds: Sequence[str] = ("alert",)) -> list[int]:
+def requeue_failed(session: Session, *, now: datetime,
+                   kinds: Sequence[OutboxKind] = (OutboxKind.ALERT,)) -> list[int]:
     """Give failed rows of these kinds a fresh set of attempts; returns their ids."""
     ids = list(session.scalars(
-        select(OutboxMessage.id).where(OutboxMessage.status == "failed",
+        select(OutboxMessage.id).where(OutboxMessage.status == OutboxStatus.FAILED,
                                        OutboxMessage.kind.in_(kinds)).order_by(OutboxMessage.id)
     ))
     if ids:
         session.execute(
-            update(OutboxMessage).where(OutboxMessage.id.in_(ids), OutboxMessage.status == "failed")
-            .values(status="pending", attempts=0, failed_at=None, next_attempt_at=None,
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(ids), OutboxMessage.status == OutboxStatus.FAILED)
+            .values(status=OutboxStatus.PENDING, attempts=0, failed_at=None, next_attempt_at=None,
                     enqueued_at=now, claim_token=None)
         )
     return ids
 
 
-def outbox_counts(session: Session, kind: str = "alert") -> dict[str, int]:
+def outbox_counts(session: Session, kind: OutboxKind = OutboxKind.ALERT) -> dict[str, int]:
     """Number of outbox rows of `kind` per status (every status present, zero included)."""
-    counts = dict.fromkeys(("pending", "sending", "sent", "failed"), 0)
+    counts = dict.fromkeys((status.value for status in OutboxStatus), 0)
     rows = session.execute(select(OutboxMessage.status, func.count())
                            .where(OutboxMessage.kind == kind).group_by(OutboxMessage.status))
-    counts.update({status: int(count) for status, count in rows})
+    counts.update({OutboxStatus(status).value: int(count) for status, count in rows})
     return counts
 
 
@@ -201,7 +214,7 @@ def take_digest(session: Session, *, day: date, period_start: datetime, period_e
 
 
 def images_in_period(session: Session, start: datetime, end: datetime,
-                     statuses: Sequence[str]) -> list[Image]:
+                     statuses: Sequence[ImageStatus]) -> list[Image]:
     """Images that reached one of `statuses` in [start, end), oldest first."""
     return list(session.scalars(
         select(Image).where(Image.status.in_(statuses), Image.screened_at >= start,
@@ -228,11 +241,11 @@ def latest_prediction_before(session: Session, end: datetime) -> Prediction | No
 
 def undelivered_alerts(session: Session, start: datetime, end: datetime) -> list[OutboxMessage]:
     """Alerts that failed in [start, end), or were tried before `end` and wait for a retry."""
-    failed = and_(OutboxMessage.status == "failed", OutboxMessage.failed_at >= start,
+    failed = and_(OutboxMessage.status == OutboxStatus.FAILED, OutboxMessage.failed_at >= start,
                   OutboxMessage.failed_at < end)
-    unsent = and_(OutboxMessage.status == "pending", OutboxMessage.attempts > 0,
+    unsent = and_(OutboxMessage.status == OutboxStatus.PENDING, OutboxMessage.attempts > 0,
                   OutboxMessage.created_at < end)
     return list(session.scalars(
-        select(OutboxMessage).where(OutboxMessage.kind == "alert", or_(failed, unsent))
+        select(OutboxMessage).where(OutboxMessage.kind == OutboxKind.ALERT, or_(failed, unsent))
         .order_by(OutboxMessage.created_at, OutboxMessage.id)
     ))

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import Duplicate, Image, Prediction
+from db.schema import Duplicate, Image, ImageStatus, Prediction
 
 
 def find_image_by_sha256(session: Session, sha256: str) -> Image | None:
@@ -22,7 +22,7 @@ def add_image(session: Session, *, sha256: str, source: str, size_bytes: int, lo
               received_at: datetime) -> Image:
     """A new `queued` image; flushed, so it has its id."""
     image = Image(sha256=sha256, source=source, size_bytes=size_bytes, location=location,
-                  status="queued", received_at=received_at, attempts=0)
+                  status=ImageStatus.QUEUED, received_at=received_at, attempts=0)
     session.add(image)
     session.flush()
     return image
@@ -54,24 +54,24 @@ def claim_images(session: Session, image_ids: Sequence[int], *, token: str, now:
     if not image_ids:
         return []
     claimable = or_(
-        Image.status == "queued",
-        and_(Image.status == "screening",
+        Image.status == ImageStatus.QUEUED,
+        and_(Image.status == ImageStatus.SCREENING,
              or_(Image.claim_token == token, Image.claimed_at < stale_before)),
     )
     session.execute(
         update(Image)
         .where(Image.id.in_(image_ids), claimable, Image.attempts >= max_attempts)
-        .values(status="failed", reason=f"gave up after {max_attempts} screening attempts",
+        .values(status=ImageStatus.FAILED, reason=f"gave up after {max_attempts} screening attempts",
                 claim_token=None, screened_at=now)
     )
     session.execute(
         update(Image)
         .where(Image.id.in_(image_ids), claimable)
-        .values(status="screening", claim_token=token, claimed_at=now,
+        .values(status=ImageStatus.SCREENING, claim_token=token, claimed_at=now,
                 attempts=Image.attempts + 1)
     )
     return list(session.scalars(
-        select(Image).where(Image.id.in_(image_ids), Image.status == "screening",
+        select(Image).where(Image.id.in_(image_ids), Image.status == ImageStatus.SCREENING,
                             Image.claim_token == token).order_by(Image.id)
     ))
 
@@ -83,8 +83,8 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
     """Store the prediction if this token still holds the claim; None if someone else won."""
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
-        .where(Image.id == image_id, Image.status == "screening", Image.claim_token == token)
-        .values(status="screened", screened_at=now, claim_token=None, reason=None)
+        .where(Image.id == image_id, Image.status == ImageStatus.SCREENING, Image.claim_token == token)
+        .values(status=ImageStatus.SCREENED, screened_at=now, claim_token=None, reason=None)
     )
     won = result.rowcount
     if won != 1:
@@ -105,8 +105,8 @@ def finish_rejected(session: Session, image_id: int, *, token: str, now: datetim
     """Mark an unreadable image `rejected` with its reason and new location, if still claimed."""
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
-        .where(Image.id == image_id, Image.status == "screening", Image.claim_token == token)
-        .values(status="rejected", reason=reason, location=location, screened_at=now,
+        .where(Image.id == image_id, Image.status == ImageStatus.SCREENING, Image.claim_token == token)
+        .values(status=ImageStatus.REJECTED, reason=reason, location=location, screened_at=now,
                 claim_token=None)
     )
     return result.rowcount == 1
@@ -117,17 +117,17 @@ def release_claims(session: Session, image_ids: Sequence[int], *, token: str) ->
     if image_ids:
         session.execute(
             update(Image)
-            .where(Image.id.in_(image_ids), Image.status == "screening", Image.claim_token == token)
-            .values(status="queued", claim_token=None)
+            .where(Image.id.in_(image_ids), Image.status == ImageStatus.SCREENING, Image.claim_token == token)
+            .values(status=ImageStatus.QUEUED, claim_token=None)
         )
 
 
 def stale_image_ids(session: Session, *, before: datetime, limit: int = 10_000) -> list[int]:
     """Images still `queued` or `screening` whose last hand-over or claim is older than `before`."""
     last_touch = func.coalesce(Image.claimed_at, Image.enqueued_at, Image.received_at)
-    queued = and_(Image.status == "queued",
+    queued = and_(Image.status == ImageStatus.QUEUED,
                   func.coalesce(Image.enqueued_at, Image.received_at) < before)
-    screening = and_(Image.status == "screening", last_touch < before)
+    screening = and_(Image.status == ImageStatus.SCREENING, last_touch < before)
     return list(session.scalars(
         select(Image.id).where(or_(queued, screening)).order_by(Image.id).limit(limit)
     ))
@@ -136,7 +136,7 @@ def stale_image_ids(session: Session, *, before: datetime, limit: int = 10_000) 
 def status_counts(session: Session) -> dict[str, int]:
     """Number of images per status."""
     rows = session.execute(select(Image.status, func.count()).group_by(Image.status))
-    return {status: int(count) for status, count in rows}
+    return {ImageStatus(status).value: int(count) for status, count in rows}
 
 
 def flagged_count(session: Session) -> int:
@@ -157,7 +157,7 @@ class ResultRow:
 
     sha256: str
     source: str
-    status: str
+    status: ImageStatus
     reason: str | None
     received_at: datetime
     screened_at: datetime | None
@@ -169,7 +169,7 @@ class ResultRow:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values; times in ISO 8601."""
         return {
-            "sha256": self.sha256, "source": self.source, "status": self.status,
+            "sha256": self.sha256, "source": self.source, "status": self.status.value,
             "reason": self.reason, "received_at": self.received_at.isoformat(),
             "screened_at": self.screened_at.isoformat() if self.screened_at else None,
             "predicted_class": self.predicted_class,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -11,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Integer,
@@ -24,7 +26,44 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-STATUSES = ("queued", "screening", "screened", "rejected", "failed")
+
+class ImageStatus(StrEnum):
+    """Where an image is in the pipeline; the last three are final."""
+
+    QUEUED = "queued"
+    SCREENING = "screening"
+    SCREENED = "screened"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class OutboxKind(StrEnum):
+    """What an outbox message is."""
+
+    ALERT = "alert"
+    DIGEST = "digest"
+
+
+class OutboxStatus(StrEnum):
+    """Where an outbox message is; `sent` and `failed` are final (until `alerts retry`)."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def _enum_column(enum: type[StrEnum]) -> Enum:
+    """Stored as the values' text in a VARCHAR(16), as before the enums existed; the CHECK
+    constraints stay the named ones of the migrations."""
+    return Enum(enum, native_enum=False, create_constraint=False, length=16,
+                values_callable=lambda members: [member.value for member in members],
+                validate_strings=True)
+
+
+def _in(enum: type[StrEnum]) -> str:
+    """`status IN ('queued', ...)`: the CHECK constraint's text, from the enum."""
+    return "IN (" + ", ".join(f"'{member.value}'" for member in enum) + ")"
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -69,8 +108,7 @@ class Image(Base):
 
     __tablename__ = "images"
     __table_args__ = (
-        CheckConstraint("status IN ('queued', 'screening', 'screened', 'rejected', 'failed')",
-                        name="status"),
+        CheckConstraint(f"status {_in(ImageStatus)}", name="status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -78,7 +116,8 @@ class Image(Base):
     source: Mapped[str] = mapped_column(String(1024))  # the name it arrived under, inbox-relative
     size_bytes: Mapped[int] = mapped_column(Integer)
     location: Mapped[str] = mapped_column(String(1024))  # absolute path of the file now
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[ImageStatus] = mapped_column(_enum_column(ImageStatus), default=ImageStatus.QUEUED,
+                                                index=True)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
@@ -125,10 +164,6 @@ class Prediction(Base):
     image: Mapped[Image] = relationship(back_populates="predictions")
 
 
-OUTBOX_KINDS = ("alert", "digest")
-OUTBOX_STATUSES = ("pending", "sending", "sent", "failed")
-
-
 class OutboxMessage(Base):
     """One email to one recipient: written in the transaction that decided it, sent afterwards.
 
@@ -138,17 +173,18 @@ class OutboxMessage(Base):
 
     __tablename__ = "outbox"
     __table_args__ = (
-        CheckConstraint("kind IN ('alert', 'digest')", name="kind"),
-        CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed')", name="status"),
+        CheckConstraint(f"kind {_in(OutboxKind)}", name="kind"),
+        CheckConstraint(f"status {_in(OutboxStatus)}", name="status"),
         UniqueConstraint("message_id", "recipient", name="uq_outbox_message_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[OutboxKind] = mapped_column(_enum_column(OutboxKind))
     recipient: Mapped[str] = mapped_column(String(320))
     message_id: Mapped[str] = mapped_column(String(255))  # "<...@...>", the same on every resend
     subject: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    status: Mapped[OutboxStatus] = mapped_column(_enum_column(OutboxStatus),
+                                                 default=OutboxStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     raw: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # RFC 5322 bytes

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.service_cli import BROKER_FILE, _fail, _settings, _upgrade
+from melanoscreen.console import fail, known_broker, load_settings, upgrade_schema
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -26,17 +26,17 @@ def _digest_day(settings: Settings, value: str | None) -> date:
     from db.schema import utcnow
     from scheduler.digest import digest_due_dates
 
-    latest = digest_due_dates(None, utcnow(), settings.digest_time, ZoneInfo(settings.timezone))[-1]
+    at = settings.digest.time
+    latest = digest_due_dates(None, utcnow(), at, ZoneInfo(settings.timezone))[-1]
     if value is None:
         return latest
     try:
         day = date.fromisoformat(value)
     except ValueError:
-        _fail(f"--date: not a date (YYYY-MM-DD): {value!r}")
-        raise
+        fail(f"--date: not a date (YYYY-MM-DD): {value!r}")
     if day > latest:
-        _fail(f"--date: the digest of {day} is not due yet (the latest due is {latest}, "
-              f"at {settings.digest_time:%H:%M} {settings.timezone})")
+        fail(f"--date: the digest of {day} is not due yet (the latest due is {latest}, "
+             f"at {at:%H:%M} {settings.timezone})")
     return day
 
 
@@ -50,18 +50,18 @@ def digest(
 ) -> None:
     """Print the digest of a day, write it as HTML (--preview FILE.html), or send it (--send)."""
     if send and preview is not None:
-        _fail("--send and --preview exclude each other")
-    settings = _settings()
+        fail("--send and --preview exclude each other")
+    settings = load_settings()
     from db.session import make_session_factory
-    from scheduler.digest import render_digest_html, render_digest_text
-    from scheduler.digest_job import build_digest_content
+    from worker.digests import build_digest_content
+    from worker.messages import render_digest_html, render_digest_text
 
     when = _digest_day(settings, day)
-    _upgrade(settings)
+    upgrade_schema(settings)
     sessions = make_session_factory(settings.database)
     if not send:
         with sessions.begin() as session:
-            content = build_digest_content(session, when, settings.digest_time, settings.timezone)
+            content = build_digest_content(session, when, settings.digest.time, settings.timezone)
         if preview is None:
             typer.echo(render_digest_text(content))
             return
@@ -75,29 +75,17 @@ def digest(
 
 def _send_digest(settings: Settings, sessions: sessionmaker[Session], when: date) -> None:
     from db.schema import utcnow
-    from scheduler.digest_job import DigestJobConfig, take_and_write_digest
-    from worker.delivery import DeliveryOptions, deliver_outbox
+    from worker.delivery import deliver_outbox
+    from worker.digests import take_and_write_digest
 
-    factory = sessions
-    if not settings.alert_recipients:
-        _fail("MELANOSCREEN_ALERT_RECIPIENTS: empty, so there is nobody to send the digest to")
-    config = DigestJobConfig(database_url=settings.database,
-                             recipients=tuple(settings.alert_recipients),
-                             digest_time=settings.digest_time, timezone=settings.timezone,
-                             sender=settings.smtp_sender)
-    ids = take_and_write_digest(factory, config, when, utcnow())
+    if not settings.alert.recipients:
+        fail("MELANOSCREEN_ALERT_RECIPIENTS: empty, so there is nobody to send the digest to")
+    ids = take_and_write_digest(sessions, settings, when, utcnow())
     if ids is None:
-        _fail(f"the digest of {when} was already sent (each date goes out once)")
-        return
-    options = DeliveryOptions(smtp=settings.smtp_config(),
-                              outbox_dir=settings.data_dir.absolute() / "outbox",
-                              timezone=settings.timezone,
-                              max_attempts=settings.alert_max_attempts,
-                              retry_base=settings.alert_retry_base,
-                              stale_after=settings.sweep_limit)
+        fail(f"the digest of {when} was already sent (each date goes out once)")
     unsent = 0
     for outbox_id in ids:
-        outcome = deliver_outbox(factory, outbox_id, token=uuid.uuid4().hex, options=options)
+        outcome = deliver_outbox(sessions, outbox_id, token=uuid.uuid4().hex, settings=settings)
         if outcome.status != "sent":
             unsent += 1
         typer.echo(f"digest {when} (outbox {outbox_id}): {outcome.status}"
@@ -114,22 +102,19 @@ def retry(
                                           "messages.")] = False,
 ) -> None:
     """Re-queue failed alerts: a fresh set of delivery attempts, sent by the worker."""
-    settings = _settings()
+    settings = load_settings()
     from db import outbox
-    from db.schema import utcnow
+    from db.schema import OutboxKind, utcnow
     from db.session import make_session_factory
 
-    _upgrade(settings)
-    kinds = ("alert", "digest") if digests else ("alert",)
+    upgrade_schema(settings)
+    kinds = (OutboxKind.ALERT, OutboxKind.DIGEST) if digests else (OutboxKind.ALERT,)
     with make_session_factory(settings.database).begin() as session:
         ids = outbox.requeue_failed(session, now=utcnow(), kinds=kinds)
     if not ids:
         typer.echo("no failed alerts")
         return
-    broker = settings.broker_url
-    recorded = settings.data_dir / BROKER_FILE
-    if not broker and recorded.is_file():
-        broker = recorded.read_text().strip()
+    broker = known_broker(settings)
     if broker:
         from scheduler.queue import make_producer, send_deliver_message
 

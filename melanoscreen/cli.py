@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from melanoscreen.console import fail  # noqa: F401  (service_cli still imports it from here)
+from melanoscreen import alerts_cli, model_cli, service_cli
 
 app = typer.Typer(
     name="melanoscreen",
@@ -16,14 +16,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-from melanoscreen.model_cli import register as _register_model  # noqa: E402, I001
-_register_model(app)
-from melanoscreen.service_cli import register as _register_service  # noqa: E402, I001
-_register_service(app)
-from melanoscreen.alerts_cli import register as _register_alerts  # noqa: E402, I001
-_register_alerts(app)
+# Each command module adds its commands; none of them imports this one back.
+for _commands in (model_cli, service_cli, alerts_cli):
+    _commands.register(app)
 
 
 def main() -> None:

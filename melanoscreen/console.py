@@ -29,3 +29,27 @@ def load_settings() -> Settings:
         return get_settings()
     except ValidationError as exc:
         fail(describe_error(exc))
+
+
+#: `up` writes the URL of the Redis it started here, so commands in another shell can find it.
+BROKER_FILE = "broker.url"
+
+
+def known_broker(settings: Settings) -> str | None:
+    """MELANOSCREEN_BROKER_URL, else the Redis that a running `up` recorded, else None."""
+    if settings.broker_url:
+        return settings.broker_url
+    recorded = settings.data_path / BROKER_FILE
+    return recorded.read_text().strip() if recorded.is_file() else None
+
+
+def upgrade_schema(settings: Settings) -> None:
+    """Bring the schema to the latest revision, or fail with one line."""
+    from db.migrate import upgrade
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database)
+    except Exception as exc:
+        fail(f"MELANOSCREEN_DATABASE_URL: cannot open or upgrade the database: "
+             f"{str(exc).splitlines()[0]}")

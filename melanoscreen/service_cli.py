@@ -17,72 +17,34 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from melanoscreen.console import BROKER_FILE, fail, known_broker, load_settings, upgrade_schema
+
 if TYPE_CHECKING:
     from melanoscreen.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: `up` writes the URL of the Redis it started here, so `status` in another shell can find it.
-BROKER_FILE = "broker.url"
-
-
-def _fail(message: str) -> None:
-    from melanoscreen.cli import fail
-
-    fail(message)
-
-
-def _settings() -> Settings:
-    """The settings, or one error line naming the bad variable."""
-    from pydantic import ValidationError
-
-    from melanoscreen.settings import describe_error, get_settings
-
-    # Alembic logs every plugin and step at INFO: keep command output to what matters.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    try:
-        return get_settings()
-    except ValidationError as exc:
-        _fail(describe_error(exc))
-        raise  # unreachable: _fail exits
-
 
 def _broker(settings: Settings) -> str:
-    if settings.broker_url:
-        return settings.broker_url
-    recorded = settings.data_dir / BROKER_FILE
-    if recorded.is_file():
-        return recorded.read_text().strip()
-    _fail("MELANOSCREEN_BROKER_URL: not set, and no `melanoscreen up` is running in "
-          f"{settings.data_dir} (start one, or point this at your Redis)")
-    raise AssertionError
-
-
-def _upgrade(settings: Settings) -> None:
-    """Bring the schema to the latest revision, or fail with one line."""
-    from db.migrate import upgrade
-
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.database)
-    except Exception as exc:
-        _fail(f"MELANOSCREEN_DATABASE_URL: cannot open or upgrade the database: "
-              f"{str(exc).splitlines()[0]}")
+    broker = known_broker(settings)
+    if broker is None:
+        fail("MELANOSCREEN_BROKER_URL: not set, and no `melanoscreen up` is running in "
+             f"{settings.data_dir} (start one, or point this at your Redis)")
+    return broker
 
 
 def _prepare(settings: Settings) -> None:
     """Create the data folder and inbox and bring the schema to the latest revision."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
-    store = (settings.data_dir / "store").absolute()
-    if store.is_relative_to(settings.inbox_dir):
-        _fail("MELANOSCREEN_INBOX: must not contain the data folder's store")
-    _upgrade(settings)
+    if settings.store_dir.is_relative_to(settings.inbox_dir):
+        fail("MELANOSCREEN_INBOX: must not contain the data folder's store")
+    upgrade_schema(settings)
 
 
 def warn_if_nobody_is_told(settings: Settings) -> None:
     """Log, at start, that flagged images will be recorded but nobody emailed."""
-    if not settings.alert_recipients:
+    if not settings.alert.recipients:
         logger.warning("MELANOSCREEN_ALERT_RECIPIENTS is empty: flagged images are recorded "
                        "(melanoscreen results --flagged) but nobody will be told")
 
@@ -103,50 +65,33 @@ def watch(polling: Annotated[bool, typer.Option(
           = False) -> None:
     """Watch the inbox: take each complete file into the store and enqueue it for screening."""
     from db.session import make_session_factory
-    from scheduler.queue import make_producer
-    from scheduler.watcher import Watcher, WatcherConfig
+    from scheduler.queue import make_producer, send_screen_batch
+    from scheduler.watcher import Watcher
 
-    settings = _settings()
-    broker = _broker(settings)
+    settings = load_settings()
+    producer = make_producer(_broker(settings), settings.visibility_timeout)
     _prepare(settings)
-    config = WatcherConfig(
-        inbox=settings.inbox_dir, data_dir=settings.data_dir.absolute(),
-        batch_size=settings.batch_size, batch_delay=settings.batch_delay,
-        rescan_interval=settings.rescan_interval, stable_seconds=settings.stable_seconds,
-        polling=polling)
-    producer = make_producer(broker, settings.visibility_timeout)
-    Watcher(config, make_session_factory(settings.database), producer).run(_stop_on_signals())
+    watcher = Watcher(settings, make_session_factory(settings.database),
+                      lambda ids: send_screen_batch(producer, ids), polling=polling)
+    watcher.run(_stop_on_signals())
 
 
 def worker(concurrency: Annotated[int | None, typer.Option(
         min=1, help="Pool processes (default: MELANOSCREEN_WORKER_CONCURRENCY, else cores/2).")]
            = None) -> None:
     """Run a Celery worker that screens images, delivers alerts and writes the digests."""
-    from scheduler import tasks as scheduler_tasks
-    from scheduler.digest_job import DigestJobConfig
+    from melanoscreen.celeryconfig import broker_options
     from worker import runtime
-    from worker.celery_app import configure_app
+    from worker.celery_app import app
 
-    settings = _settings()
+    settings = load_settings()
     broker = _broker(settings)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
     cores = os.cpu_count() or 1
     processes = concurrency or settings.worker_concurrency or max(1, cores // 2)
-    runtime.configure(runtime.WorkerConfig(
-        database_url=settings.database, data_dir=settings.data_dir.absolute(),
-        model_path=settings.model, alert_threshold=settings.alert_threshold,
-        batch_size=settings.batch_size, sweep_limit=settings.sweep_limit,
-        max_attempts=settings.max_attempts, concurrency=processes,
-        intra_op_threads=max(1, cores // processes),
-        alert_recipients=tuple(settings.alert_recipients), smtp=settings.smtp_config(),
-        timezone=settings.timezone, alert_max_attempts=settings.alert_max_attempts,
-        alert_retry_base=settings.alert_retry_base))
-    scheduler_tasks.configure(DigestJobConfig(
-        database_url=settings.database, recipients=tuple(settings.alert_recipients),
-        digest_time=settings.digest_time, timezone=settings.timezone,
-        sender=settings.smtp_sender))
-    app = configure_app(broker, settings.visibility_timeout)
+    runtime.configure(settings, intra_op_threads=max(1, cores // processes))
+    app.conf.update(broker_options(broker, settings.visibility_timeout))
     app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
                      "--events", f"--hostname=melanoscreen-{os.getpid()}@%h"])
 
@@ -155,13 +100,13 @@ def beat() -> None:
     """Send the periodic tasks: the sweep that re-enqueues lost work, and the nightly digest."""
     from scheduler.queue import beat_schedule, make_producer, send_queue_digests
 
-    settings = _settings()
+    settings = load_settings()
     broker = _broker(settings)
     _prepare(settings)
     app = make_producer(broker, settings.visibility_timeout)
-    app.conf.beat_schedule = beat_schedule(settings.sweep_interval)
-    app.conf.beat_max_loop_interval = min(settings.sweep_interval, 30.0)
-    schedule = settings.data_dir.absolute() / "celerybeat-schedule"
+    app.conf.beat_schedule = beat_schedule(settings.sweep.interval)
+    app.conf.beat_max_loop_interval = min(settings.sweep.interval, 30.0)
+    schedule = settings.data_path / "celerybeat-schedule"
     # At start too: a digest missed while the service was down goes out now, not a minute later.
     send_queue_digests(app)
     app.Beat(schedule=str(schedule), loglevel="INFO").run()
@@ -169,23 +114,21 @@ def beat() -> None:
 
 def flower() -> None:
     """Run Flower (the live dashboard) on the same broker."""
-    settings = _settings()
+    settings = load_settings()
     broker = _broker(settings)
-    has_auth = bool(settings.flower_user and settings.flower_password)
-    if not settings.flower_is_loopback and not has_auth:
-        _fail(f"MELANOSCREEN_FLOWER_ADDRESS: {settings.flower_address} is not loopback; set "
-              "MELANOSCREEN_FLOWER_USER and MELANOSCREEN_FLOWER_PASSWORD to expose Flower")
+    dashboard = settings.flower
+    if not dashboard.is_loopback and not (dashboard.user and dashboard.password):
+        fail(f"MELANOSCREEN_FLOWER_ADDRESS: {dashboard.address} is not loopback; set "
+             "MELANOSCREEN_FLOWER_USER and MELANOSCREEN_FLOWER_PASSWORD to expose Flower")
     env = dict(os.environ)
-    if has_auth:
-        assert settings.flower_password is not None
+    if dashboard.user and dashboard.password:
         # Through the environment, so the password is not visible in `ps`.
-        env["FLOWER_BASIC_AUTH"] = (f"{settings.flower_user}:"
-                                    f"{settings.flower_password.get_secret_value()}")
+        env["FLOWER_BASIC_AUTH"] = f"{dashboard.user}:{dashboard.password.get_secret_value()}"
     else:
         # Loopback only: the JSON API is as reachable as the pages.
         env["FLOWER_UNAUTHENTICATED_API"] = "true"
     argv = [sys.executable, "-m", "celery", "--broker", broker, "flower",
-            f"--address={settings.flower_address}", f"--port={settings.flower_port}",
+            f"--address={dashboard.address}", f"--port={dashboard.port}",
             "--persistent=False"]
     os.execve(sys.executable, argv, env)
 
@@ -194,10 +137,10 @@ def up() -> None:
     """Start everything: Redis (unless MELANOSCREEN_BROKER_URL), watcher, worker, beat, Flower."""
     from melanoscreen.supervisor import Child, Supervisor, free_port, redis_argv, wait_for_redis
 
-    settings = _settings()
+    settings = load_settings()
     _prepare(settings)
     warn_if_nobody_is_told(settings)
-    data_dir = settings.data_dir.absolute()
+    data_dir = settings.data_path
     env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir),
                MELANOSCREEN_INBOX=str(settings.inbox_dir),
                MELANOSCREEN_DATABASE_URL=settings.database)
@@ -214,20 +157,20 @@ def up() -> None:
             wait_for_redis(port)
         except TimeoutError as exc:
             redis.signal_group(signal.SIGKILL)
-            _fail(str(exc))
+            fail(str(exc))
         broker = f"redis://127.0.0.1:{port}/0"
         broker_file.write_text(broker + "\n")
     env["MELANOSCREEN_BROKER_URL"] = broker
     me = [sys.executable, "-m", "melanoscreen"]
     children += [Child(name, [*me, name], env) for name in ("worker", "beat", "flower", "watch")]
     typer.echo(f"inbox:     {settings.inbox_dir}  (drop images here)")
-    typer.echo(f"dashboard: http://{settings.flower_address}:{settings.flower_port}")
+    typer.echo(f"dashboard: http://{settings.flower.address}:{settings.flower.port}")
     typer.echo(f"results:   melanoscreen results   (data in {data_dir})")
     code = Supervisor(children).run(_stop_on_signals())
     if not settings.broker_url:
         broker_file.unlink(missing_ok=True)
     if code:
-        _fail("a service kept dying; see the log above")
+        fail("a service kept dying; see the log above")
 
 
 def _queue_length(broker: str | None) -> int | None:
@@ -235,7 +178,7 @@ def _queue_length(broker: str | None) -> int | None:
         return None
     import redis
 
-    from scheduler.queue import QUEUE
+    from melanoscreen.celeryconfig import QUEUE
 
     try:
         client = redis.Redis.from_url(broker, socket_connect_timeout=1, socket_timeout=1)
@@ -247,39 +190,37 @@ def _queue_length(broker: str | None) -> int | None:
 def status(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
            = False) -> None:
     """Images per state, flagged, queue length, alerts pending/sent/failed, the last digest."""
-    settings = _settings()
+    settings = load_settings()
     from db import outbox, queries
+    from db.schema import ImageStatus, OutboxKind
     from db.session import make_session_factory
 
-    _upgrade(settings)
+    upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
         counts = queries.status_counts(session)
         flagged = queries.flagged_count(session)
         duplicates = queries.duplicate_count(session)
-        alerts = outbox.outbox_counts(session, "alert")
-        digest_messages = outbox.outbox_counts(session, "digest")
+        alerts = outbox.outbox_counts(session, OutboxKind.ALERT)
+        digest_messages = outbox.outbox_counts(session, OutboxKind.DIGEST)
         last = outbox.last_digest(session)
     last_digest: dict[str, Any] | None = None if last is None else {
         "date": last.day.isoformat(), "created_at": last.created_at.isoformat(),
         "recipients": last.recipients}
-    broker = settings.broker_url
-    recorded = settings.data_dir / BROKER_FILE
-    if not broker and recorded.is_file():
-        broker = recorded.read_text().strip()
-    report: dict[str, Any] = {"counts": counts, "flagged": flagged, "queue_length": _queue_length(broker),
-              "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
-              "last_digest": last_digest, "alert_recipients": len(settings.alert_recipients)}
+    report: dict[str, Any] = {
+        "counts": counts, "flagged": flagged, "queue_length": _queue_length(known_broker(settings)),
+        "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
+        "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients)}
     if json_output:
         typer.echo(json.dumps(report))
         return
-    for name in ("queued", "screening", "screened", "rejected", "failed"):
+    for name in (status.value for status in ImageStatus):
         typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
     typer.echo(f"{'flagged':<10}{flagged:>8}")
     typer.echo(f"{'duplicate':<10}{duplicates:>8}")
     queue = report["queue_length"]
     typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
     typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items())
-               + ("" if settings.alert_recipients else "  (no recipients configured)"))
+               + ("" if settings.alert.recipients else "  (no recipients configured)"))
     if last_digest is None:
         typer.echo("last digest: none yet")
     else:
@@ -291,8 +232,7 @@ def _parse_since(value: str) -> datetime:
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        _fail(f"--since: not an ISO date or time: {value!r}")
-        raise
+        fail(f"--since: not an ISO date or time: {value!r}")
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
@@ -304,13 +244,13 @@ def results(
 ) -> None:
     """Every image with its status and prediction."""
     if output_format not in ("table", "csv", "json"):
-        _fail("--format must be table, csv or json")
-    settings = _settings()
+        fail("--format must be table, csv or json")
+    settings = load_settings()
     from db import queries
     from db.session import make_session_factory
 
     when = _parse_since(since) if since else None
-    _upgrade(settings)
+    upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
         rows = [row.to_json() for row in queries.results(session, since=when,
                                                          flagged_only=flagged)]

@@ -1,88 +1,73 @@
-"""One typed settings object, read from `MELANOSCREEN_*` variables and an optional `.env` file."""
+"""One typed settings object, read from `MELANOSCREEN_*` variables and an optional `.env` file.
+
+Related variables form nested models (`MELANOSCREEN_SMTP_HOST` is `settings.smtp.host`), so each
+side of the service is handed the part it needs. A leaf: it imports nothing of ours.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
-from datetime import time
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import EmailStr, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    EmailStr,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from worker.mail import SmtpConfig
 
 ENV_PREFIX = "MELANOSCREEN_"
 _EMAIL = TypeAdapter(EmailStr)
+_DEFAULT_SMTP_PORTS = {"none": 25, "starttls": 587, "tls": 465}
 
 
-class Settings(BaseSettings):
-    """Everything the service can be told from outside; see the README's settings table."""
+class SmtpSettings(BaseModel):
+    """`MELANOSCREEN_SMTP_*`: how to reach the mail server; no host: `.eml` files in outbox/."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
-                                      validate_default=True)
-
-    data_dir: Path = Path("./melanoscreen-data")
-    inbox: Path | None = None
-    database_url: str | None = None
-    broker_url: str | None = None
-    model: Path | None = None
-    alert_threshold: float | None = None
-    alert_recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    smtp_host: str | None = None
+    host: str | None = None
     #: No port: 587 for starttls (the default), 465 for tls, 25 for none.
-    smtp_port: int | None = Field(default=None, ge=1, le=65535)
-    smtp_user: str | None = None
-    smtp_password: SecretStr | None = None
-    smtp_security: Literal["none", "starttls", "tls"] = "starttls"
-    smtp_sender: str = "melanoscreen@localhost"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: str | None = None
+    password: SecretStr | None = None
+    security: Literal["none", "starttls", "tls"] = "starttls"
+    sender: str = "melanoscreen@localhost"
     #: An extra certificate (PEM) to trust, e.g. a private CA of the mail server.
-    smtp_cafile: Path | None = None
-    smtp_timeout: float = Field(default=30.0, gt=0.0)
+    cafile: Path | None = None
+    timeout: float = Field(default=30.0, gt=0.0)  # seconds per socket operation
+
+    @property
+    def effective_port(self) -> int:
+        """The configured port, else the standard one for the security mode."""
+        return self.port if self.port is not None else _DEFAULT_SMTP_PORTS[self.security]
+
+
+class AlertSettings(BaseModel):
+    """`MELANOSCREEN_ALERT_*`: who is told about a flagged image, and how hard delivery tries."""
+
+    #: Melanoma probability at or above which an image is flagged; None: the model card's.
+    threshold: float | None = None
+    recipients: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Delivery tries per message before it is marked `failed`, and the first retry's ceiling
     #: (seconds; it doubles per try, full jitter, capped at an hour).
-    alert_max_attempts: int = Field(default=8, ge=1)
-    alert_retry_base: float = Field(default=30.0, gt=0.0)
+    max_attempts: int = Field(default=8, ge=1)
+    retry_base: float = Field(default=30.0, gt=0.0)
 
-    digest_time: time = time(7, 0)
-    timezone: str = "UTC"
-
-    flower_address: str = "127.0.0.1"
-    flower_port: int = Field(default=5555, ge=1, le=65535)
-    flower_user: str | None = None
-    flower_password: SecretStr | None = None
-
-    #: Image ids per screening task, and how long (seconds) the watcher waits to fill a batch.
-    batch_size: int = Field(default=16, ge=1, le=512)
-    batch_delay: float = Field(default=0.5, ge=0.0, le=60.0)
-    #: The sweep runs every `sweep_interval` seconds and re-enqueues images left `queued` or
-    #: `screening` for longer than `sweep_limit` seconds.
-    sweep_interval: float = Field(default=60.0, gt=0.0)
-    sweep_limit: float = Field(default=600.0, gt=0.0)
-    #: Screening attempts before an image is marked `failed`.
-    max_attempts: int = Field(default=5, ge=1)
-    #: The watcher's full rescan of the inbox (seconds), and how long a file's size and mtime
-    #: must stay unchanged before it is taken without a close-after-write event.
-    rescan_interval: float = Field(default=30.0, gt=0.0)
-    stable_seconds: float = Field(default=2.0, ge=0.0)
-    worker_concurrency: int | None = Field(default=None, ge=1)
-    #: Redis visibility timeout (seconds): longer than the longest screening task.
-    visibility_timeout: int = Field(default=3600, ge=60)
-    #: Port of the embedded Redis that `up` starts (0: any free port).
-    redis_port: int = Field(default=0, ge=0, le=65535)
-
-    @field_validator("alert_threshold")
+    @field_validator("threshold")
     @classmethod
     def _threshold_in_unit_interval(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError("must be between 0 and 1")
         return value
 
-    @field_validator("alert_recipients", mode="before")
+    @field_validator("recipients", mode="before")
     @classmethod
     def _split_recipients(cls, value: object) -> list[str]:
         if value is None or value == "":
@@ -98,6 +83,81 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a valid email address: {item!r}") from None
         return addresses
 
+
+class DigestSettings(BaseModel):
+    """`MELANOSCREEN_DIGEST_TIME`: when the nightly digest is due (in `MELANOSCREEN_TIMEZONE`)."""
+
+    time: dt.time = dt.time(7, 0)
+
+
+class FlowerSettings(BaseModel):
+    """`MELANOSCREEN_FLOWER_*`: the dashboard's address and basic auth."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(default=5555, ge=1, le=65535)
+    user: str | None = None
+    password: SecretStr | None = None
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether Flower binds only to this machine."""
+        if self.address == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.address).is_loopback
+        except ValueError:
+            return False
+
+
+class BatchSettings(BaseModel):
+    """`MELANOSCREEN_BATCH_*`: image ids per screening task, and how long (seconds) the watcher
+    waits to fill a batch."""
+
+    size: int = Field(default=16, ge=1, le=512)
+    delay: float = Field(default=0.5, ge=0.0, le=60.0)
+
+
+class SweepSettings(BaseModel):
+    """`MELANOSCREEN_SWEEP_*`: the sweep runs every `interval` seconds and re-enqueues work left
+    unfinished for longer than `limit` seconds."""
+
+    interval: float = Field(default=60.0, gt=0.0)
+    limit: float = Field(default=600.0, gt=0.0)
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told from outside; see the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
+                                      validate_default=True, env_nested_delimiter="_",
+                                      env_nested_max_split=1)
+
+    data_dir: Path = Path("./melanoscreen-data")
+    inbox: Path | None = None
+    database_url: str | None = None
+    broker_url: str | None = None
+    model: Path | None = None
+    timezone: str = "UTC"
+
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    alert: AlertSettings = Field(default_factory=AlertSettings)
+    digest: DigestSettings = Field(default_factory=DigestSettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+
+    #: Screening attempts before an image is marked `failed`.
+    max_attempts: int = Field(default=5, ge=1)
+    #: The watcher's full rescan of the inbox (seconds), and how long a file's size and mtime
+    #: must stay unchanged before it is taken without a close-after-write event.
+    rescan_interval: float = Field(default=30.0, gt=0.0)
+    stable_seconds: float = Field(default=2.0, ge=0.0)
+    worker_concurrency: int | None = Field(default=None, ge=1)
+    #: Redis visibility timeout (seconds): longer than the longest screening task.
+    visibility_timeout: int = Field(default=3600, ge=60)
+    #: Port of the embedded Redis that `up` starts (0: any free port).
+    redis_port: int = Field(default=0, ge=0, le=65535)
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
@@ -108,41 +168,39 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def data_path(self) -> Path:
+        """The data folder, absolute."""
+        return self.data_dir.absolute()
+
+    @property
     def inbox_dir(self) -> Path:
         """The watched folder."""
         return (self.inbox or self.data_dir / "inbox").absolute()
 
     @property
-    def database(self) -> str:
-        """The SQLAlchemy URL: the setting, else SQLite in the data folder."""
-        return self.database_url or f"sqlite:///{(self.data_dir / 'melanoscreen.db').absolute()}"
+    def store_dir(self) -> Path:
+        """Accepted images, one file per content: store/ab/<sha256>.<ext>."""
+        return self.data_path / "store"
 
     @property
-    def flower_is_loopback(self) -> bool:
-        """Whether Flower binds only to this machine."""
-        if self.flower_address == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.flower_address).is_loopback
-        except ValueError:
-            return False
+    def duplicates_dir(self) -> Path:
+        """Later arrivals of a content already known."""
+        return self.data_path / "duplicates"
 
-    def smtp_config(self) -> SmtpConfig:
-        """The mail settings as the delivery code takes them (no host: the outbox folder)."""
-        from worker.mail import SmtpConfig
+    @property
+    def quarantine_dir(self) -> Path:
+        """Unreadable files, each with a `.reason.txt` beside it."""
+        return self.data_path / "quarantine"
 
-        return SmtpConfig(
-            host=self.smtp_host or None, port=self.smtp_port, user=self.smtp_user or None,
-            password=self.smtp_password.get_secret_value() if self.smtp_password else None,
-            security=self.smtp_security, sender=self.smtp_sender, timeout=self.smtp_timeout,
-            cafile=self.smtp_cafile.absolute() if self.smtp_cafile else None)
+    @property
+    def outbox_dir(self) -> Path:
+        """Where messages go as `.eml` files when no SMTP host is configured."""
+        return self.data_path / "outbox"
 
-    def require_broker(self) -> str:
-        """The broker URL; only `up` may run without one (it starts its own Redis)."""
-        if not self.broker_url:
-            raise ValueError("MELANOSCREEN_BROKER_URL: not set (melanoscreen up starts a Redis "
-                             "and sets it for its children)")
-        return self.broker_url
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy URL: the setting, else SQLite in the data folder."""
+        return self.database_url or f"sqlite:///{self.data_path / 'melanoscreen.db'}"
 
 
 @lru_cache(maxsize=1)
@@ -154,6 +212,7 @@ def get_settings() -> Settings:
 def describe_error(error: ValidationError) -> str:
     """One line naming the variable: 'MELANOSCREEN_ALERT_THRESHOLD: must be between 0 and 1'."""
     first = error.errors()[0]
-    name = str(first["loc"][0]).upper() if first.get("loc") else "SETTINGS"
+    loc = [str(part) for part in first.get("loc", ()) if isinstance(part, str)]
+    name = "_".join(loc).upper() if loc else "SETTINGS"
     message = str(first["msg"]).removeprefix("Value error, ")
     return f"{ENV_PREFIX}{name}: {message}"

@@ -46,13 +46,10 @@ def open_for_writing(path: Path) -> bool | None:
         os.close(fd)
 
 
-def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
+def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file's content."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,4 +1,4 @@
-"""Enqueue screening work by task name, with a minimal Celery app: no worker code, no TensorFlow."""
+"""Enqueue work by task name, with a minimal Celery app: no worker code, no TensorFlow."""
 
 from __future__ import annotations
 
@@ -8,39 +8,24 @@ from typing import Any
 
 from celery import Celery
 
-#: Shipped task names are an API: the worker registers exactly these.
-SCREEN_BATCH = "worker.tasks.screen_batch"
-SWEEP = "worker.tasks.sweep"
-DELIVER_MESSAGE = "worker.tasks.deliver_message"
-QUEUE_DIGESTS = "scheduler.tasks.queue_digests"
-#: How often beat asks whether a digest is owed (seconds); the due-date logic decides.
-DIGEST_CHECK_INTERVAL = 60.0
-#: The one queue every screening task goes to (Celery's default name).
-QUEUE = "celery"
+from melanoscreen.celeryconfig import (
+    CONTRACT,
+    DELIVER_MESSAGE,
+    DIGEST_CHECK_INTERVAL,
+    QUEUE_DIGESTS,
+    SCREEN_BATCH,
+    SWEEP,
+    broker_options,
+)
 
 _SEND_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
 
-def celery_config(broker_url: str, visibility_timeout: int) -> dict[str, Any]:
-    """Settings shared by the watcher, beat and worker apps, so they agree on the queue."""
-    return {
-        "broker_url": broker_url,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout},
-        "broker_connection_retry_on_startup": True,
-        "broker_connection_max_retries": None,
-        "task_default_queue": QUEUE,
-        "task_ignore_result": True,
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        "task_send_sent_event": True,
-        "timezone": "UTC",
-    }
-
-
 def make_producer(broker_url: str, visibility_timeout: int = 3600) -> Celery:
-    """A Celery app that only sends messages (for the watcher and beat)."""
+    """A Celery app that only sends messages (for the watcher, beat and the CLI)."""
     app = Celery("melanoscreen", set_as_current=False)
-    app.conf.update(celery_config(broker_url, visibility_timeout))
+    app.config_from_object(CONTRACT)
+    app.conf.update(broker_options(broker_url, visibility_timeout))
     return app
 
 
@@ -56,7 +41,7 @@ def send_screen_batch(app: Celery, image_ids: Sequence[int]) -> None:
 
 
 def send_queue_digests(app: Celery) -> None:
-    """Ask a worker to send the digests owed now, if any (beat does this at start, too)."""
+    """Ask a worker to write the digests owed now, if any (beat does this at start, too)."""
     app.send_task(QUEUE_DIGESTS, retry=True, retry_policy=_SEND_RETRY)
 
 

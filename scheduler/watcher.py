@@ -15,11 +15,11 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 from watchdog.events import (
     FileClosedEvent,
@@ -35,6 +35,7 @@ from watchdog.observers.api import BaseObserver
 
 from db import queries
 from db.schema import utcnow
+from melanoscreen.settings import Settings
 from scheduler.files import (
     is_ignored,
     move_atomically,
@@ -42,7 +43,7 @@ from scheduler.files import (
     sha256_of,
     unique_path,
 )
-from scheduler.queue import chunks, send_screen_batch
+from scheduler.queue import chunks
 
 logger = logging.getLogger(__name__)
 
@@ -52,28 +53,8 @@ MOVED_IN_SETTLE = 0.3
 #: How often (seconds) the loop checks pending files and the batch timer.
 TICK = 0.05
 
-
-@dataclass(frozen=True)
-class WatcherConfig:
-    """Plain values from the settings."""
-
-    inbox: Path
-    data_dir: Path
-    batch_size: int = 16
-    batch_delay: float = 0.5
-    rescan_interval: float = 30.0
-    stable_seconds: float = 2.0
-    polling: bool = False
-
-    @property
-    def store_dir(self) -> Path:
-        """Where accepted images live, by content hash."""
-        return self.data_dir / "store"
-
-    @property
-    def duplicates_dir(self) -> Path:
-        """Where later arrivals of known content are kept."""
-        return self.data_dir / "duplicates"
+#: Hands committed image ids to the queue (`scheduler.queue.send_screen_batch` on a producer).
+SendBatch = Callable[[Sequence[int]], None]
 
 
 @dataclass
@@ -89,10 +70,10 @@ class _Pending:
 class Intake:
     """Takes one complete file: hash, record (new or duplicate), move into the data folder."""
 
-    def __init__(self, config: WatcherConfig, sessions: sessionmaker[Session]) -> None:
-        self.config = config
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
         self.sessions = sessions
-        self.inbox = config.inbox.resolve()
+        self.inbox = settings.inbox_dir.resolve()
 
     def relative_name(self, path: Path) -> Path | None:
         """The inbox-relative name, or None for anything we must not read."""
@@ -124,7 +105,7 @@ class Intake:
         with self.sessions.begin() as session:
             known = queries.find_image_by_sha256(session, sha256)
             if known is not None:
-                target = unique_path(self.config.duplicates_dir / _stamped(received, path.name))
+                target = unique_path(self.settings.duplicates_dir / _stamped(received, path.name))
                 move_atomically(path, target)
                 queries.add_duplicate(session, image_id=known.id, source=relative.as_posix(),
                                       location=str(target), received_at=received)
@@ -140,11 +121,11 @@ class Intake:
 
     def store_path(self, sha256: str, suffix: str) -> Path:
         """store/ab/abcdef...<suffix>: one file per content."""
-        return self.config.store_dir / sha256[:2] / f"{sha256}{suffix.lower()}"
+        return self.settings.store_dir / sha256[:2] / f"{sha256}{suffix.lower()}"
 
     def recover_store(self) -> list[int]:
         """Record files that reached the store without their row (a crash between move and commit)."""
-        store = self.config.store_dir
+        store = self.settings.store_dir
         if not store.is_dir():
             return []
         recovered = []
@@ -180,18 +161,19 @@ class _Forward(FileSystemEventHandler):
 class Watcher:
     """Watches the inbox and feeds the pipeline until `stop` is set."""
 
-    def __init__(self, config: WatcherConfig, sessions: sessionmaker[Session],
-                 producer: Celery) -> None:
-        self.config = config
-        self.intake = Intake(config, sessions)
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], send_batch: SendBatch,
+                 *, polling: bool = False) -> None:
+        self.settings = settings
+        self.inbox = settings.inbox_dir
+        self.intake = Intake(settings, sessions)
         self.sessions = sessions
-        self.producer = producer
+        self.send_batch = send_batch
         self.events: queue.Queue[FileSystemEvent] = queue.Queue()
         self.pending: dict[Path, _Pending] = {}
         self.batch: list[int] = []
         self.batch_started = 0.0
         # Close-after-write events exist only with inotify.
-        self.fast = sys.platform.startswith("linux") and not config.polling
+        self.fast = sys.platform.startswith("linux") and not polling
 
     def _observer(self) -> BaseObserver:
         if self.fast:
@@ -200,56 +182,58 @@ class Watcher:
             return InotifyObserver()
         from watchdog.observers.polling import PollingObserver
 
-        return PollingObserver(timeout=max(0.2, min(1.0, self.config.stable_seconds / 2)))
+        return PollingObserver(timeout=max(0.2, min(1.0, self.settings.stable_seconds / 2)))
 
     def run(self, stop: threading.Event) -> None:
         """Scan, then follow events and rescan periodically; flushes the last batch on stop."""
-        self.config.inbox.mkdir(parents=True, exist_ok=True)
+        self.inbox.mkdir(parents=True, exist_ok=True)
         observer = self._observer()
-        observer.schedule(_Forward(self.events), str(self.config.inbox), recursive=True)
+        observer.schedule(_Forward(self.events), str(self.inbox), recursive=True)
         observer.start()
-        logger.info("watching %s (%s)", self.config.inbox,
+        logger.info("watching %s (%s)", self.inbox,
                     "close-after-write events" if self.fast else "polling for stable files")
         try:
             self._enqueue_now(self.intake.recover_store())
             self.rescan()
-            next_rescan = time.monotonic() + self.config.rescan_interval
+            next_rescan = time.monotonic() + self.settings.rescan_interval
             while not stop.is_set():
-                self._drain_events(timeout=TICK)
-                self._take_ready()
-                self._flush_if_due()
+                self.drain_events(timeout=TICK)
+                self.take_ready()
+                self.flush_if_due()
                 if time.monotonic() >= next_rescan:
                     self.rescan()
-                    next_rescan = time.monotonic() + self.config.rescan_interval
+                    next_rescan = time.monotonic() + self.settings.rescan_interval
         finally:
             observer.stop()
             observer.join(timeout=5)
-            self._flush(force=True)
+            self.flush()
 
     def rescan(self) -> None:
         """Put every candidate file in the inbox under observation (taken once stable)."""
-        for root, dirs, files in os.walk(self.config.inbox, followlinks=False):
+        for root, dirs, files in os.walk(self.inbox, followlinks=False):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 path = Path(root) / name
                 if path not in self.pending:
-                    self.pending[path] = _Pending(quiet=self.config.stable_seconds,
+                    self.pending[path] = _Pending(quiet=self.settings.stable_seconds,
                                                   changed_at=time.monotonic())
 
-    def _drain_events(self, timeout: float) -> None:
+    def drain_events(self, timeout: float) -> None:
+        """Apply the file-system events that arrived, waiting up to `timeout` for the first."""
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             return
         while True:
-            self._on_event(event)
+            self.on_event(event)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
 
-    def _on_event(self, event: FileSystemEvent) -> None:
-        now = time.monotonic()
+    def on_event(self, event: FileSystemEvent, now: float | None = None) -> None:
+        """Update a file's readiness from one event (`now`: monotonic seconds)."""
+        now = time.monotonic() if now is None else now
         if isinstance(event, FileMovedEvent):
             self.pending.pop(Path(os.fsdecode(event.src_path)), None)
             if event.dest_path:
@@ -259,12 +243,12 @@ class Watcher:
         path = Path(os.fsdecode(event.src_path))
         entry = self.pending.get(path)
         if isinstance(event, FileCreatedEvent):
-            quiet = MOVED_IN_SETTLE if self.fast else self.config.stable_seconds
+            quiet = MOVED_IN_SETTLE if self.fast else self.settings.stable_seconds
             self.pending[path] = _Pending(quiet=quiet, changed_at=now,
                                           opens=entry.opens if entry else 0)
         elif isinstance(event, FileOpenedEvent):
             # Opening changes nothing (and our own checks open files): no clock reset here.
-            entry = self.pending.setdefault(path, _Pending(quiet=self.config.stable_seconds,
+            entry = self.pending.setdefault(path, _Pending(quiet=self.settings.stable_seconds,
                                                            changed_at=now))
             entry.opens += 1
         elif isinstance(event, FileClosedNoWriteEvent):
@@ -276,7 +260,7 @@ class Watcher:
             if entry.opens == 0:
                 entry.ready = True  # the writer closed it: complete, take it now
         elif isinstance(event, FileModifiedEvent):
-            entry = self.pending.setdefault(path, _Pending(quiet=self.config.stable_seconds))
+            entry = self.pending.setdefault(path, _Pending(quiet=self.settings.stable_seconds))
             entry.changed_at = now
             entry.ready = False
 
@@ -302,13 +286,14 @@ class Watcher:
         if writing:
             entry.changed_at = now
             return False
-        if writing is None and entry.quiet < self.config.stable_seconds:
-            entry.quiet = self.config.stable_seconds  # cannot tell: fall back to the stable rule
+        if writing is None and entry.quiet < self.settings.stable_seconds:
+            entry.quiet = self.settings.stable_seconds  # cannot tell: fall back to the stable rule
             return False
         return True
 
-    def _take_ready(self) -> None:
-        now = time.monotonic()
+    def take_ready(self, now: float | None = None) -> None:
+        """Take every file that is complete (`now`: monotonic seconds); forget vanished ones."""
+        now = time.monotonic() if now is None else now
         for path, entry in list(self.pending.items()):
             ready = self._is_ready(path, entry, now)
             if ready is None:
@@ -322,25 +307,28 @@ class Watcher:
                     continue
                 if image_id is not None:
                     if not self.batch:
-                        self.batch_started = time.monotonic()
+                        self.batch_started = now
                     self.batch.append(image_id)
-                    if len(self.batch) >= self.config.batch_size:
-                        self._flush(force=True)
+                    if len(self.batch) >= self.settings.batch.size:
+                        self.flush()
 
-    def _flush_if_due(self) -> None:
-        if self.batch and time.monotonic() - self.batch_started >= self.config.batch_delay:
-            self._flush(force=True)
+    def flush_if_due(self, now: float | None = None) -> None:
+        """Enqueue the batch once its first image has waited `MELANOSCREEN_BATCH_DELAY`."""
+        now = time.monotonic() if now is None else now
+        if self.batch and now - self.batch_started >= self.settings.batch.delay:
+            self.flush()
 
-    def _flush(self, force: bool) -> None:
-        if self.batch and force:
+    def flush(self) -> None:
+        """Enqueue the batch being filled, now."""
+        if self.batch:
             ids, self.batch = self.batch, []
             self._enqueue_now(ids)
 
     def _enqueue_now(self, image_ids: list[int]) -> None:
         """Send committed ids; if the broker is down the sweep re-enqueues them later."""
-        for batch in chunks(image_ids, self.config.batch_size):
+        for batch in chunks(image_ids, self.settings.batch.size):
             try:
-                send_screen_batch(self.producer, batch)
+                self.send_batch(batch)
             except Exception as exc:  # the broker's errors vary by transport
                 logger.error("could not enqueue images %s (the sweep will): %s", batch, exc)
                 continue

@@ -176,22 +176,25 @@ class Service:
         self.processes[name] = process
         return process
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop a service's whole process group and wait for it."""
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> int | None:
+        """Stop a service's whole process group and wait for it; its exit status (negative: the
+        signal that ended it; -9 when it had to be killed), None if it was not running."""
         process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
+        if process is None:
+            return None
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            except ProcessLookupError:
+                pass
         # Pool processes left in the group, if any.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+        return process.returncode
 
     def stop_all(self) -> None:
         """Stop everything started here."""

@@ -44,6 +44,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     message: EmailMessage
+    raw: bytes  # the DATA as it arrived
 
 
 @dataclass
@@ -69,7 +70,8 @@ class RecordingHandler:
         parsed = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
         assert isinstance(parsed, EmailMessage)
         with self.lock:
-            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), parsed))
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), parsed,
+                                          envelope.original_content))
         return "250 Message accepted for delivery"
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:

@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -111,6 +110,14 @@ def cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
                           cwd=service.data_dir, capture_output=True, text=True, timeout=120)
 
 
+def wait_all_sent(service: Service, source: str, count: int) -> list[Any]:
+    """Wait until the `count` outbox rows about `source` are final and `sent`: after that no
+    delivery can send anything more for them (a `sent` row is never claimed again)."""
+    return wait_until(lambda: (lambda rows: rows if len(rows) == count and all(
+        r.status == "sent" for r in rows) else None)(outbox_rows(service, source)),
+        timeout=120, message=f"{count} sent outbox rows about {source}")
+
+
 def body(message: EmailMessage, kind: str) -> str:
     part = message.get_body(preferencelist=(kind,))
     assert part is not None, f"no {kind} part"
@@ -121,8 +128,8 @@ def test_a_flagged_drop_sends_one_message_per_recipient_with_both_parts_and_imag
         alert_service: Service, mail: MailServer) -> None:
     source = "clinic-a/patient-17/lesion2.jpg"
     alert_service.drop(source, synthetic_jpeg(4001, (120, 120)))
-    received = mail.wait_about(source, 2)
-    time.sleep(1.5)  # anything extra would have come by now
+    mail.wait_about(source, 2)
+    rows = wait_all_sent(alert_service, source, 2)
     received = mail.about(source)
     assert sorted(r.rcpt_tos[0] for r in received) == sorted(DOCTORS)
     for item in received:
@@ -138,18 +145,19 @@ def test_a_flagged_drop_sends_one_message_per_recipient_with_both_parts_and_imag
         assert "cid:" in body(message, "html")
         pictures = decoded_images(image_parts(message))
         assert len(pictures) == 2  # the lesion and its Grad-CAM overlay
-    rows = outbox_rows(alert_service, source)
-    assert [r.status for r in rows] == ["sent", "sent"]
     assert {r.message_id for r in rows} == {str(r.message["Message-ID"]).strip() for r in received}
     for row in rows:
         assert [a.outcome for a in attempts(alert_service, row.id)] == ["sent"]
+    # Threshold 0: the image is flagged, and `results --flagged` lists it.
+    flagged = json.loads(cli(alert_service, "results", "--flagged", "--format", "json").stdout)
+    assert source in {r["source"] for r in flagged} and all(r["flagged"] for r in flagged)
 
 
 def test_a_redelivered_or_rerun_delivery_task_sends_nothing_for_a_sent_alert(
         alert_service: Service, mail: MailServer) -> None:
+    from melanoscreen.settings import Settings, SmtpSettings
     from scheduler.queue import make_producer, send_deliver_message
-    from worker.delivery import DeliveryOptions, deliver_outbox
-    from worker.mail import SmtpConfig
+    from worker.delivery import deliver_outbox
 
     source = "redeliver/lesion.jpg"
     alert_service.drop(source, synthetic_jpeg(4002, (120, 120)))
@@ -165,11 +173,13 @@ def test_a_redelivered_or_rerun_delivery_task_sends_nothing_for_a_sent_alert(
     # ... and the delivery function called directly, with a fresh token.
     from db.session import make_session_factory
 
-    options = DeliveryOptions(smtp=SmtpConfig(host=LOOPBACK, port=mail.port, timeout=5),
-                              outbox_dir=alert_service.data_dir / "outbox")
+    settings = Settings(_env_file=None, data_dir=alert_service.data_dir,  # type: ignore[call-arg]
+                        smtp=SmtpSettings(host=LOOPBACK, port=mail.port, security="none",
+                                          timeout=5))
     sessions = make_session_factory(alert_service.database_url)
     for row in rows:
-        assert deliver_outbox(sessions, row.id, token="re-run", options=options).status == "skipped"
+        outcome = deliver_outbox(sessions, row.id, token="re-run", settings=settings)
+        assert outcome.status == "skipped"
     wait_until(lambda: alert_service.log("worker").count("not pending") >= 4, timeout=60,
                message="the four redelivered tasks to finish")
     assert len(mail.about(source)) == 2
@@ -189,7 +199,7 @@ def test_the_smtp_server_down_then_up_delivers_each_alert_once_after_a_retry(
     finally:
         mail.start()
     mail.wait_about(source, 2, timeout=90)
-    time.sleep(1.5)
+    wait_all_sent(alert_service, source, 2)
     received = mail.about(source)
     assert sorted(r.rcpt_tos[0] for r in received) == sorted(DOCTORS)
     for row in outbox_rows(alert_service, source):
@@ -235,9 +245,9 @@ def test_beat_sends_the_owed_digest_at_start_and_a_restart_does_not_repeat_it(
     alert_service.start("beat")
     try:
         wait_until(lambda: len(digests()) >= 2, timeout=90, message="the digest")
-        ticks = alert_service.log("worker").count("scheduler.tasks.queue_digests")
+        ticks = alert_service.log("worker").count("worker.tasks.queue_digests")
         alert_service.start("beat")  # stop and start again: sends the digest job at once
-        wait_until(lambda: alert_service.log("worker").count("scheduler.tasks.queue_digests")
+        wait_until(lambda: alert_service.log("worker").count("worker.tasks.queue_digests")
                    > ticks + 1, timeout=60, message="the digest job to run again")
     finally:
         alert_service.stop("beat")
@@ -255,9 +265,12 @@ def test_an_image_below_the_threshold_sends_nothing(
     alert_service.drop(source, synthetic_jpeg(4005, (120, 120)))
     [row] = alert_service.wait_finished("below/", 1)
     assert row.status == "screened"
-    time.sleep(1.5)
-    assert mail.about(source) == []
+    # An alert's outbox rows are written in the transaction that stores the prediction: with the
+    # image screened and no row, nothing can ever be sent about it.
     assert outbox_rows(alert_service, source) == []
+    assert mail.about(source) == []
+    flagged = json.loads(cli(alert_service, "results", "--flagged", "--format", "json").stdout)
+    assert source not in {r["source"] for r in flagged}
     flagged = alert_service.rows("SELECT p.flagged FROM predictions p JOIN images i "
                                  "ON i.id = p.image_id WHERE i.source = :s", s=source)
     assert [bool(f.flagged) for f in flagged] == [False]

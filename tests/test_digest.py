@@ -8,6 +8,9 @@ import re
 import shutil
 import subprocess
 from datetime import UTC, date, datetime, time, timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -22,25 +25,27 @@ from mail_fixtures import (
 )
 from PIL import Image
 
-from scheduler.digest import (
+from melanoscreen.settings import SmtpSettings
+from scheduler.digest import digest_due_dates, digest_period
+from worker.mail import deliver
+from worker.messages import (
     DigestContent,
     DigestImage,
     FileProblem,
     UndeliveredAlert,
     compose_digest,
-    digest_due_dates,
-    digest_message_id,
-    digest_period,
+    digest_key,
     digest_subject,
+    recipient_message_id,
     render_digest_html,
 )
-from worker.mail import SmtpConfig, deliver
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 SEVEN = time(7, 0)
 DAY = date(2026, 11, 24)
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "digest.png"
+DOCTOR = "dr.a@clinic.test"
 
 
 def seeded_digest(*, flagged: bool = True, undelivered: bool = False) -> DigestContent:
@@ -225,7 +230,10 @@ def test_the_html_has_the_counts_and_one_row_per_flagged_image_highest_first() -
 
 def test_a_quiet_day_gets_a_short_digest_that_says_so() -> None:
     content = seeded_digest(flagged=False)
-    message = compose_digest(content, message_id=digest_message_id(DAY))
+    composed = compose_digest(content, message_id=recipient_message_id(digest_key(DAY), DOCTOR),
+                              sender="ms@clinic.test", recipient=DOCTOR)
+    message = BytesParser(policy=policy.default).parsebytes(composed.raw)
+    assert isinstance(message, EmailMessage)
     text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     page = render_digest_html(content)
     assert "Nothing was flagged in this period." in text
@@ -237,19 +245,22 @@ def test_the_digest_is_delivered_with_inline_thumbnails(tmp_path: Path) -> None:
     handler = RecordingHandler()
     content = seeded_digest()
     with smtp_server(handler) as controller:
-        config = SmtpConfig(host=LOOPBACK, port=controller.port, sender="ms@clinic.test")
-        message = compose_digest(content, message_id=digest_message_id(DAY))
-        result = deliver(message, ["dr.a@clinic.test"], config, tmp_path)
+        config = SmtpSettings(host=LOOPBACK, port=controller.port, security="none",
+                              sender="ms@clinic.test")
+        message = compose_digest(content, message_id=recipient_message_id(digest_key(DAY), DOCTOR),
+                                 sender=config.sender, recipient=DOCTOR)
+        deliver(message, config, tmp_path)
         [received] = handler.wait_for(1)
 
-    assert result.accepted == ("dr.a@clinic.test",)
+    assert received.rcpt_tos == [DOCTOR]
     got = received.message
     assert got["Subject"] == "MelanoScreen digest 2026-11-24: 3 flagged of 57 screened"
-    assert got["Message-ID"] == "<digest-2026-11-24@melanoscreen.invalid>"
+    assert got["Message-ID"].startswith("<digest-2026-11-24.")
+    assert got["Message-ID"].endswith("@melanoscreen.invalid>")
     page = got.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
     parts = image_parts(got)
     assert {p["Content-ID"].strip("<>") for p in parts} == set(re.findall(r'src="cid:([^"]+)"', page))
-    assert page.rstrip() == render_digest_html(content, inline_images="cid")
+    assert page.replace("\r\n", "\n") == render_digest_html(content, inline_images="cid")
     assert all(max(image.size) <= 96 for image in decoded_images(parts))
 
 

@@ -31,11 +31,11 @@ from mail_fixtures import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import Digest, Image, OutboxMessage, Prediction
+from db.schema import Digest, Image, ImageStatus, OutboxKind, OutboxMessage, OutboxStatus, Prediction
 from db.session import make_session_factory
-from scheduler.digest_job import DigestJobConfig, queue_due_digests
-from worker.delivery import DeliveryOptions, deliver_outbox
-from worker.mail import SmtpConfig
+from melanoscreen.settings import AlertSettings, DigestSettings, Settings, SmtpSettings
+from worker.delivery import deliver_outbox
+from worker.digests import queue_due_digests
 
 REPO = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -61,12 +61,16 @@ def sessions(database: str) -> Iterator[sessionmaker[Session]]:
     bind.dispose()
 
 
-def job_config(database: str) -> DigestJobConfig:
-    return DigestJobConfig(database_url=database, recipients=DOCTORS, digest_time=time(7, 0),
-                           timezone="Europe/Berlin", sender="melanoscreen@clinic.example")
+def job_settings(database: str, tmp_path: Path, smtp: SmtpSettings | None = None) -> Settings:
+    """The settings the digest job and delivery read; no SMTP host: .eml files in outbox/."""
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path / "data", database_url=database,
+        timezone="Europe/Berlin", digest=DigestSettings(time=time(7, 0)),
+        alert=AlertSettings(recipients=list(DOCTORS), retry_base=0.1),
+        smtp=smtp or SmtpSettings(sender="melanoscreen@clinic.example"))
 
 
-def add_image(session: Session, folder: Path, source: str, *, status: str, at: datetime,
+def add_image(session: Session, folder: Path, source: str, *, status: ImageStatus, at: datetime,
               p: float | None = None, reason: str | None = None, seed: int = 0) -> int:
     location = folder / f"{uuid.uuid4().hex}.jpg"
     location.write_bytes(synthetic_lesion(seed, size=120))
@@ -88,20 +92,20 @@ def seed_day(sessions: sessionmaker[Session], folder: Path) -> None:
     """A day with 3 screened (2 flagged), 1 rejected, 1 failed, 1 undelivered alert, and noise
     just outside the window on both sides."""
     with sessions.begin() as s:
-        add_image(s, folder, "clinic-a/low.jpg", status="screened", at=berlin(19, 9), p=0.05)
-        add_image(s, folder, "clinic-a/second.jpg", status="screened", at=berlin(19, 14), p=0.62,
+        add_image(s, folder, "clinic-a/low.jpg", status=ImageStatus.SCREENED, at=berlin(19, 9), p=0.05)
+        add_image(s, folder, "clinic-a/second.jpg", status=ImageStatus.SCREENED, at=berlin(19, 14), p=0.62,
                   seed=1)
-        add_image(s, folder, "clinic-b/first.jpg", status="screened", at=berlin(20, 6, 59),
+        add_image(s, folder, "clinic-b/first.jpg", status=ImageStatus.SCREENED, at=berlin(20, 6, 59),
                   p=0.91, seed=2)
-        add_image(s, folder, "clinic-b/broken.jpg", status="rejected", at=berlin(19, 10),
+        add_image(s, folder, "clinic-b/broken.jpg", status=ImageStatus.REJECTED, at=berlin(19, 10),
                   reason="not an image: cannot identify image file")
-        add_image(s, folder, "clinic-b/stuck.jpg", status="failed", at=berlin(19, 11),
+        add_image(s, folder, "clinic-b/stuck.jpg", status=ImageStatus.FAILED, at=berlin(19, 11),
                   reason="gave up after 5 screening attempts")
-        add_image(s, folder, "before/old.jpg", status="screened", at=berlin(19, 6, 59), p=0.99)
-        add_image(s, folder, "after/new.jpg", status="screened", at=berlin(20, 7), p=0.99)
-        s.add(OutboxMessage(kind="alert", recipient="dr.a@clinic.example", message_id="<a1@x.test>",
+        add_image(s, folder, "before/old.jpg", status=ImageStatus.SCREENED, at=berlin(19, 6, 59), p=0.99)
+        add_image(s, folder, "after/new.jpg", status=ImageStatus.SCREENED, at=berlin(20, 7), p=0.99)
+        s.add(OutboxMessage(kind=OutboxKind.ALERT, recipient="dr.a@clinic.example", message_id="<a1@x.test>",
                             subject="Melanoma suspected (p=0.62): clinic-a/second.jpg",
-                            status="failed", attempts=8, last_error="550 mailbox unavailable",
+                            status=OutboxStatus.FAILED, attempts=8, last_error="550 mailbox unavailable",
                             created_at=berlin(19, 14), failed_at=berlin(19, 15)))
         s.add(Digest(day=DAY - timedelta(days=1), period_start=berlin(18, 7),
                      period_end=berlin(19, 7), recipients=2, created_at=berlin(19, 7)))
@@ -113,28 +117,26 @@ def body(message: EmailMessage, kind: str) -> str:
     return str(part.get_content())
 
 
-def options(tmp_path: Path, smtp: SmtpConfig) -> DeliveryOptions:
-    return DeliveryOptions(smtp=smtp, outbox_dir=tmp_path / "outbox", retry_base=0.1)
-
-
-def deliver_all(sessions: sessionmaker[Session], ids: list[int], opts: DeliveryOptions) -> None:
+def deliver_all(sessions: sessionmaker[Session], ids: list[int], settings: Settings) -> None:
     for outbox_id in ids:
-        assert deliver_outbox(sessions, outbox_id, token=uuid.uuid4().hex, options=opts).status == "sent"
+        outcome = deliver_outbox(sessions, outbox_id, token=uuid.uuid4().hex, settings=settings)
+        assert outcome.status == "sent"
 
 
 def test_the_digest_of_a_seeded_day_has_the_right_counts_and_rows(
         sessions: sessionmaker[Session], database: str, tmp_path: Path) -> None:
     seed_day(sessions, tmp_path)
     enqueued: list[int] = []
-    days = queue_due_digests(sessions, job_config(database), berlin(20, 7, 1), enqueued.append)
+    days = queue_due_digests(sessions, job_settings(database, tmp_path), berlin(20, 7, 1),
+                             enqueued.append)
     assert days == [DAY]
     assert len(enqueued) == 2
 
     handler = RecordingHandler()
     with smtp_server(handler) as controller:
-        smtp = SmtpConfig(host=LOOPBACK, port=controller.port, sender="melanoscreen@clinic.example",
-                          timeout=5)
-        deliver_all(sessions, enqueued, options(tmp_path, smtp))
+        smtp = SmtpSettings(host=LOOPBACK, port=controller.port, security="none",
+                            sender="melanoscreen@clinic.example", timeout=5)
+        deliver_all(sessions, enqueued, job_settings(database, tmp_path, smtp))
         received = handler.wait_for(2)
     assert sorted(r.rcpt_tos[0] for r in received) == sorted(DOCTORS)
     message = received[0].message
@@ -159,9 +161,10 @@ def test_the_digest_of_a_seeded_day_has_the_right_counts_and_rows(
 def test_a_quiet_day_gets_a_short_digest_that_says_so(
         sessions: sessionmaker[Session], database: str, tmp_path: Path) -> None:
     enqueued: list[int] = []
-    queue_due_digests(sessions, job_config(database), berlin(20, 8), enqueued.append)
-    deliver_all(sessions, enqueued, options(tmp_path, SmtpConfig()))
-    files = sorted((tmp_path / "outbox").glob("*.eml"))
+    settings = job_settings(database, tmp_path)
+    queue_due_digests(sessions, settings, berlin(20, 8), enqueued.append)
+    deliver_all(sessions, enqueued, settings)
+    files = sorted(settings.outbox_dir.glob("*.eml"))
     assert len(files) == 2  # no SMTP host: one .eml per recipient's copy
     message = BytesParser(policy=policy.default).parsebytes(files[0].read_bytes())
     assert isinstance(message, EmailMessage)
@@ -172,7 +175,7 @@ def test_a_quiet_day_gets_a_short_digest_that_says_so(
 def test_a_digest_is_written_once_when_two_runs_race_for_the_same_date(
         sessions: sessionmaker[Session], database: str, tmp_path: Path) -> None:
     seed_day(sessions, tmp_path)
-    config = job_config(database)
+    config = job_settings(database, tmp_path)
     now = berlin(20, 7, 0)
     barrier = threading.Barrier(2)
     results: list[list[int]] = [[], []]
@@ -194,7 +197,7 @@ def test_a_digest_is_written_once_when_two_runs_race_for_the_same_date(
     with sessions.begin() as s:
         assert s.scalar(select(func.count()).select_from(Digest).where(Digest.day == DAY)) == 1
         assert s.scalar(select(func.count()).select_from(OutboxMessage)
-                        .where(OutboxMessage.kind == "digest")) == 2
+                        .where(OutboxMessage.kind == OutboxKind.DIGEST)) == 2
 
 
 def test_missed_days_are_caught_up_each_with_its_own_window(
@@ -202,9 +205,10 @@ def test_missed_days_are_caught_up_each_with_its_own_window(
     with sessions.begin() as s:
         s.add(Digest(day=date(2026, 11, 17), period_start=berlin(16, 7), period_end=berlin(17, 7),
                      recipients=2, created_at=berlin(17, 7)))
-        add_image(s, tmp_path, "on-the-18th.jpg", status="screened", at=berlin(18, 6), p=0.8)
+        add_image(s, tmp_path, "on-the-18th.jpg", status=ImageStatus.SCREENED, at=berlin(18, 6), p=0.8)
     enqueued: list[int] = []
-    days = queue_due_digests(sessions, job_config(database), berlin(20, 9), enqueued.append)
+    days = queue_due_digests(sessions, job_settings(database, tmp_path), berlin(20, 9),
+                             enqueued.append)
     assert days == [date(2026, 11, 18), date(2026, 11, 19), date(2026, 11, 20)]
     assert len(enqueued) == 6
     with sessions.begin() as s:
@@ -214,14 +218,13 @@ def test_missed_days_are_caught_up_each_with_its_own_window(
     assert (date(2026, 11, 18), "MelanoScreen digest 2026-11-18: 1 flagged of 1 screened") in subjects
     assert (date(2026, 11, 19), "MelanoScreen digest 2026-11-19: nothing flagged (0 screened)") \
         in subjects
-    assert queue_due_digests(sessions, job_config(database), berlin(20, 23), enqueued.append) == []
+    assert queue_due_digests(sessions, job_settings(database, tmp_path), berlin(20, 23),
+                             enqueued.append) == []
 
 
 def test_starttls_and_login_configured_by_settings_deliver_a_digest(
         sessions: sessionmaker[Session], database: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from melanoscreen.settings import Settings
-
     certificate = make_certificate(tmp_path)
     handler = RecordingHandler()
     with smtp_server(handler, tls_context=certificate.server_context(), require_starttls=True,
@@ -232,10 +235,10 @@ def test_starttls_and_login_configured_by_settings_deliver_a_digest(
                             "SMTP_CAFILE": str(certificate.cert_file), "SMTP_TIMEOUT": "5"}.items():
             monkeypatch.setenv(f"MELANOSCREEN_{name}", value)
         settings = Settings(_env_file=None)  # type: ignore[call-arg]
-        assert settings.smtp_security == "starttls"  # the default
+        assert settings.smtp.security == "starttls"  # the default
         enqueued: list[int] = []
-        queue_due_digests(sessions, job_config(database), berlin(20, 8), enqueued.append)
-        deliver_all(sessions, enqueued, options(tmp_path, settings.smtp_config()))
+        queue_due_digests(sessions, job_settings(database, tmp_path), berlin(20, 8), enqueued.append)
+        deliver_all(sessions, enqueued, job_settings(database, tmp_path, settings.smtp))
         handler.wait_for(2)
     assert handler.auth_mechanisms
 

@@ -26,20 +26,24 @@ from mail_fixtures import (
     synthetic_heatmap,
     synthetic_lesion,
 )
+from pydantic import SecretStr
 
+from melanoscreen.settings import SmtpSettings
 from model.data import ISIC_CLASSES as CLASSES
 from worker.mail import (
-    DISCLAIMER,
-    AlertContent,
-    FlaggedImage,
     PermanentMailError,
-    SmtpConfig,
     TransientMailError,
-    alert_message_id,
     backoff_delay,
-    compose_alert,
     deliver,
     outbox_file_name,
+)
+from worker.messages import (
+    DISCLAIMER,
+    AlertContent,
+    ComposedMessage,
+    FlaggedImage,
+    compose_alert,
+    recipient_message_id,
 )
 
 DOCTORS = ["dr.a@clinic.test", "dr.b@clinic.test"]
@@ -70,15 +74,32 @@ def one_alert() -> AlertContent:
     )
 
 
+def alert_to(recipient: str, message_id: str = "alert-42@melanoscreen.test",
+             alert: AlertContent | None = None) -> ComposedMessage:
+    return compose_alert(alert or one_alert(), message_id=message_id, sender=SENDER,
+                         recipient=recipient)
+
+
+def parsed(message: ComposedMessage) -> EmailMessage:
+    result = BytesParser(policy=policy.default).parsebytes(message.raw)
+    assert isinstance(result, EmailMessage)
+    return result
+
+
+def html_of(message: ComposedMessage) -> str:
+    return parsed(message).get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
+
+
 @pytest.fixture
 def handler() -> RecordingHandler:
     return RecordingHandler()
 
 
 @pytest.fixture
-def plain_server(handler: RecordingHandler) -> Iterator[SmtpConfig]:
+def plain_server(handler: RecordingHandler) -> Iterator[SmtpSettings]:
     with smtp_server(handler) as controller:
-        yield SmtpConfig(host=LOOPBACK, port=controller.port, sender=SENDER, timeout=5)
+        yield SmtpSettings(host=LOOPBACK, port=controller.port, security="none", sender=SENDER,
+                           timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -87,19 +108,21 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
 
 
 def test_an_alert_has_text_and_html_with_inline_lesion_and_gradcam_images(
-    plain_server: SmtpConfig, handler: RecordingHandler, tmp_path: Path
+    plain_server: SmtpSettings, handler: RecordingHandler, tmp_path: Path
 ) -> None:
-    message = compose_alert(one_alert(), message_id="alert-42@melanoscreen.test")
-    result = deliver(message, DOCTORS, plain_server, tmp_path)
+    message = alert_to(DOCTORS[0])
+    assert deliver(message, plain_server, tmp_path) is None  # sent, no file written
 
-    assert result.accepted == tuple(DOCTORS) and not result.rejected and result.complete
     [received] = handler.wait_for(1)
     got = received.message
-    assert received.rcpt_tos == DOCTORS and received.mail_from == SENDER
+    assert received.rcpt_tos == DOCTORS[:1] and received.mail_from == SENDER
     assert got["Subject"] == "Melanoma suspected (p=0.87): clinic-a/patient-17/lesion2.jpg"
+    assert got["Subject"] == message.subject
     assert got["Message-ID"] == "<alert-42@melanoscreen.test>"
-    assert got["From"] == SENDER and got["Date"] is not None
+    assert got["From"] == SENDER and got["To"] == DOCTORS[0] and got["Date"] is not None
     assert got.get_content_type() == "multipart/alternative"
+    # What the server received is the stored bytes, as they are.
+    assert received.raw.rstrip(b"\r\n") == message.raw.rstrip(b"\r\n")
 
     text = got.get_body(preferencelist=("plain",))
     html_part = got.get_body(preferencelist=("html",))
@@ -126,7 +149,7 @@ def test_an_alert_has_text_and_html_with_inline_lesion_and_gradcam_images(
 
 
 def test_several_flagged_images_make_one_message_with_the_count_in_the_subject(
-    plain_server: SmtpConfig, handler: RecordingHandler, tmp_path: Path
+    plain_server: SmtpSettings, handler: RecordingHandler, tmp_path: Path
 ) -> None:
     alert = AlertContent(
         images=[
@@ -137,7 +160,8 @@ def test_several_flagged_images_make_one_message_with_the_count_in_the_subject(
         model_version="v7",
         threshold=0.5,
     )
-    deliver(compose_alert(alert, message_id=alert_message_id("batch-9")), DOCTORS, plain_server, tmp_path)
+    deliver(alert_to(DOCTORS[0], recipient_message_id("alert-batch-9", DOCTORS[0]), alert),
+            plain_server, tmp_path)
 
     [received] = handler.wait_for(1)
     got = received.message
@@ -150,53 +174,59 @@ def test_several_flagged_images_make_one_message_with_the_count_in_the_subject(
     assert len(decoded_images(image_parts(got))) == 5  # three lesions, two Grad-CAM overlays
 
 
+def test_each_recipient_gets_a_copy_of_their_own_with_a_stable_message_id() -> None:
+    ids = {doctor: recipient_message_id("alert-0123456789abcdef", doctor) for doctor in DOCTORS}
+    assert len(set(ids.values())) == 2
+    assert ids[DOCTORS[0]] == recipient_message_id("alert-0123456789abcdef", DOCTORS[0].upper())
+    for doctor, message_id in ids.items():
+        message = parsed(alert_to(doctor, message_id))
+        assert message["To"] == doctor and message["Message-ID"] == message_id
+        # Short enough that the header is never folded.
+        assert len(f"Message-ID: {message_id}") <= 78
+
+
 def test_a_permanent_refusal_fails_only_that_address(tmp_path: Path) -> None:
     handler = RecordingHandler(reject={"gone@clinic.test": "550 5.1.1 No such user"})
     with smtp_server(handler) as controller:
-        config = SmtpConfig(host=LOOPBACK, port=controller.port, sender=SENDER, timeout=5)
-        result = deliver(
-            compose_alert(one_alert(), message_id="a1@x.test"),
-            [DOCTORS[0], "gone@clinic.test", DOCTORS[1]],
-            config,
-            tmp_path,
-        )
-        [received] = handler.wait_for(1)
+        config = SmtpSettings(host=LOOPBACK, port=controller.port, security="none",
+                              sender=SENDER, timeout=5)
+        deliver(alert_to(DOCTORS[0], "a1@x.test"), config, tmp_path)
+        with pytest.raises(PermanentMailError, match=r"gone@clinic.test refused .*: 550"):
+            deliver(alert_to("gone@clinic.test", "a2@x.test"), config, tmp_path)
+        deliver(alert_to(DOCTORS[1], "a3@x.test"), config, tmp_path)
+        received = handler.wait_for(2)
 
-    assert result.accepted == tuple(DOCTORS)
-    assert list(result.rejected) == ["gone@clinic.test"]
-    assert result.rejected["gone@clinic.test"].startswith("550")
-    assert result.complete
-    assert received.rcpt_tos == DOCTORS
+    assert [r.rcpt_tos for r in received] == [[DOCTORS[0]], [DOCTORS[1]]]
 
 
-def test_a_temporary_refusal_is_deferred_and_of_everyone_is_transient(tmp_path: Path) -> None:
-    busy = "451 4.3.0 Mailbox busy, try later"
-    handler = RecordingHandler(reject={DOCTORS[1]: busy})
+def test_a_temporary_refusal_is_transient(tmp_path: Path) -> None:
+    handler = RecordingHandler(reject={DOCTORS[1]: "451 4.3.0 Mailbox busy, try later"})
     with smtp_server(handler) as controller:
-        config = SmtpConfig(host=LOOPBACK, port=controller.port, sender=SENDER, timeout=5)
-        partly = deliver(compose_alert(one_alert(), message_id="t1@x.test"), DOCTORS, config, tmp_path)
-        handler.reject[DOCTORS[0]] = busy
-        with pytest.raises(TransientMailError, match="deferred every recipient"):
-            deliver(compose_alert(one_alert(), message_id="t2@x.test"), DOCTORS, config, tmp_path)
-
-    assert partly.accepted == (DOCTORS[0],)
-    assert list(partly.deferred) == [DOCTORS[1]] and not partly.complete
+        config = SmtpSettings(host=LOOPBACK, port=controller.port, security="none",
+                              sender=SENDER, timeout=5)
+        deliver(alert_to(DOCTORS[0], "t1@x.test"), config, tmp_path)
+        with pytest.raises(TransientMailError, match="451"):
+            deliver(alert_to(DOCTORS[1], "t2@x.test"), config, tmp_path)
+        handler.reject.clear()
+        deliver(alert_to(DOCTORS[1], "t2@x.test"), config, tmp_path)
+        received = handler.wait_for(2)
+    assert [r.rcpt_tos for r in received] == [[DOCTORS[0]], [DOCTORS[1]]]
 
 
 def test_a_server_that_is_down_is_transient_and_the_retry_delivers(tmp_path: Path) -> None:
     port = free_port()
-    config = SmtpConfig(host=LOOPBACK, port=port, sender=SENDER, timeout=5)
-    message = compose_alert(one_alert(), message_id=alert_message_id("17"))
+    config = SmtpSettings(host=LOOPBACK, port=port, security="none", sender=SENDER, timeout=5)
+    message = alert_to(DOCTORS[0], recipient_message_id("alert-17", DOCTORS[0]))
 
     with pytest.raises(TransientMailError, match=f"{LOOPBACK}:{port}"):
-        deliver(message, DOCTORS, config, tmp_path)
+        deliver(message, config, tmp_path)
 
     handler = RecordingHandler()
     with smtp_server(handler, port=port):
-        result = deliver(message, DOCTORS, config, tmp_path)
+        deliver(message, config, tmp_path)
         [received] = handler.wait_for(1)
-    assert result.accepted == tuple(DOCTORS)
-    assert received.message["Message-ID"] == "<alert-17@melanoscreen.invalid>"
+    assert received.rcpt_tos == DOCTORS[:1]
+    assert received.message["Message-ID"] == message.message_id
 
 
 def require_tls_server(handler: RecordingHandler, certificate: Certificate) -> dict[str, Any]:
@@ -217,37 +247,37 @@ def test_starttls_and_login_work_against_a_server_that_requires_them(
     other = "PLAIN" if mechanism == "LOGIN" else "LOGIN"
     kwargs = require_tls_server(handler, certificate)
     with smtp_server(handler, auth_exclude_mechanism=[other], **kwargs) as controller:
-        config = SmtpConfig(
+        config = SmtpSettings(
             host=LOOPBACK,
             port=controller.port,
             security="starttls",
             user="screening",
-            password="s3cret",
+            password=SecretStr("s3cret"),
             sender=SENDER,
             timeout=5,
             cafile=certificate.cert_file,
         )
-        result = deliver(compose_alert(one_alert(), message_id="s1@x.test"), DOCTORS, config, tmp_path)
-        handler.wait_for(1)
-    assert result.accepted == tuple(DOCTORS)
+        deliver(alert_to(DOCTORS[0], "s1@x.test"), config, tmp_path)
+        [received] = handler.wait_for(1)
+    assert received.rcpt_tos == DOCTORS[:1]
     assert handler.auth_mechanisms == [mechanism]
 
 
 def test_a_wrong_password_fails_clearly_and_is_not_retried(certificate: Certificate, tmp_path: Path) -> None:
     handler = RecordingHandler()
     with smtp_server(handler, **require_tls_server(handler, certificate)) as controller:
-        config = SmtpConfig(
+        config = SmtpSettings(
             host=LOOPBACK,
             port=controller.port,
             security="starttls",
             user="screening",
-            password="wrong",
+            password=SecretStr("wrong"),
             sender=SENDER,
             timeout=5,
             cafile=certificate.cert_file,
         )
         with pytest.raises(PermanentMailError, match=r"login as 'screening' .* refused: 535"):
-            deliver(compose_alert(one_alert(), message_id="w1@x.test"), DOCTORS, config, tmp_path)
+            deliver(alert_to(DOCTORS[0], "w1@x.test"), config, tmp_path)
     assert handler.messages == []
 
 
@@ -256,25 +286,26 @@ def test_plain_smtp_to_a_server_requiring_starttls_is_refused_permanently(
 ) -> None:
     handler = RecordingHandler()
     with smtp_server(handler, **require_tls_server(handler, certificate)) as controller:
-        config = SmtpConfig(host=LOOPBACK, port=controller.port, sender=SENDER, timeout=5)
+        config = SmtpSettings(host=LOOPBACK, port=controller.port, security="none", sender=SENDER,
+                              timeout=5)
         with pytest.raises(PermanentMailError, match="530"):
-            deliver(compose_alert(one_alert(), message_id="n1@x.test"), DOCTORS, config, tmp_path)
+            deliver(alert_to(DOCTORS[0], "n1@x.test"), config, tmp_path)
 
 
 def test_an_untrusted_certificate_is_refused_permanently(certificate: Certificate, tmp_path: Path) -> None:
     handler = RecordingHandler()
     with smtp_server(handler, **require_tls_server(handler, certificate)) as controller:
-        config = SmtpConfig(
+        config = SmtpSettings(
             host=LOOPBACK,
             port=controller.port,
             security="starttls",
             user="screening",
-            password="s3cret",
+            password=SecretStr("s3cret"),
             sender=SENDER,
             timeout=5,  # no cafile: the system's CAs only
         )
         with pytest.raises(PermanentMailError, match="certificate"):
-            deliver(compose_alert(one_alert(), message_id="c1@x.test"), DOCTORS, config, tmp_path)
+            deliver(alert_to(DOCTORS[0], "c1@x.test"), config, tmp_path)
     assert handler.messages == []
 
 
@@ -290,49 +321,48 @@ def test_implicit_tls_delivers(certificate: Certificate, tmp_path: Path) -> None
         # aiosmtpd only counts STARTTLS as TLS; here the whole connection is TLS already.
         auth_require_tls=False,
     ) as controller:
-        config = SmtpConfig(
+        config = SmtpSettings(
             host=LOOPBACK,
             port=controller.port,
             security="tls",
             user="screening",
-            password="s3cret",
+            password=SecretStr("s3cret"),
             sender=SENDER,
             timeout=5,
             cafile=certificate.cert_file,
         )
-        result = deliver(compose_alert(one_alert(), message_id="i1@x.test"), DOCTORS, config, tmp_path)
+        deliver(alert_to(DOCTORS[0], "i1@x.test"), config, tmp_path)
         [received] = handler.wait_for(1)
-    assert result.accepted == tuple(DOCTORS)
+    assert received.rcpt_tos == DOCTORS[:1]
     assert len(handler.auth_mechanisms) == 1
     assert received.message["Message-ID"] == "<i1@x.test>"
 
 
 def test_without_a_host_each_message_becomes_one_parseable_eml_file(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
-    config = SmtpConfig(host=None, sender=SENDER)
-    message_id = alert_message_id("batch 3/7")
+    config = SmtpSettings(host=None, sender=SENDER)
+    message_id = recipient_message_id("alert-batch 3/7", DOCTORS[0])
 
-    first = deliver(compose_alert(one_alert(), message_id=message_id), DOCTORS, config, outbox)
-    again = deliver(compose_alert(one_alert(), message_id=message_id), DOCTORS, config, outbox)
+    first = deliver(alert_to(DOCTORS[0], message_id), config, outbox)
+    again = deliver(alert_to(DOCTORS[0], message_id), config, outbox)
 
-    assert first.accepted == tuple(DOCTORS) and first.outbox_path == again.outbox_path
+    assert first is not None and first == again
     assert [p.name for p in outbox.iterdir()] == [outbox_file_name(message_id)]
-    assert first.outbox_path is not None
-    parsed = BytesParser(policy=policy.default).parsebytes(first.outbox_path.read_bytes())
-    assert isinstance(parsed, EmailMessage)
-    assert parsed["Message-ID"] == message_id
-    assert parsed["To"] == ", ".join(DOCTORS) and parsed["From"] == SENDER
-    assert parsed["Subject"].startswith("Melanoma suspected (p=0.87)")
-    assert len(decoded_images(image_parts(parsed))) == 2
+    message = BytesParser(policy=policy.default).parsebytes(first.read_bytes())
+    assert isinstance(message, EmailMessage)
+    assert message["Message-ID"] == message_id
+    assert message["To"] == DOCTORS[0] and message["From"] == SENDER
+    assert message["Subject"].startswith("Melanoma suspected (p=0.87)")
+    assert len(decoded_images(image_parts(message))) == 2
 
 
 def test_an_unreadable_image_still_alerts_and_says_so(
-    plain_server: SmtpConfig, handler: RecordingHandler, tmp_path: Path
+    plain_server: SmtpSettings, handler: RecordingHandler, tmp_path: Path
 ) -> None:
     broken = flagged("clinic-c/odd\nname.jpg", 0.6, 5, gradcam=False)
     broken = FlaggedImage(**{**broken.__dict__, "image": b"not an image"})
     alert = AlertContent(images=[broken], model_version="v7", threshold=0.5)
-    deliver(compose_alert(alert, message_id="u1@x.test"), DOCTORS, plain_server, tmp_path)
+    deliver(alert_to(DOCTORS[0], "u1@x.test", alert), plain_server, tmp_path)
 
     got = handler.wait_for(1)[0].message
     assert got["Subject"] == "Melanoma suspected (p=0.60): clinic-c/odd name.jpg"
@@ -341,25 +371,19 @@ def test_an_unreadable_image_still_alerts_and_says_so(
     assert "could not be previewed" in html
 
 
-def test_a_source_name_is_escaped_in_the_html(tmp_path: Path) -> None:
+def test_a_source_name_is_escaped_in_the_html() -> None:
     alert = AlertContent(
         images=[flagged("clinic/<script>alert(1)</script>.jpg", 0.9, 6)],
         model_version="v",
         threshold=0.5,
     )
-    html = (
-        compose_alert(alert, message_id="e1@x.test")
-        .get_body(  # type: ignore[union-attr]
-            preferencelist=("html",)
-        )
-        .get_content()
-    )
+    html = html_of(alert_to(DOCTORS[0], "e1@x.test", alert))
     assert "<script>" not in html and "&lt;script&gt;" in html
 
 
 def test_a_message_id_must_be_well_formed() -> None:
     with pytest.raises(ValueError, match="Message-ID"):
-        compose_alert(one_alert(), message_id="no at sign")
+        alert_to(DOCTORS[0], "no at sign")
 
 
 def test_backoff_grows_exponentially_is_capped_and_fully_jittered() -> None:

@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import outbox, queries
-from db.schema import utcnow
-from worker import runtime
-from worker.delivery import alert_subject_for, new_alert_key, recipient_message_id
+from db.schema import OutboxKind, utcnow
+from melanoscreen.settings import Settings
+from worker.messages import alert_subject, new_alert_key, recipient_message_id
+
+if TYPE_CHECKING:
+    from model.inference import Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +51,21 @@ def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:
     return target
 
 
-def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
-    """Screen the given images; safe to call again with the same ids (nothing is screened twice)."""
+def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], Classifier],
+                 image_ids: list[int], *, token: str, settings: Settings) -> BatchOutcome:
+    """Screen the given images; safe to call again with the same ids (nothing is screened twice).
+
+    `load_classifier` is called only when there is work, so a redelivered batch whose images
+    are all finished never loads the model.
+    """
     from model.imaging import DecodeError
 
-    cfg = runtime.config()
-    sessions = runtime.sessions()
     now = utcnow()
     with sessions.begin() as session:
         claimed = queries.claim_images(
             session, image_ids, token=token, now=now,
-            stale_before=now - timedelta(seconds=cfg.sweep_limit), max_attempts=cfg.max_attempts)
+            stale_before=now - timedelta(seconds=settings.sweep.limit),
+            max_attempts=settings.max_attempts)
         work = [(image.id, Path(image.location)) for image in claimed]
         sources = {image.id: image.source for image in claimed}
     skipped = len(set(image_ids)) - len(work)
@@ -64,7 +73,7 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
         return BatchOutcome(skipped=skipped)
 
     try:
-        classifier = runtime.classifier()
+        classifier = load_classifier()
         started = time.perf_counter()
         answers = classifier.predict([path for _, path in work], batch_size=max(len(work), 1))
         per_image = (time.perf_counter() - started) / len(work)
@@ -73,12 +82,14 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
             queries.release_claims(session, [image_id for image_id, _ in work], token=token)
         raise
 
-    threshold = cfg.alert_threshold if cfg.alert_threshold is not None else classifier.threshold
+    threshold = settings.alert.threshold
+    if threshold is None:
+        threshold = classifier.threshold
     # Files move before the commit: if the commit is lost, the retry finds them in quarantine.
     moved: dict[int, Path] = {}
     for (image_id, path), answer in zip(work, answers, strict=True):
         if isinstance(answer, DecodeError):
-            moved[image_id] = quarantine(path, cfg.quarantine_dir, answer.reason)
+            moved[image_id] = quarantine(path, settings.quarantine_dir, answer.reason)
             logger.warning("image %d rejected: %s", image_id, answer.reason)
 
     screened = rejected = 0
@@ -100,11 +111,10 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
             screened += prediction is not None
             if prediction is not None and prediction.flagged:
                 flagged.append((image_id, prediction.id, prediction.melanoma_probability))
-        if flagged and cfg.alert_recipients:
+        if flagged and settings.alert.recipients:
             # Same transaction as the predictions: a flag is never stored without its alert.
-            alerts = write_alerts(session, flagged, sources, threshold=threshold,
-                                  recipients=cfg.alert_recipients)
-    if flagged and not cfg.alert_recipients:
+            alerts = write_alerts(session, flagged, sources, recipients=settings.alert.recipients)
+    if flagged and not settings.alert.recipients:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
                        len(flagged))
     lost = len(work) - screened - rejected
@@ -114,14 +124,14 @@ def screen_batch(image_ids: list[int], token: str) -> BatchOutcome:
 
 
 def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
-                 *, threshold: float, recipients: tuple[str, ...]) -> list[int]:
+                 *, recipients: list[str]) -> list[int]:
     """One alert outbox row per recipient for the flagged images of one batch; their ids."""
     key = new_alert_key()
-    subject = alert_subject_for([(sources[i], p) for i, _, p in flagged], threshold)
+    subject = alert_subject([(sources[i], p) for i, _, p in flagged])
     now = utcnow()
     ids = []
     for recipient in recipients:
-        outbox_id = outbox.add_message(session, kind="alert", recipient=recipient,
+        outbox_id = outbox.add_message(session, kind=OutboxKind.ALERT, recipient=recipient,
                                        message_id=recipient_message_id(key, recipient),
                                        subject=subject, now=now)
         outbox.link_alert_images(session, outbox_id, [(i, pid) for i, pid, _ in flagged])
@@ -129,11 +139,11 @@ def write_alerts(session: Session, flagged: list[tuple[int, int, float]], source
     return ids
 
 
-def sweep_stale(batch_size: int) -> list[list[int]]:
+def sweep_stale(sessions: sessionmaker[Session], *, stale_after: float,
+                batch_size: int) -> list[list[int]]:
     """Ids of images left `queued`/`screening` too long, in batches, marked as re-enqueued now."""
-    cfg = runtime.config()
     now = utcnow()
-    with runtime.sessions().begin() as session:
-        ids = queries.stale_image_ids(session, before=now - timedelta(seconds=cfg.sweep_limit))
+    with sessions.begin() as session:
+        ids = queries.stale_image_ids(session, before=now - timedelta(seconds=stale_after))
         queries.mark_enqueued(session, ids, now)
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

@@ -1,4 +1,7 @@
-"""Celery tasks; thin bodies around `worker.screening`. Their names are an API."""
+"""Celery tasks: thin bodies that take this process's state and call plain functions.
+
+Their names (`melanoscreen.celeryconfig`) are an API: the watcher and beat send them by name.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,21 @@ from typing import Any
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from worker import delivery, runtime, screening
+from db.schema import utcnow
+from melanoscreen.celeryconfig import DELIVER_MESSAGE, QUEUE_DIGESTS, SCREEN_BATCH, SWEEP
+from worker import delivery, digests, runtime, screening
 from worker.celery_app import app
 
 logger = logging.getLogger(__name__)
-
-SCREEN_BATCH = "worker.tasks.screen_batch"
-SWEEP = "worker.tasks.sweep"
-DELIVER_MESSAGE = "worker.tasks.deliver_message"
 
 
 @app.task(name=SCREEN_BATCH, bind=True, autoretry_for=(OperationalError,), retry_backoff=True,
           retry_jitter=True, max_retries=5)
 def screen_batch(self: Task, image_ids: list[int]) -> dict[str, Any]:
     """Screen a batch of images by id; a redelivery skips what is already finished."""
-    outcome = screening.screen_batch([int(i) for i in image_ids], token=str(self.request.id))
+    here = runtime.process()
+    outcome = screening.screen_batch(here.sessions, here.classifier, [int(i) for i in image_ids],
+                                     token=str(self.request.id), settings=here.settings)
     logger.info("batch of %d: %d screened, %d rejected, %d skipped", len(image_ids),
                 outcome.screened, outcome.rejected, outcome.skipped)
     # Committed by now: each alert row exists, so its delivery can be enqueued by id.
@@ -34,14 +37,18 @@ def screen_batch(self: Task, image_ids: list[int]) -> dict[str, Any]:
 
 @app.task(name=SWEEP, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)
 def sweep() -> int:
-    """Re-enqueue images the queue lost (left `queued` or `screening` past the limit)."""
-    batches = screening.sweep_stale(runtime.config().batch_size)
+    """Re-enqueue work the queue lost: images left `queued` or `screening`, and outbox messages
+    left `pending` or `sending`, past the sweep limit."""
+    here = runtime.process()
+    limit = here.settings.sweep.limit
+    batches = screening.sweep_stale(here.sessions, stale_after=limit,
+                                    batch_size=here.settings.batch.size)
     for batch in batches:
         screen_batch.apply_async(args=[batch])
     count = sum(len(b) for b in batches)
     if count:
         logger.warning("sweep re-enqueued %d images", count)
-    messages = delivery.stale_outbox(runtime.sessions(), runtime.config().sweep_limit)
+    messages = delivery.stale_outbox(here.sessions, limit)
     for outbox_id in messages:
         deliver_message.apply_async(args=[outbox_id])
     if messages:
@@ -53,11 +60,20 @@ def sweep() -> int:
           retry_jitter=True, max_retries=5)
 def deliver_message(self: Task, outbox_id: int) -> str:
     """Deliver one outbox message (alert or digest); a row already `sent` sends nothing."""
-    cfg = runtime.config()
-    outcome = delivery.deliver_outbox(
-        runtime.sessions(), int(outbox_id), token=str(self.request.id),
-        options=cfg.delivery_options(), overlay=runtime.gradcam_overlay)
+    here = runtime.process()
+    outcome = delivery.deliver_outbox(here.sessions, int(outbox_id), token=str(self.request.id),
+                                      settings=here.settings, overlay=here.gradcam_overlay)
     if outcome.status == "retry":
         # The row is `pending` again with its next attempt time; the retry claims it afresh.
         raise self.retry(countdown=outcome.retry_in, max_retries=None)
     return outcome.status
+
+
+@app.task(name=QUEUE_DIGESTS, autoretry_for=(OperationalError,), retry_backoff=True,
+          retry_jitter=True, max_retries=3)
+def queue_digests() -> list[str]:
+    """Write the digests owed now (one row per date, taken first) and enqueue their delivery."""
+    here = runtime.process()
+    days = digests.queue_due_digests(here.sessions, here.settings, utcnow(),
+                                     lambda outbox_id: deliver_message.apply_async(args=[outbox_id]))
+    return [day.isoformat() for day in days]

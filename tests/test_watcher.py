@@ -1,0 +1,207 @@
+"""The watcher's readiness rules and batching, in process: real files and a migrated SQLite
+database; file-system events and the clock are handed in by the test, so nothing waits."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+)
+
+from db.migrate import upgrade
+from db.schema import Duplicate, Image, ImageStatus
+from db.session import make_session_factory
+from melanoscreen.settings import BatchSettings, Settings
+from scheduler.watcher import Watcher
+from tests.conftest import synthetic_jpeg
+
+
+class Queue:
+    """What the watcher hands to the broker: batches of image ids (or a broker that is down)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.down = False
+
+    def send(self, ids: Sequence[int]) -> None:
+        if self.down:
+            raise ConnectionError("broker down")
+        self.batches.append(list(ids))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path / "data", inbox=tmp_path / "inbox",
+        database_url=f"sqlite:///{tmp_path / 'watcher.db'}", stable_seconds=2.0,
+        batch=BatchSettings(size=3, delay=0.5))
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    upgrade(settings.database)
+    factory = make_session_factory(settings.database)
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+@pytest.fixture
+def queue() -> Queue:
+    return Queue()
+
+
+@pytest.fixture
+def watcher(settings: Settings, sessions: sessionmaker[Session], queue: Queue) -> Watcher:
+    settings.inbox_dir.mkdir(parents=True)
+    watcher = Watcher(settings, sessions, queue.send)
+    watcher.fast = True  # close-after-write events, as inotify gives them
+    return watcher
+
+
+def images(sessions: sessionmaker[Session]) -> list[Image]:
+    with sessions.begin() as session:
+        return list(session.scalars(select(Image).order_by(Image.id)))
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def closed(watcher: Watcher, path: Path, now: float) -> None:
+    """The events of a copy into the inbox: created, opened, modified, closed after writing."""
+    for event in (FileCreatedEvent(str(path)), FileOpenedEvent(str(path)),
+                  FileModifiedEvent(str(path)), FileClosedEvent(str(path))):
+        watcher.on_event(event, now)
+
+
+def test_a_file_is_taken_when_its_writer_closes_it_and_not_before(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings) -> None:
+    content = synthetic_jpeg(1)
+    path = write(settings.inbox_dir / "clinic" / "a.jpg", content)
+    now = time.monotonic()
+    for event in (FileCreatedEvent(str(path)), FileOpenedEvent(str(path)),
+                  FileModifiedEvent(str(path))):
+        watcher.on_event(event, now)
+    watcher.take_ready(now + 60)  # still open for writing: however long it is quiet
+    assert images(sessions) == [] and path.exists()
+
+    watcher.on_event(FileClosedEvent(str(path)), now + 60)
+    watcher.take_ready(now + 60)
+    [image] = images(sessions)
+    assert image.source == "clinic/a.jpg" and image.status is ImageStatus.QUEUED
+    assert image.sha256 == hashlib.sha256(content).hexdigest()
+    stored = Path(image.location)
+    assert stored.parent.parent == settings.store_dir and stored.read_bytes() == content
+    assert not path.exists() and watcher.pending == {}
+
+
+def test_a_file_seen_only_by_a_rescan_is_taken_once_its_size_stays_unchanged(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings) -> None:
+    content = synthetic_jpeg(2, size=(200, 150))
+    path = write(settings.inbox_dir / "share" / "b.jpg", content[:1000])
+    start = time.monotonic()
+    watcher.rescan()
+    watcher.take_ready(start)  # first look: size and mtime recorded
+    watcher.take_ready(start + 1.9)  # quiet, but not for stable_seconds (2) yet
+    assert images(sessions) == []
+    with open(path, "ab") as handle:  # the writer goes on
+        handle.write(content[1000:])
+    watcher.take_ready(start + 3.0)  # it grew: the quiet time starts again
+    watcher.take_ready(start + 4.9)
+    assert images(sessions) == []
+    watcher.take_ready(start + 5.1)
+    [image] = images(sessions)
+    assert image.sha256 == hashlib.sha256(content).hexdigest()
+
+
+def test_a_rename_into_place_is_taken_at_once_and_the_partial_name_never(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings) -> None:
+    partial = write(settings.inbox_dir / "c.jpg.part", synthetic_jpeg(3))
+    now = time.monotonic()
+    for event in (FileCreatedEvent(str(partial)), FileOpenedEvent(str(partial))):
+        watcher.on_event(event, now)
+    final = partial.with_name("c.jpg")
+    partial.rename(final)
+    watcher.on_event(FileMovedEvent(str(partial), str(final)), now)
+    watcher.take_ready(now)
+    assert [i.source for i in images(sessions)] == ["c.jpg"]
+    assert watcher.pending == {}
+
+
+def test_hidden_partial_and_linked_files_are_left_where_they_are(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings,
+        queue: Queue, tmp_path: Path) -> None:
+    outside = write(tmp_path / "outside.jpg", synthetic_jpeg(4))
+    names = [".hidden.jpg", ".cache/x.jpg", "upload.jpg.part", "x.tmp", "backup.jpg~",
+             "get.crdownload"]
+    left = [write(settings.inbox_dir / name, synthetic_jpeg(10 + n)) for n, name in enumerate(names)]
+    link = settings.inbox_dir / "link.jpg"
+    link.symlink_to(outside)
+    start = time.monotonic()
+    for now in (start, start + 10, start + 20):  # a rescan, and looks long after it
+        watcher.rescan()
+        watcher.take_ready(now)
+        watcher.flush_if_due(now)
+    assert images(sessions) == [] and queue.batches == []
+    assert all(path.exists() for path in left) and link.is_symlink() and outside.exists()
+
+
+def test_ids_go_out_in_batches_of_batch_size_or_after_the_batch_delay(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings,
+        queue: Queue) -> None:
+    now = time.monotonic()
+    for n in range(4):
+        closed(watcher, write(settings.inbox_dir / f"{n}.jpg", synthetic_jpeg(20 + n)), now)
+    watcher.take_ready(now)
+    ids = [image.id for image in images(sessions)]
+    assert queue.batches == [ids[:3]]  # full batch: sent at once
+    watcher.flush_if_due(now + 0.4)
+    assert queue.batches == [ids[:3]]  # the fourth waits for more, up to the batch delay
+    watcher.flush_if_due(now + 0.5)
+    assert queue.batches == [ids[:3], ids[3:]]
+    assert all(image.enqueued_at is not None for image in images(sessions))
+
+
+def test_a_second_copy_of_known_content_is_kept_as_a_duplicate_and_not_enqueued(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings,
+        queue: Queue) -> None:
+    content = synthetic_jpeg(5)
+    now = time.monotonic()
+    closed(watcher, write(settings.inbox_dir / "first.jpg", content), now)
+    watcher.take_ready(now)
+    closed(watcher, write(settings.inbox_dir / "again" / "second.jpg", content), now)
+    watcher.take_ready(now)
+    watcher.flush()
+    [image] = images(sessions)
+    assert queue.batches == [[image.id]]
+    with sessions.begin() as session:
+        [duplicate] = session.scalars(select(Duplicate))
+        assert (duplicate.image_id, duplicate.source) == (image.id, "again/second.jpg")
+        kept = Path(duplicate.location)
+    assert kept.parent == settings.duplicates_dir and kept.read_bytes() == content
+
+
+def test_when_the_broker_is_down_the_rows_wait_for_the_sweep(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings,
+        queue: Queue) -> None:
+    queue.down = True
+    now = time.monotonic()
+    closed(watcher, write(settings.inbox_dir / "d.jpg", synthetic_jpeg(6)), now)
+    watcher.take_ready(now)
+    watcher.flush()  # does not raise: the image is recorded, the sweep re-enqueues it
+    [image] = images(sessions)
+    assert image.status is ImageStatus.QUEUED and image.enqueued_at is None
+    assert watcher.batch == []

@@ -1,0 +1,123 @@
+"""The nightly digest job: take each owed date's row, compose its emails, write them to the outbox.
+
+Plain functions over a session factory (the worker's `queue_digests` task and the
+`melanoscreen digest` command both call them); *when* a digest is owed is
+`scheduler.digest`'s answer. Exactly once per date: the `digests` row is the first statement of
+the transaction that also writes the outbox rows, so of two beats, workers or commands racing
+for one date exactly one inserts it; the other gets a unique violation and sends nothing.
+Delivery happens after the commit, from the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import date, datetime, time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import outbox
+from db.schema import ImageStatus, OutboxKind
+from melanoscreen.settings import Settings
+from scheduler.digest import digest_due_dates, digest_period
+from worker.messages import (
+    MAX_DIGEST_THUMBNAILS,
+    DigestContent,
+    DigestImage,
+    FileProblem,
+    UndeliveredAlert,
+    compose_digest,
+    digest_key,
+    recipient_message_id,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _read(location: str) -> bytes | None:
+    try:
+        return Path(location).read_bytes()
+    except OSError:
+        return None
+
+
+def build_digest_content(session: Session, day: date, digest_time: time, timezone: str) -> DigestContent:
+    """Everything the digest of `day` says, read from the database for its window."""
+    start, end = digest_period(day, digest_time, ZoneInfo(timezone))
+    screened = outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
+    rejected = outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
+    failed = outbox.images_in_period(session, start, end, (ImageStatus.FAILED,))
+    flagged = outbox.flagged_in_period(session, start, end)
+    images = [
+        DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
+                    predicted_class=prediction.predicted_class, received_at=image.received_at,
+                    thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None)
+        for rank, (image, prediction) in enumerate(flagged)
+    ]
+    undelivered = [
+        UndeliveredAlert(subject=row.subject, reason=row.last_error or "not delivered yet",
+                         attempts=row.attempts)
+        for row in outbox.undelivered_alerts(session, start, end)
+    ]
+    latest = outbox.latest_prediction_before(session, end)
+    return DigestContent(
+        day=day, period_start=start, period_end=end, timezone=timezone,
+        screened=len(screened), flagged=len({image.id for image, _ in flagged}),
+        rejected=len(rejected), failed=len(failed), flagged_images=images,
+        rejected_files=[FileProblem(i.source, i.reason or "unreadable") for i in rejected],
+        failed_files=[FileProblem(i.source, i.reason or "failed") for i in failed],
+        undelivered_alerts=undelivered,
+        model_version=latest.model_version if latest else None,
+        threshold=latest.threshold if latest else None,
+    )
+
+
+def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, day: date,
+                          now: datetime) -> list[int] | None:
+    """Take the row for `day` and write one outbox row per recipient; None if already taken."""
+    recipients = settings.alert.recipients
+    start, end = digest_period(day, settings.digest.time, ZoneInfo(settings.timezone))
+    try:
+        with sessions.begin() as session:
+            # First statement of the transaction: the exactly-once guard (see the module doc).
+            outbox.take_digest(session, day=day, period_start=start, period_end=end,
+                               recipients=len(recipients), now=now)
+            content = build_digest_content(session, day, settings.digest.time, settings.timezone)
+            ids = []
+            for recipient in recipients:
+                # One Message-ID per recipient's copy (an outbox row is one email), stable.
+                message = compose_digest(
+                    content, message_id=recipient_message_id(digest_key(day), recipient),
+                    sender=settings.smtp.sender, recipient=recipient)
+                ids.append(outbox.add_message(
+                    session, kind=OutboxKind.DIGEST, recipient=recipient,
+                    message_id=message.message_id, subject=message.subject, raw=message.raw,
+                    digest_date=day, now=now))
+    except IntegrityError:
+        logger.info("digest %s already taken by another run; not sending it again", day)
+        return None
+    logger.info("digest %s written for %d recipient(s): %d screened, %d flagged", day, len(ids),
+                content.screened, content.flagged)
+    return ids
+
+
+def queue_due_digests(sessions: sessionmaker[Session], settings: Settings, now: datetime,
+                      enqueue: Callable[[int], None]) -> list[date]:
+    """Write every digest owed at `now` and hand each outbox row to `enqueue` after its commit."""
+    if not settings.alert.recipients:
+        return []
+    with sessions.begin() as session:
+        last = outbox.last_digest(session)
+        last_day = last.day if last else None
+    written = []
+    for day in digest_due_dates(last_day, now, settings.digest.time, ZoneInfo(settings.timezone)):
+        ids = take_and_write_digest(sessions, settings, day, now)
+        if ids is None:
+            continue
+        for outbox_id in ids:
+            enqueue(outbox_id)
+        written.append(day)
+    return written
