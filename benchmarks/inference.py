@@ -1,9 +1,10 @@
 """Inference throughput: decode, forward and end-to-end images/s at batch 1 and 32.
 
-The shipped model and the seed network run side by side in one process, interleaved round by
-round, so that the noise of a shared machine hits both alike; ratios are the figures to quote.
+The shipped model, the previous shipped model (v1, kept in benchmarks/baseline/) and the seed
+network run side by side in one process, interleaved round by round, so that the noise of a
+shared machine hits them alike; ratios are the figures to quote.
 
-    python benchmarks/inference.py [--images 256] [--rounds 3] [--model PATH]
+    python benchmarks/inference.py [--images 256] [--rounds 3] [--model PATH] [--baseline PATH]
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from model.architectures import build_seed, count_flops
 from model.card import ModelCard, card_path_for
 from model.data import ISIC_CLASSES
 from model.inference import Classifier
+
+BASELINE = Path(__file__).resolve().parent / "baseline" / "melanoscreen-v1.keras"
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
@@ -94,6 +97,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--baseline", type=Path, default=BASELINE,
+                        help="the model to compare with (default: v1)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +106,8 @@ def main() -> None:
         small = make_jpegs(folder, args.images, (180, 180))
         (folder / "large").mkdir()
         large = make_jpegs(folder / "large", max(args.images // 4, 32), (1024, 768))
-        models = {"shipped": Classifier(args.model), "seed": seed_classifier(folder)}
+        models = {"shipped": Classifier(args.model), "v1": Classifier(args.baseline),
+                  "seed": seed_classifier(folder)}
         flip = {name: 2 if c.card.test_time_flips else 1 for name, c in models.items()}
         print(f"{os.cpu_count()} CPU cores; {args.images} 180x180 JPEGs and {len(large)} "
               f"1024x768 JPEGs; median of {args.rounds} rounds")
@@ -120,12 +126,13 @@ def main() -> None:
                     results[(name, label, batch)] = figures
                     print(f"{name:<8}{label:>10}{batch:>6}{figures['decode']:>10.0f}"
                           f"{figures['forward']:>11.0f}{figures['end_to_end']:>14.0f}")
-        for label in ("180x180", "1024x768"):
-            for batch in (1, 32):
-                ours, seed = results[("shipped", label, batch)], results[("seed", label, batch)]
-                print(f"ratio shipped/seed, {label}, batch {batch}: forward "
-                      f"{ours['forward'] / seed['forward']:.2f}x, end-to-end "
-                      f"{ours['end_to_end'] / seed['end_to_end']:.2f}x")
+        for other in ("v1", "seed"):
+            for label in ("180x180", "1024x768"):
+                for batch in (1, 32):
+                    ours, theirs = results[("shipped", label, batch)], results[(other, label, batch)]
+                    print(f"speed ratio shipped/{other}, {label}, batch {batch}: forward "
+                          f"{ours['forward'] / theirs['forward']:.2f}x, end-to-end "
+                          f"{ours['end_to_end'] / theirs['end_to_end']:.2f}x")
 
 
 if __name__ == "__main__":

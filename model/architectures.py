@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
 
 def build_seed(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
@@ -44,18 +45,23 @@ def _conv_bn(x: keras.KerasTensor, filters: int, *, strides: int = 1,
 
 def build_melanonet(input_shape: tuple[int, int, int], num_classes: int, *,
                     widths: tuple[int, ...] = (24, 48, 96, 192),
-                    dropout: float = 0.3) -> keras.Model:
+                    dropout: float = 0.3, colour_constancy: bool = False) -> keras.Model:
     """MelanoScreen's CNN: a strided stem, VGG-style BN blocks, global pooling, small head.
 
     Input float32, shape (batch, H, W, 3), values 0..255 (160x160 in the shipped model); the
     stem and the three pools between blocks leave H/16 x W/16 (10x10). Global average pooling
     keeps it small (0.75 M parameters) and Grad-CAM reads the last block ("last_relu").
+    With `colour_constancy` the image's illuminant is divided out first (Shades of Gray), so
+    that training and inference see the same normalised colours.
     """
     import keras
     from keras import layers
 
+    from model.layers import ShadesOfGray
+
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
+    x = ShadesOfGray(name="colour_constancy")(inputs) if colour_constancy else inputs
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
     x = _conv_bn(x, widths[0], strides=2, name="stem")
     for i, width in enumerate(widths):
         x = _conv_bn(x, width, name=f"block{i}a")
@@ -71,24 +77,79 @@ def build_melanonet(input_shape: tuple[int, int, int], num_classes: int, *,
     return keras.Model(inputs, outputs, name="melanonet")
 
 
+def build_melanonet2(input_shape: tuple[int, int, int], num_classes: int, *,
+                     widths: tuple[int, ...] = (16, 32, 64, 128),
+                     dropout: float = 0.3) -> keras.Model:
+    """One member of the v2 ensemble: MelanoNet, narrower, behind Shades of Gray colour constancy.
+
+    Input float32, shape (batch, H, W, 3), values 0..255; 0.34 M parameters, 0.45x v1's
+    multiply-adds, so that five members cost about 2.2x v1's forward pass.
+    """
+    return build_melanonet(input_shape, num_classes, widths=widths, dropout=dropout,
+                           colour_constancy=True)
+
+
+def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
+                   scope: list[tuple[np.ndarray, np.ndarray]] | None = None) -> keras.Model:
+    """One model that averages the members' temperature-scaled probabilities.
+
+    Input float32, shape (batch, H, W, 3), values 0..255. Output: probabilities, shape
+    (batch, classes); with `scope` (each member's feature mean and whitening matrix, see
+    `model.scope`) also `scope_distance`, shape (batch,): the members' mean Mahalanobis distance
+    of the image's pooled features from the training images'.
+    """
+    import keras
+    from keras import layers
+
+    from model.layers import MahalanobisDistance, TemperatureScaling
+
+    inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
+    probabilities, distances = [], []
+    for i, member in enumerate(members):
+        if scope is None:
+            probabilities.append(TemperatureScaling(temperature, name=f"temperature_{i}")(
+                member(inputs)))
+            continue
+        both = keras.Model(member.input, [member.output, member.get_layer("pool").output],
+                           name=f"member_{i}")
+        p, features = both(inputs)
+        probabilities.append(TemperatureScaling(temperature, name=f"temperature_{i}")(p))
+        mean, whitening = scope[i]
+        measure = MahalanobisDistance(int(mean.shape[0]), name=f"scope_{i}")
+        distances.append(measure(features))
+        measure.set_weights([mean, whitening])
+    averaged = (layers.Average(name="probabilities")(probabilities) if len(probabilities) > 1
+                else probabilities[0])
+    if not distances:
+        return keras.Model(inputs, averaged, name="ensemble")
+    distance = (layers.Average(name="scope_distance")(distances) if len(distances) > 1
+                else distances[0])
+    return keras.Model(inputs, [averaged, distance], name="ensemble")
+
+
 #: Selectable by `melanoscreen train --arch NAME`.
 ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "seed": build_seed,
     "melanonet": build_melanonet,
+    "melanonet2": build_melanonet2,
 }
 #: Input size (height, width) each architecture trains at by default.
-DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {"seed": (180, 180), "melanonet": (160, 160)}
+DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {
+    "seed": (180, 180), "melanonet": (160, 160), "melanonet2": (160, 160)}
 #: The layer Grad-CAM reads, per architecture (others: their last Conv2D).
-GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu"}
+GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu", "melanonet2": "last_relu"}
 
 
 def count_flops(model: keras.Model) -> int:
     """Multiply-adds x 2 of one forward pass for one image (conv and dense layers)."""
+    import keras
     from keras import layers
 
     flops = 0
     for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
+        if isinstance(layer, keras.Model):  # an ensemble's member
+            flops += count_flops(layer)
+        elif isinstance(layer, layers.Conv2D):
             _, h, w, c_out = layer.output.shape
             k_h, k_w = layer.kernel_size
             c_in = layer.input.shape[-1]

@@ -26,6 +26,11 @@ class ModelCard:
     )
     test_time_flips: bool = False
     target_sensitivity: float = 0.95
+    temperature: float = 1.0  # applied inside the model; recorded here to be read
+    members: int = 1  # models averaged inside the saved model
+    #: Images whose scope distance (the model's second output) exceeds this are out of scope;
+    #: None: the model has no such output.
+    out_of_scope_distance: float | None = None
     trained_at: str = ""
     training_set: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +73,52 @@ def fingerprint_of(hashes: object) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+#: Image sources, read from the ISIC id in a file name (see `source_of`).
+HAM10000 = "ham10000"
+ISIC_ARCHIVE = "isic-archive"
+UNKNOWN_SOURCE = "unknown"
+SOURCES: tuple[str, ...] = (ISIC_ARCHIVE, HAM10000, UNKNOWN_SOURCE)
+#: HAM10000's images carry ISIC ids 24306..34320; lower ids are the older archive (ISIC 2016-17).
+HAM10000_IDS = range(24306, 34321)
+_ISIC_ID = re.compile(r"ISIC_(\d{7})(?!\d)")
+
+
+def _isic_id(name: str | Path) -> int | None:
+    match = _ISIC_ID.search(Path(name).name)
+    return int(match.group(1)) if match else None
+
+
+def source_of(name: str | Path) -> str:
+    """The archive an image came from, by the ISIC id in its file name; "unknown" without one.
+
+    Any ISIC id outside HAM10000's range counts as the ISIC archive.
+    """
+    number = _isic_id(name)
+    if number is None:
+        return UNKNOWN_SOURCE
+    return HAM10000 if number in HAM10000_IDS else ISIC_ARCHIVE
+
+
+#: The older archive's images here come in two batches with different class mixes: ids below
+#: 2,000 (the ISIC 2016 challenge's images: melanomas and nevi) and ids from 9,000 (added for
+#: the 2017 challenge: melanomas and seborrheic keratoses, almost no nevus). The batch is a
+#: second, finer shortcut; the figures within one batch are the strictest same-source figures.
+ARCHIVE_EARLY_IDS = range(0, 2000)
+
+
+def batch_of(name: str | Path) -> str:
+    """`source_of`, with the older archive split into its early and later batch."""
+    source = source_of(name)
+    if source != ISIC_ARCHIVE:
+        return source
+    number = _isic_id(name)
+    return f"{ISIC_ARCHIVE}-early" if number in ARCHIVE_EARLY_IDS else f"{ISIC_ARCHIVE}-later"
 
 
 def scan_folder(root: Path, classes: tuple[str, ...] = ISIC_CLASSES) -> LabelledSet:
@@ -118,27 +158,25 @@ def scan_folder(root: Path, classes: tuple[str, ...] = ISIC_CLASSES) -> Labelled
     return LabelledSet(root, classes, samples, dropped, unknown)
 
 
-def stratified_split(
-    samples: list[Sample], validation_fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
-    """Split per class with a fixed seed; every class with >= 2 images gets >= 1 validation image.
+def stratified_folds(samples: list[Sample], k: int, seed: int) -> list[int]:
+    """Assign each sample a fold in 0..k-1, stratified by (source, class), with a fixed seed.
 
-    The samples are unique by content (see `scan_folder`), so no image and no exact duplicate of
-    one can land on both sides.
+    Every image serves once as validation; the samples are unique by content, so no copy of an
+    image can sit in two folds.
     """
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError("validation_fraction must be in (0, 1)")
+    if k < 2:
+        raise ValueError("k must be at least 2")
     rng = random.Random(seed)
-    by_label: dict[int, list[Sample]] = defaultdict(list)
-    for sample in sorted(samples, key=lambda s: s.sha256):
-        by_label[sample.label].append(sample)
-    train: list[Sample] = []
-    validation: list[Sample] = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        rng.shuffle(group)
-        n_val = round(len(group) * validation_fraction)
-        n_val = min(max(n_val, 1), len(group) - 1) if len(group) >= 2 else 0
-        validation.extend(group[:n_val])
-        train.extend(group[n_val:])
-    return train, validation
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for index in sorted(range(len(samples)), key=lambda i: samples[i].sha256):
+        groups[(source_of(samples[index].path), samples[index].label)].append(index)
+    folds = [0] * len(samples)
+    offset = 0
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)
+        for position, index in enumerate(members):
+            # Deal round-robin, continuing where the last group stopped, so fold sizes stay even.
+            folds[index] = (offset + position) % k
+        offset += len(members)
+    return folds

@@ -9,26 +9,38 @@ from typing import Any
 
 import numpy as np
 
-from model.data import scan_folder
+from model.data import HAM10000, ISIC_ARCHIVE, UNKNOWN_SOURCE, batch_of, scan_folder, source_of
 from model.imaging import DecodeError
 from model.inference import Classifier
-from model.metrics import evaluate_predictions, roc_curve
+from model.metrics import (
+    by_source_figures,
+    evaluate_predictions,
+    image_statistics,
+    melanoma_same_source,
+    probe_auc,
+    roc_curve,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[str] | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    batch_size: int = 64) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+                    batch_size: int = 64, seed: int = 0) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Predict every unique image of a folder-per-class set; return (figures, probs, labels).
 
-    `only_sha256` restricts the set (for instance to a card's validation split).
+    `only_sha256` restricts the set (for instance to a card's validation split). Beside the
+    contract's figures: `by_source` (per source, and a probe of how well the source can be told
+    from the network's outputs and from plain image statistics), `melanoma_same_source`
+    (melanoma against benign lesions of its own source, with bootstrap 95% intervals) and
+    `out_of_scope` (how many images the model marks as not dermoscopic).
     """
     dataset = scan_folder(Path(data_dir), tuple(classifier.classes))
     samples = [s for s in dataset.samples if only_sha256 is None or s.sha256 in only_sha256]
     if not samples:
         raise ValueError(f"no labelled images found under {data_dir}")
-    probabilities, labels, unreadable = [], [], []
+    probabilities, distances, statistics, labels, sources, batches, unreadable = (
+        [], [], [], [], [], [], [])
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         arrays = []
@@ -36,15 +48,43 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
             try:
                 arrays.append(classifier.decode(sample.path))
                 labels.append(sample.label)
+                sources.append(source_of(sample.path))
+                batches.append(batch_of(sample.path))
             except DecodeError as exc:
                 unreadable.append({"path": str(sample.path), "reason": exc.reason})
         if arrays:
-            probabilities.append(classifier.predict_arrays(np.stack(arrays)))
+            batch = np.stack(arrays)
+            probs, dist = classifier.predict_arrays_scoped(batch)
+            probabilities.append(probs)
+            distances.append(dist)
+            statistics.append(image_statistics(batch))
         if progress:
             progress(min(start + batch_size, len(samples)), len(samples))
     probs = np.concatenate(probabilities)
+    dist = np.concatenate(distances)
     y = np.asarray(labels)
-    figures = evaluate_predictions(probs, y, classifier.classes, classifier.threshold)
+    classes = classifier.classes
+    figures = evaluate_predictions(probs, y, classes, classifier.threshold)
+    figures["by_source"] = by_source_figures(probs, y, sources, classes)
+    known = [s != UNKNOWN_SOURCE for s in sources]
+    if len({s for s, k in zip(sources, known, strict=True) if k}) == 2:
+        inside = np.asarray(known)
+        is_ham = np.asarray(sources)[inside] == HAM10000
+        figures["by_source"]["probe"] = {
+            "target": f"{HAM10000} vs {ISIC_ARCHIVE}",
+            "network_outputs_auc": probe_auc(np.log(np.clip(probs[inside], 1e-9, 1)), is_ham,
+                                             seed=seed),
+            "image_statistics_auc": probe_auc(np.concatenate(statistics)[inside], is_ham, seed=seed),
+        }
+    figures["melanoma_same_source"] = melanoma_same_source(probs, y, sources, classes,
+                                                           classifier.threshold, seed=seed)
+    figures["melanoma_same_batch"] = melanoma_same_source(probs, y, batches, classes,
+                                                          classifier.threshold, seed=seed)
+    scoped = classifier.card.out_of_scope_distance is not None
+    figures["out_of_scope"] = {
+        "distance_limit": classifier.card.out_of_scope_distance,
+        "count": int(sum(classifier.is_out_of_scope(float(d)) for d in dist)) if scoped else None,
+    }
     figures["model_version"] = classifier.version
     figures["dropped"] = [{"path": str(d.path), "reason": d.reason} for d in dataset.dropped]
     figures["unreadable"] = unreadable

@@ -43,6 +43,10 @@ class Prediction:
     probabilities: tuple[float, ...]  # one per class, in the card's class order; sums to 1
     predicted_class: str
     melanoma_probability: float
+    #: How unlike the training images it is (see `model.scope`); None for a model without it.
+    scope_distance: float | None = None
+    #: True when the image is not like a dermoscopic lesion image: its class scores mean nothing.
+    out_of_scope: bool = False
 
 
 class Classifier:
@@ -53,6 +57,8 @@ class Classifier:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
+
+        from model import layers  # noqa: F401  registers the layers that saved models use
 
         self.model_path = Path(model_path) if model_path else shipped_model_path()
         card_path = card_path_for(self.model_path)
@@ -66,19 +72,28 @@ class Classifier:
         model_shape = tuple(self.model.input_shape[1:3])
         if model_shape != (height, width):
             raise ValueError(f"card input size {height}x{width} does not match model {model_shape}")
-        if self.model.output_shape[-1] != len(self.card.classes):
+        scoped = isinstance(self.model.output, (list, tuple))
+        probabilities_shape = self.model.output_shape[0] if scoped else self.model.output_shape
+        if probabilities_shape[-1] != len(self.card.classes):
             raise ValueError("card classes do not match the model's outputs")
         flips = self.card.test_time_flips
         model = self.model
 
         @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)],
                      reduce_retracing=True)
-        def forward(images: tf.Tensor) -> tf.Tensor:
-            probabilities = model(images, training=False)
+        def forward(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            def run(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                out = model(batch, training=False)
+                if scoped:
+                    return out[0], out[1]
+                return out, tf.fill(tf.shape(batch)[:1], float("nan"))
+
+            probabilities, distance = run(images)
             if flips:
-                probabilities += model(tf.image.flip_left_right(images), training=False)
-                probabilities /= 2.0
-            return probabilities
+                flipped, flipped_distance = run(tf.image.flip_left_right(images))
+                probabilities = (probabilities + flipped) / 2.0
+                distance = (distance + flipped_distance) / 2.0
+            return probabilities, distance
 
         self._forward = forward
         # Pillow releases the GIL while it decodes and resizes, so threads decode in parallel.
@@ -112,12 +127,23 @@ class Classifier:
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probabilities, shape (n, classes), for float32 images, shape (n, H, W, 3), 0..255."""
+        return self.predict_arrays_scoped(images, batch_size)[0]
+
+    def predict_arrays_scoped(self, images: np.ndarray,
+                              batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (n, classes) and scope distances (n,), NaN for a model without them."""
         images = np.asarray(images, dtype=np.float32)
         if len(images) == 0:
-            return np.zeros((0, len(self.card.classes)), dtype=np.float32)
-        chunks = [self._forward(images[i : i + batch_size]).numpy()
-                  for i in range(0, len(images), batch_size)]
-        return np.concatenate(chunks).astype(np.float32)
+            return (np.zeros((0, len(self.card.classes)), dtype=np.float32),
+                    np.zeros((0,), dtype=np.float32))
+        outputs = [self._forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return (np.concatenate([p.numpy() for p, _ in outputs]).astype(np.float32),
+                np.concatenate([d.numpy() for _, d in outputs]).astype(np.float32))
+
+    def is_out_of_scope(self, distance: float) -> bool:
+        """Whether a scope distance marks the image as not a dermoscopic lesion image."""
+        limit = self.card.out_of_scope_distance
+        return limit is not None and not np.isnan(distance) and distance > limit
 
     def _decode_all(self, sources: Sequence[ImageSource]) -> list[np.ndarray | DecodeError]:
         def attempt(source: ImageSource) -> np.ndarray | DecodeError:
@@ -132,13 +158,15 @@ class Classifier:
             self._pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="decode")
         return list(self._pool.map(attempt, sources))
 
-    def to_prediction(self, probabilities: np.ndarray) -> Prediction:
-        """Wrap one probability vector."""
+    def to_prediction(self, probabilities: np.ndarray, distance: float = float("nan")) -> Prediction:
+        """Wrap one probability vector and its scope distance."""
         m = self.card.melanoma_index
         return Prediction(
             probabilities=tuple(float(p) for p in probabilities),
             predicted_class=self.card.classes[int(np.argmax(probabilities))],
             melanoma_probability=float(probabilities[m]),
+            scope_distance=None if np.isnan(distance) else float(distance),
+            out_of_scope=self.is_out_of_scope(float(distance)),
         )
 
     def predict(self, sources: Sequence[ImageSource],
@@ -153,9 +181,13 @@ class Classifier:
             decoded_or_errors = self._decode_all(sources[start : start + batch_size])
             decoded = [d for d in decoded_or_errors if not isinstance(d, DecodeError)]
             slots = [d if isinstance(d, DecodeError) else None for d in decoded_or_errors]
-            probabilities = iter(self.predict_arrays(np.stack(decoded)) if decoded else [])
+            if decoded:
+                probabilities, distances = self.predict_arrays_scoped(np.stack(decoded))
+            else:
+                probabilities, distances = np.zeros((0, 0)), np.zeros((0,))
+            answers = iter(zip(probabilities, distances, strict=True))
             for slot in slots:
-                results.append(slot if slot is not None else self.to_prediction(next(probabilities)))
+                results.append(slot if slot is not None else self.to_prediction(*next(answers)))
         return results
 
 

@@ -160,3 +160,127 @@ def crossfit_threshold(positive: np.ndarray, scores: np.ndarray, target: float,
             spec.append(p)
     return {"sensitivity": float(np.mean(sens)) if sens else None,
             "specificity": float(np.mean(spec)) if spec else None}
+
+
+def bootstrap_interval(statistic: Any, arrays: tuple[np.ndarray, ...], *, strata: np.ndarray,
+                       rounds: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(*arrays)`, resampling within each stratum.
+
+    Resampling melanomas and benign lesions separately keeps both in every round, so AUC,
+    sensitivity and specificity are defined in each. None when no round gives a value.
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(strata == value) for value in np.unique(strata)]
+    values = []
+    for _ in range(rounds):
+        index = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        value = statistic(*(a[index] for a in arrays))
+        if value is not None:
+            values.append(value)
+    if not values:
+        return None
+    tail = (1.0 - level) / 2.0 * 100.0
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))
+
+
+def melanoma_same_source(probabilities: np.ndarray, y_true: np.ndarray, sources: list[str],
+                         classes: list[str], threshold: float, *, melanoma: str = "melanoma",
+                         bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Melanoma against benign lesions of the melanomas' own source(s) only, with 95% intervals.
+
+    Only images of a source that has melanomas count, so recognising the source gives nothing
+    away. Keys: `sources`, `n`, `melanomas`, `auc`, `sensitivity`, `specificity` (at
+    `threshold`), and `*_interval` ([low, high], stratified bootstrap) unless `bootstrap` is 0.
+    """
+    m = classes.index(melanoma)
+    y_true = np.asarray(y_true, int)
+    source_array = np.asarray(sources)
+    positive = y_true == m
+    with_melanoma = sorted(set(source_array[positive].tolist()))
+    inside = np.isin(source_array, with_melanoma)
+    pos, scores = positive[inside], np.asarray(probabilities, float)[inside, m]
+    sens, spec = sensitivity_specificity(pos, scores, threshold)
+    result: dict[str, Any] = {
+        "sources": with_melanoma, "n": int(inside.sum()), "melanomas": int(pos.sum()),
+        "auc": roc_auc(pos, scores), "threshold": float(threshold),
+        "sensitivity": sens, "specificity": spec,
+    }
+    if bootstrap and pos.any() and (~pos).any():
+        result["auc_interval"] = bootstrap_interval(
+            roc_auc, (pos, scores), strata=pos, rounds=bootstrap, seed=seed)
+        result["sensitivity_interval"] = bootstrap_interval(
+            lambda p, s: sensitivity_specificity(p, s, threshold)[0], (pos, scores),
+            strata=pos, rounds=bootstrap, seed=seed)
+        result["specificity_interval"] = bootstrap_interval(
+            lambda p, s: sensitivity_specificity(p, s, threshold)[1], (pos, scores),
+            strata=pos, rounds=bootstrap, seed=seed)
+    return result
+
+
+def by_source_figures(probabilities: np.ndarray, labels: np.ndarray, sources: list[str],
+                      classes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per source: n, accuracy, balanced accuracy over the classes it has, and its class counts."""
+    out: dict[str, dict[str, Any]] = {}
+    source_array = np.asarray(sources)
+    labels = np.asarray(labels, int)
+    for source in sorted(set(sources)):
+        inside = source_array == source
+        figures = evaluate_predictions(probabilities[inside], labels[inside], classes, 0.5)
+        counts = np.bincount(labels[inside], minlength=len(classes))
+        out[source] = {"n": int(inside.sum()), "accuracy": figures["accuracy"],
+                       "balanced_accuracy": figures["balanced_accuracy"],
+                       "classes": {classes[i]: int(c) for i, c in enumerate(counts) if c}}
+    return out
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, steps: int = 500, l2: float = 1e-2) -> np.ndarray:
+    """Weights (d + 1,) of an L2-regularised logistic regression, by gradient descent."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(xb.shape[1])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -30, 30)))
+        w -= 0.5 * (xb.T @ (p - y) / len(y) + l2 * np.r_[w[:-1], 0.0])
+    return w
+
+
+def probe_auc(features: np.ndarray, target: np.ndarray, folds: int = 5, seed: int = 0) -> float | None:
+    """Cross-validated AUC of a logistic regression predicting a binary `target` from features.
+
+    The source probe: if a small linear classifier can tell the source from what the network
+    outputs (or from plain image statistics), the source is there to be used as a shortcut.
+    None when either side has fewer than `folds` members.
+    """
+    target = np.asarray(target, bool)
+    if min(target.sum(), (~target).sum()) < folds:
+        return None
+    x = np.asarray(features, float)
+    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-9)
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(x), int)
+    for group in (np.flatnonzero(target), np.flatnonzero(~target)):
+        assignment[rng.permutation(group)] = np.arange(len(group)) % folds
+    scores = np.empty(len(x))
+    for fold in range(folds):
+        held = assignment == fold
+        w = _logistic_fit(x[~held], target[~held].astype(float))
+        scores[held] = np.hstack([x[held], np.ones((held.sum(), 1))]) @ w
+    return roc_auc(target, scores)
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """Acquisition cues, shape (n, 24): per-channel mean, spread and percentiles of the whole
+    image and of its border, and the darkness of the corners. Images (n, H, W, 3), 0..255."""
+    x = np.asarray(images, np.float32) / 255.0
+    n, h, w, _ = x.shape
+    bh, bw = max(h // 8, 1), max(w // 8, 1)  # border strips
+    ch, cw = max(h // 10, 1), max(w // 10, 1)  # corner squares
+    border = np.concatenate([x[:, :bh].reshape(n, -1, 3), x[:, h - bh :].reshape(n, -1, 3),
+                             x[:, :, :bw].reshape(n, -1, 3), x[:, :, w - bw :].reshape(n, -1, 3)],
+                            axis=1)
+    flat = x.reshape(n, -1, 3)
+    corners = np.stack([x[:, :ch, :cw], x[:, :ch, w - cw :],
+                        x[:, h - ch :, :cw], x[:, h - ch :, w - cw :]], axis=1)
+    return np.hstack([flat.mean(1), flat.std(1), np.percentile(flat, 5, axis=1),
+                      np.percentile(flat, 95, axis=1), border.mean(1), border.std(1),
+                      corners.reshape(n, -1, 3).mean(1), corners.reshape(n, -1, 3).min(1)])

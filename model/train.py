@@ -1,4 +1,11 @@
-"""Training: data pipeline, the two protocols (MelanoScreen's and the seed's), checkpoints, card."""
+"""Training: k-fold members on a folder-per-class set, out-of-fold calibration and threshold, one
+shipped ensemble with its card.
+
+The steps, each a function: `prepare` (scan, de-duplicate, folds, decode once), `train_member`
+(one fold: fit with stock Keras callbacks, predict the held-out fold), `calibrate` (temperature
+and threshold on the out-of-fold predictions), `assemble` (the members averaged into one model)
+and `train`, which runs them and writes the card.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +16,29 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.architectures import ARCHITECTURES, DEFAULT_INPUT_SIZE
+from model.architectures import ARCHITECTURES, DEFAULT_INPUT_SIZE, build_ensemble
+from model.calibration import fit_temperature, temperature_scale
 from model.card import ModelCard, card_path_for
-from model.data import MELANOMA, LabelledSet, Sample, scan_folder, stratified_split
+from model.data import (
+    MELANOMA,
+    LabelledSet,
+    Sample,
+    batch_of,
+    scan_folder,
+    source_of,
+    stratified_folds,
+)
 from model.imaging import DecodeError, decode_image
 from model.metrics import (
-    crossfit_threshold,
+    by_source_figures,
     evaluate_predictions,
+    melanoma_same_source,
     sensitivity_specificity,
     threshold_for_sensitivity,
 )
@@ -35,304 +52,322 @@ Reporter = Callable[[str], None]
 class TrainConfig:
     """Everything that decides a training run; recorded in the card."""
 
-    arch: str = "melanonet"
-    epochs: int = 100
+    arch: str = "melanonet2"
+    epochs: int = 60
+    folds: int = 5
     seed: int = 1337
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    validation_fraction: float = 0.2
     target_sensitivity: float = 0.95
-    patience: int = 25
     input_size: tuple[int, int] | None = None
-    widths: tuple[int, ...] | None = None  # melanonet block widths; None: the builder's default
-    seed_copies_per_class: int = 500
+    #: Images are decoded this much larger than the input, so random crops keep detail.
+    load_scale: float = 1.125
+    source_balanced: bool = True
+
+
+@dataclass
+class Prepared:
+    """The decoded set: uint8 images at load size (n, h, w, 3) and at input size, labels, folds."""
+
+    dataset: LabelledSet
+    samples: list[Sample]
+    loaded: np.ndarray
+    inputs: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+    sources: list[str]
 
 
 def load_images(samples: list[Sample], size: tuple[int, int],
-                report: Reporter) -> tuple[np.ndarray, np.ndarray, list[Sample]]:
-    """Decode samples once: uint8, shape (n, H, W, 3); labels int32, shape (n,)."""
-    images, labels, kept = [], [], []
+                report: Reporter) -> tuple[np.ndarray, list[Sample]]:
+    """Decode samples once: uint8, shape (n, H, W, 3); unreadable ones are reported and left out."""
+    images, kept = [], []
     for sample in samples:
         try:
-            array = decode_image(sample.path, size)
+            images.append(decode_image(sample.path, size).astype(np.uint8))
         except DecodeError as exc:
             report(f"dropped unreadable {sample.path}: {exc.reason}")
             continue
-        images.append(array.astype(np.uint8))
-        labels.append(sample.label)
         kept.append(sample)
     height, width = size
     stacked = np.stack(images) if images else np.zeros((0, height, width, 3), np.uint8)
-    return stacked, np.asarray(labels, dtype=np.int32), kept
+    return stacked, kept
 
 
-def _augmenter(seed: int) -> Any:
-    """Dermoscopy-fitting augmentation: orientation is meaningless, colour varies by device."""
-    import keras
-    from keras import layers
-
-    return keras.Sequential(
-        [
-            layers.RandomFlip("horizontal_and_vertical", seed=seed),
-            layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
-            layers.RandomZoom((-0.15, 0.15), fill_mode="reflect", seed=seed + 2),
-            layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 3),
-            layers.RandomContrast(0.2, seed=seed + 4),
-        ],
-        name="augment",
-    )
-
-
-def _hue_jitter(images: Any, seed: int) -> Any:
-    import tensorflow as tf
-
-    return tf.clip_by_value(tf.image.random_hue(images / 255.0, 0.04, seed=seed) * 255.0, 0, 255)
-
-
-def _seed_rotated_copies(images: np.ndarray, labels: np.ndarray, copies: int,
-                         seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The seed protocol's rebalancing: `copies` images per class rotated by +-10 degrees."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out_images, out_labels = [], []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        for index in rng.choice(members, size=copies, replace=True):
-            angle = float(rng.uniform(-10, 10))
-            rotated = Image.fromarray(images[index]).rotate(angle, Image.Resampling.BILINEAR)
-            out_images.append(np.asarray(rotated))
-            out_labels.append(label)
-    return np.stack(out_images), np.asarray(out_labels, np.int32)
+def prepare(data_dir: Path, config: TrainConfig, report: Reporter) -> Prepared:
+    """Scan, de-duplicate, assign folds, and decode every image at load and input size."""
+    dataset = scan_folder(Path(data_dir))
+    for folder in dataset.unknown_folders:
+        report(f"skipped folder {folder!r}: not one of the model's classes")
+    for item in dataset.dropped:
+        report(f"dropped {item.path.relative_to(dataset.root)}: {item.reason}")
+    height, width = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
+    load = (round(height * config.load_scale), round(width * config.load_scale))
+    loaded, samples = load_images(dataset.samples, load, report)
+    inputs, _ = load_images(samples, (height, width), report)
+    labels = np.asarray([s.label for s in samples], np.int32)
+    folds = np.asarray(stratified_folds(samples, config.folds, config.seed), np.int32)
+    if MELANOMA in dataset.classes:
+        m = dataset.classes.index(MELANOMA)
+        for fold in range(config.folds):
+            if not (labels[folds == fold] == m).any():
+                raise ValueError(f"fold {fold} has no melanoma: cannot set an alert threshold")
+    report(f"{len(samples)} unique images after dropping {len(dataset.dropped)}; "
+           f"{config.folds} folds of ~{len(samples) // config.folds}")
+    return Prepared(dataset, samples, loaded, inputs, labels, folds,
+                    [source_of(s.path) for s in samples])
 
 
-class _Progress:
-    """Per-epoch validation, best-epoch checkpoint, resumable state, and an ETA line."""
+def sample_weights(labels: np.ndarray, sources: list[str], num_classes: int) -> np.ndarray:
+    """Per image: each (source, class) cell weighs about the same, softened by a square root.
 
-    def __init__(self, *, predict: Callable[[], np.ndarray], y_val: np.ndarray,
-                 classes: list[str], epochs: int, start_epoch: int, best: float,
-                 checkpoint: Path, best_path: Path, state_path: Path, patience: int,
-                 report: Reporter, select: bool, seconds_before: float) -> None:
+    float32, shape (n,), mean 1. A class that one source owns can then not be learnt from how
+    many images that source has; a cell of two images cannot outweigh the rest (capped at 4x).
+    """
+    cells = [f"{source}/{label}" for source, label in zip(sources, labels, strict=True)]
+    names, inverse, counts = np.unique(cells, return_inverse=True, return_counts=True)
+    weights = np.sqrt(len(cells) / (len(names) * counts[inverse]))
+    weights = np.clip(weights, 0.25, 4.0)
+    return (weights / weights.mean()).astype(np.float32)
+
+
+class ValidationFigures:
+    """A Keras callback factory: adds the held-out fold's figures to the logs each epoch."""
+
+    @staticmethod
+    def make(x_val: np.ndarray, y_val: np.ndarray, val_sources: list[str], classes: list[str],
+             epochs: int, report: Reporter) -> Any:
+        """The callback: `val_balanced_accuracy`, `val_melanoma_auc`, `val_same_source_auc`."""
         import keras
-
-        progress = self
 
         class Callback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-                progress._begin(epoch, logs)
+                self.started = time.monotonic()
 
             def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-                progress._end(epoch, logs)
+                logs = logs if logs is not None else {}
+                probabilities = np.asarray(self.model.predict(x_val, batch_size=64, verbose=0))
+                figures = evaluate_predictions(probabilities, y_val, classes, threshold=0.5)
+                same = melanoma_same_source(probabilities, y_val, val_sources, classes, 0.5,
+                                            bootstrap=0)
+                logs["val_balanced_accuracy"] = figures["balanced_accuracy"]
+                logs["val_melanoma_auc"] = figures["melanoma"]["auc"] or 0.0
+                logs["val_same_source_auc"] = same.get("auc") or 0.0
+                report(f"epoch {epoch + 1}/{epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+                       f"val balanced acc {logs['val_balanced_accuracy']:.3f}  melanoma AUC "
+                       f"{logs['val_melanoma_auc']:.3f}  same-source AUC "
+                       f"{logs['val_same_source_auc']:.3f}  {time.monotonic() - self.started:.0f}s")
 
-        self.callback = Callback()
-        self.predict, self.y_val, self.classes = predict, y_val, classes
-        self.epochs, self.start_epoch, self.best = epochs, start_epoch, best
-        self.checkpoint, self.best_path, self.state_path = checkpoint, best_path, state_path
-        self.patience, self.report, self.select = patience, report, select
-        self.started = time.monotonic()
-        self.seconds_before = seconds_before
-        self.epoch_start = self.started
-        self.stale = 0
+        return Callback()
 
-    def _begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        self.epoch_start = time.monotonic()
 
-    def _end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        logs = logs or {}
-        model = self.callback.model
-        probabilities = self.predict()
-        metrics = evaluate_predictions(probabilities, self.y_val, self.classes, threshold=0.5)
-        score = metrics["balanced_accuracy"]
-        improved = score > self.best
-        if improved or not self.select:
-            self.best = max(score, self.best)
-            model.save(self.best_path)
-            self.stale = 0
-        else:
-            self.stale += 1
-        model.save(self.checkpoint)
-        self.state_path.write_text(json.dumps({
-            "epoch": epoch + 1, "best": self.best,
-            "seconds": self.seconds_before + time.monotonic() - self.started}))
-        done = epoch + 1 - self.start_epoch
-        per_epoch = (time.monotonic() - self.started) / max(done, 1)
-        eta = per_epoch * (self.epochs - epoch - 1)
-        auc = metrics["melanoma"]["auc"]
-        self.report(
-            f"epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
-            f"val balanced acc {score:.3f}  val acc {metrics['accuracy']:.3f}  "
-            f"melanoma AUC {auc if auc is None else round(auc, 3)}  "
-            f"{time.monotonic() - self.epoch_start:.0f}s  ETA {eta / 60:.1f} min"
-            + ("  *best" if improved else "")
-        )
-        if self.select and self.stale >= self.patience:
-            self.report(f"early stop: no better balanced accuracy for {self.patience} epochs")
-            model.stop_training = True
+def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainConfig,
+                   num_classes: int, seed: int) -> Any:
+    import tensorflow as tf
+
+    from model.augment import augment_batch
+
+    size = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
+    images = tf.data.Dataset.from_tensor_slices((x, y, w))
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)  # one stateless seed per batch
+    return (tf.data.Dataset.zip(
+                images.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+                .batch(config.batch_size), seeds)
+            .map(lambda batch, s: (augment_batch(tf.cast(batch[0], tf.float32), s, size),
+                                   tf.one_hot(batch[1], num_classes), batch[2]),
+                 num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Path,
+                 report: Reporter) -> tuple[Path, np.ndarray]:
+    """Train on every fold but `fold`; return the member's path and its held-out probabilities.
+
+    Resumable: `BackupAndRestore` keeps the epoch, weights and optimizer; a finished member is
+    read back, not trained again.
+    """
+    import keras
+
+    classes = list(prepared.dataset.classes)
+    k = len(classes)
+    held = prepared.folds == fold
+    member_path = workdir / f"fold{fold}.keras"
+    if not member_path.is_file():
+        seed = config.seed + 1000 * fold
+        keras.utils.set_random_seed(seed)
+        height, width = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
+        model = ARCHITECTURES[config.arch]((height, width, 3), k)
+        x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
+        sources = [s for s, h in zip(prepared.sources, held, strict=True) if not h]
+        weights = (sample_weights(y_train, sources, k) if config.source_balanced
+                   else np.ones(len(y_train), np.float32))
+        steps = math.ceil(len(x_train) / config.batch_size)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=steps * config.epochs, warmup_target=config.learning_rate,
+            warmup_steps=steps * 3, alpha=0.02)
+        model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+                      loss=keras.losses.CategoricalCrossentropy(
+                          label_smoothing=config.label_smoothing))
+        val_sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
+        callbacks = [
+            ValidationFigures.make(prepared.inputs[held].astype(np.float32), prepared.labels[held],
+                                   val_sources, classes, config.epochs, report),
+            keras.callbacks.CSVLogger(str(workdir / f"fold{fold}.log.csv"), append=True),
+            keras.callbacks.ModelCheckpoint(str(workdir / f"fold{fold}.last.keras")),
+            keras.callbacks.BackupAndRestore(str(workdir / f"fold{fold}.backup")),
+        ]
+        report(f"fold {fold + 1}/{config.folds}: train {int((~held).sum())}, "
+               f"held out {int(held.sum())}")
+        model.fit(_train_dataset(x_train, y_train, weights, config, k, seed),
+                  epochs=config.epochs, callbacks=callbacks, verbose=0)
+        model.save(member_path)
+    model = keras.models.load_model(member_path, compile=False)
+    held_out = np.asarray(model.predict(prepared.inputs[held].astype(np.float32),
+                                        batch_size=64, verbose=0))
+    return member_path, held_out
+
+
+def calibrate(oof: np.ndarray, prepared: Prepared, target_sensitivity: float
+              ) -> tuple[float, float, dict[str, Any]]:
+    """Temperature on out-of-fold probabilities, then the threshold on same-source melanomas.
+
+    The threshold is the highest that reaches the target sensitivity both on every melanoma
+    against the benign lesions of its own source, and on the melanomas of each acquisition batch
+    against that batch's benign lesions (`model.data.batch_of`): the groups in which the source
+    cannot give the answer away. A set without ISIC ids is one source.
+    """
+    classes = list(prepared.dataset.classes)
+    temperature = fit_temperature(oof, prepared.labels)
+    scaled = temperature_scale(oof, temperature)
+    m = classes.index(MELANOMA)
+    is_mel = prepared.labels == m
+    thresholds = []
+    for groups in (prepared.sources, [batch_of(s.path) for s in prepared.samples]):
+        group_array = np.asarray(groups)
+        for group in sorted(set(group_array[is_mel].tolist())):
+            inside = group_array == group
+            if (~is_mel[inside]).sum() >= 10:  # a group with benign lesions to tell apart
+                thresholds.append(threshold_for_sensitivity(
+                    is_mel[inside], scaled[inside, m], target_sensitivity))
+    if not thresholds:
+        thresholds.append(threshold_for_sensitivity(is_mel, scaled[:, m], target_sensitivity))
+    return temperature, min(thresholds), {"before": oof, "after": scaled}
+
+
+def fit_scope(members: list[Any], images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each member's pooled-feature mean and whitening over the training images (n, H, W, 3)."""
+    import keras
+
+    from model.scope import fit_whitening
+
+    fitted = []
+    for member in members:
+        pooled = keras.Model(member.input, member.get_layer("pool").output)
+        features = np.asarray(pooled.predict(images.astype(np.float32), batch_size=64, verbose=0))
+        fitted.append(fit_whitening(features))
+    return fitted
+
+
+def assemble(member_paths: list[Path], temperature: float, images: np.ndarray) -> tuple[Any, float]:
+    """The members averaged into one Keras model, temperature and scope distance inside.
+
+    Returns the model and its out-of-scope distance (a high quantile of the training images'
+    own distances, see `model.scope`).
+    """
+    import keras
+
+    from model import layers  # noqa: F401  registers the custom layers for loading
+    from model.scope import scope_threshold
+
+    members = [keras.models.load_model(p, compile=False) for p in member_paths]
+    ensemble = build_ensemble(members, temperature, fit_scope(members, images))
+    _, distances = ensemble.predict(images.astype(np.float32), batch_size=64, verbose=0)
+    return ensemble, scope_threshold(np.asarray(distances))
 
 
 def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True,
           report: Reporter = logger.info) -> ModelCard:
-    """Train `config.arch` on a folder-per-class set and write `out` (.keras) and its card."""
+    """Train `config.folds` members, calibrate on their out-of-fold predictions, write the ensemble.
+
+    Writes `out` (.keras) and its card; the members and their logs sit in `<out stem>.folds/`.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
     import tensorflow as tf
 
     if config.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {config.arch!r}; choose from {sorted(ARCHITECTURES)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(config.seed)
+    workdir = out.with_name(out.stem + ".folds")
+    if not resume and workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     tf.config.experimental.enable_op_determinism()
-
-    dataset: LabelledSet = scan_folder(Path(data_dir))
-    for folder in dataset.unknown_folders:
-        report(f"skipped folder {folder!r}: not one of the model's classes")
-    for item in dataset.dropped:
-        report(f"dropped {item.path.relative_to(dataset.root)}: {item.reason}")
-    train_samples, val_samples = stratified_split(
-        dataset.samples, config.validation_fraction, config.seed)
-    report(f"{len(dataset.samples)} unique images after dropping {len(dataset.dropped)}; "
-           f"train {len(train_samples)}, validation {len(val_samples)}")
-
-    size = tuple(config.input_size or DEFAULT_INPUT_SIZE[config.arch])
-    height, width = size
-    x_train, y_train, train_samples = load_images(train_samples, (height, width), report)
-    x_val, y_val, val_samples = load_images(val_samples, (height, width), report)
-    classes = list(dataset.classes)
-    k = len(classes)
-    if MELANOMA in classes and not (y_val == classes.index(MELANOMA)).any():
-        raise ValueError("the validation split has no melanoma: cannot set an alert threshold")
-
-    seed_protocol: dict[str, Any] = {}
-    if config.arch == "seed":
-        # The seed's protocol: rotated copies rebalance the classes, then a random 80/20 split
-        # of that pool, so copies of one lesion sit on both sides. Its held-out fifth is kept
-        # to report the seed's own (inflated) validation accuracy beside the honest one.
-        x_copies, y_copies = _seed_rotated_copies(
-            x_train, y_train, config.seed_copies_per_class, config.seed)
-        x_pool = np.concatenate([x_train, x_copies])
-        y_pool = np.concatenate([y_train, y_copies])
-        order = np.random.default_rng(config.seed).permutation(len(x_pool))
-        cut = int(len(order) * 0.8)
-        x_train, y_train = x_pool[order[:cut]], y_pool[order[:cut]]
-        x_pool_val, y_pool_val = x_pool[order[cut:]], y_pool[order[cut:]]
-        seed_protocol = {"pool": len(x_pool), "pool_validation": len(x_pool_val)}
-
-    builder_options = {"widths": tuple(config.widths)} if config.widths else {}
-    model = ARCHITECTURES[config.arch]((height, width, 3), k, **builder_options)
-    steps = math.ceil(len(x_train) / config.batch_size)
-    if config.arch == "seed":
-        optimizer: Any = keras.optimizers.Adam()
-        loss: Any = keras.losses.SparseCategoricalCrossentropy()
-        class_weight = None
-        train_ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
-                    .shuffle(len(x_train), seed=config.seed)
-                    .batch(config.batch_size)
-                    .map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-                    .prefetch(tf.data.AUTOTUNE))
-    else:
-        schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=steps * config.epochs, warmup_target=config.learning_rate,
-            warmup_steps=steps * 3, alpha=0.02)
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
-        counts = np.bincount(y_train, minlength=k).astype(float)
-        # Balanced weights, softened by a square root so the rarest classes don't dominate.
-        weights = np.sqrt(counts.sum() / (k * np.maximum(counts, 1)))
-        class_weight = {i: float(w) for i, w in enumerate(weights)}
-        augment = _augmenter(config.seed)
-        train_ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
-                    .shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
-                    .batch(config.batch_size)
-                    .map(lambda x, y: (_hue_jitter(augment(tf.cast(x, tf.float32), training=True),
-                                                   config.seed), tf.one_hot(y, k)),
-                         num_parallel_calls=tf.data.AUTOTUNE)
-                    .prefetch(tf.data.AUTOTUNE))
-    model.compile(optimizer=optimizer, loss=loss)
-
-    checkpoint = out.with_name(out.stem + ".last.keras")
-    best_path = out.with_name(out.stem + ".best.keras")
-    state_path = out.with_name(out.stem + ".state.json")
-    start_epoch, best, seconds_before = 0, -1.0, 0.0
-    if resume and checkpoint.is_file() and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        start_epoch, best = int(state["epoch"]), float(state["best"])
-        seconds_before = float(state.get("seconds", 0.0))
-        model = keras.models.load_model(checkpoint)
-        report(f"resuming from epoch {start_epoch} (best balanced accuracy {best:.3f})")
-
-    x_val_f = x_val.astype(np.float32)
-
-    def predict_val() -> np.ndarray:
-        return np.asarray(model.predict(x_val_f, batch_size=64, verbose=0))
-
-    progress = _Progress(predict=predict_val, y_val=y_val, classes=classes,
-                         epochs=config.epochs, start_epoch=start_epoch, best=best,
-                         checkpoint=checkpoint, best_path=best_path, state_path=state_path,
-                         patience=config.patience, report=report,
-                         select=config.arch != "seed", seconds_before=seconds_before)
     started = time.monotonic()
-    if start_epoch < config.epochs:
-        model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch,
-                  class_weight=class_weight, callbacks=[progress.callback], verbose=0,
-                  shuffle=False)  # the tf.data pipeline shuffles, seeded
-    seconds = seconds_before + time.monotonic() - started  # all sessions of a resumed run
 
-    model = keras.models.load_model(best_path, compile=False)
-    model.save(out)
-    x = tf.constant(x_val_f)
-    plain = np.asarray(model.predict(x, batch_size=64, verbose=0))
-    flipped = np.asarray(model.predict(tf.image.flip_left_right(x), batch_size=64, verbose=0))
-    averaged = (plain + flipped) / 2.0
+    prepared = prepare(data_dir, config, report)
+    classes = list(prepared.dataset.classes)
+    oof = np.zeros((len(prepared.samples), len(classes)), np.float32)
+    members = []
+    for fold in range(config.folds):
+        path, held_out = train_member(prepared, fold, config, workdir, report)
+        oof[prepared.folds == fold] = held_out
+        members.append(path)
+    np.save(workdir / "oof.npy", oof)
+
+    temperature, threshold, scaled = calibrate(oof, prepared, config.target_sensitivity)
+    ensemble, scope_distance = assemble(members, temperature, prepared.inputs)
+    ensemble.save(out)
+    seconds = time.monotonic() - started
+
+    before = evaluate_predictions(scaled["before"], prepared.labels, classes, threshold)
+    figures = evaluate_predictions(scaled["after"], prepared.labels, classes, threshold)
+    figures["by_source"] = by_source_figures(scaled["after"], prepared.labels, prepared.sources,
+                                             classes)
+    figures["melanoma_same_source"] = melanoma_same_source(
+        scaled["after"], prepared.labels, prepared.sources, classes, threshold, seed=config.seed)
+    figures["melanoma_same_batch"] = melanoma_same_source(
+        scaled["after"], prepared.labels, [batch_of(s.path) for s in prepared.samples], classes,
+        threshold, seed=config.seed)
+    figures["expected_calibration_error_before_temperature"] = before["expected_calibration_error"]
     m = classes.index(MELANOMA)
-    is_mel = y_val == m
-    plain_metrics = evaluate_predictions(plain, y_val, classes, 0.5)
-    avg_metrics = evaluate_predictions(averaged, y_val, classes, 0.5)
-    use_flips = config.arch != "seed" and (
-        avg_metrics["balanced_accuracy"] >= plain_metrics["balanced_accuracy"])
-    probabilities = averaged if use_flips else plain
-    threshold = threshold_for_sensitivity(is_mel, probabilities[:, m], config.target_sensitivity)
-    metrics = evaluate_predictions(probabilities, y_val, classes, threshold)
-    metrics["melanoma"]["threshold_set_on_other_half"] = crossfit_threshold(
-        is_mel, probabilities[:, m], config.target_sensitivity, config.seed)
-    sens, spec = sensitivity_specificity(is_mel, probabilities[:, m], threshold)
-    report(f"alert threshold {threshold:.4f}: validation melanoma sensitivity {sens:.3f}, "
-           f"specificity {spec:.3f}; balanced accuracy {metrics['balanced_accuracy']:.3f}")
-    if seed_protocol:
-        pool_pred = np.asarray(model.predict(x_pool_val.astype(np.float32), batch_size=64,
-                                             verbose=0)).argmax(axis=1)
-        seed_protocol["seed_protocol_validation_accuracy"] = float((pool_pred == y_pool_val).mean())
-        report("seed protocol's own validation accuracy (copies on both sides, inflated): "
-               f"{seed_protocol['seed_protocol_validation_accuracy']:.3f}")
-
+    sens, spec = sensitivity_specificity(prepared.labels == m, scaled["after"][:, m], threshold)
+    report(f"temperature {temperature:.3f}: out-of-fold ECE {before['expected_calibration_error']:.3f}"
+           f" -> {figures['expected_calibration_error']:.3f}")
+    report(f"alert threshold {threshold:.4f}: out-of-fold melanoma sensitivity {sens:.3f}, "
+           f"specificity {spec:.3f}; same source: {figures['melanoma_same_source']}")
     card = ModelCard(
-        version=f"{config.arch}-{dt.date.today():%Y%m%d}-{dataset.fingerprint()[:8]}-s{config.seed}",
+        version=f"{config.arch}-x{config.folds}-{dt.date.today():%Y%m%d}-"
+                f"{prepared.dataset.fingerprint()[:8]}-s{config.seed}",
         architecture=config.arch,
         classes=classes,
-        input_size=[height, width],
+        input_size=list(config.input_size or DEFAULT_INPUT_SIZE[config.arch]),
         alert_threshold=threshold,
-        test_time_flips=use_flips,
         target_sensitivity=config.target_sensitivity,
+        temperature=temperature,
+        members=len(members),
+        out_of_scope_distance=scope_distance,
         trained_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         training_set={
             "folder": str(Path(data_dir).name),
-            "fingerprint": dataset.fingerprint(),
-            "unique_images": len(dataset.samples),
-            "dropped": len(dataset.dropped),
-            "train": len(train_samples),
-            "validation": len(val_samples),
-            "validation_sha256": sorted(s.sha256 for s in val_samples),
-            "class_counts": dataset.counts(),
+            "fingerprint": prepared.dataset.fingerprint(),
+            "unique_images": len(prepared.samples),
+            "dropped": len(prepared.dataset.dropped),
+            "folds": config.folds,
+            "fold_sha256": {s.sha256: int(f) for s, f in zip(prepared.samples, prepared.folds,
+                                                            strict=True)},
+            "class_counts": prepared.dataset.counts(),
         },
         training={**{k_: (list(v) if isinstance(v, tuple) else v)
-                     for k_, v in config.__dict__.items()},
-                  "parameters": int(model.count_params()),
-                  "seconds": round(seconds, 1),
-                  "without_test_time_flips_balanced_accuracy": plain_metrics["balanced_accuracy"],
-                  **seed_protocol},
-        validation=metrics,
+                     for k_, v in asdict(config).items()},
+                  "parameters": int(ensemble.count_params()),
+                  "seconds": round(seconds, 1)},
+        validation=figures,
     )
     card.write(card_path_for(out))
     return card
+

@@ -6,9 +6,18 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from model.data import ISIC_CLASSES, scan_folder, stratified_split
+from model.data import (
+    HAM10000,
+    ISIC_ARCHIVE,
+    ISIC_CLASSES,
+    UNKNOWN_SOURCE,
+    scan_folder,
+    source_of,
+    stratified_folds,
+)
 
 
 def _write(path: Path, seed: int) -> None:
@@ -38,27 +47,47 @@ def test_exact_duplicates_keep_one_copy_and_conflicting_labels_are_dropped(tmp_p
     assert found.classes == ISIC_CLASSES
 
 
-def test_split_is_stratified_seeded_and_no_hash_is_on_both_sides(tmp_path: Path) -> None:
+def test_folds_are_stratified_by_source_and_class_seeded_and_every_image_held_out_once(
+        tmp_path: Path) -> None:
     for c, name in enumerate(("melanoma", "nevus", "vascular lesion")):
         for i in range(10 + 5 * c):
-            _write(tmp_path / name / f"{i}.png", 100 * c + i)
-        # a duplicate inside the class must not leak across the split
-        shutil.copy(tmp_path / name / "0.png", tmp_path / name / "0-again.png")
+            # nevi come from both archives; the others from one each, as in isic-train
+            number = 100 + i if name == "melanoma" or (name == "nevus" and i % 2) else 25000 + i
+            _write(tmp_path / name / f"ISIC_{number + 1000 * c:07d}.png", 100 * c + i)
+        # a duplicate inside the class is one image: it cannot sit in two folds
+        first = sorted((tmp_path / name).iterdir())[0]
+        shutil.copy(first, tmp_path / name / "copy.png")
     found = scan_folder(tmp_path)
 
-    train, val = stratified_split(found.samples, 0.2, seed=7)
-    again_train, again_val = stratified_split(found.samples, 0.2, seed=7)
-    other_train, _ = stratified_split(found.samples, 0.2, seed=8)
+    folds = np.asarray(stratified_folds(found.samples, 5, seed=7))
+    assert folds.tolist() == stratified_folds(found.samples, 5, seed=7)
+    assert folds.tolist() != stratified_folds(found.samples, 5, seed=8)
+    assert len(folds) == len(found.samples) == 45
+    assert np.bincount(folds).tolist() == [9, 9, 9, 9, 9]
+    for label in (ISIC_CLASSES.index("melanoma"), ISIC_CLASSES.index("nevus")):
+        members = [f for f, s in zip(folds, found.samples, strict=True) if s.label == label]
+        counts = np.bincount(members, minlength=5)
+        assert counts.max() - counts.min() <= 1  # every fold gets its share of each class
+    archive_nevi = [f for f, s in zip(folds, found.samples, strict=True)
+                    if s.label == ISIC_CLASSES.index("nevus") and source_of(s.path) == ISIC_ARCHIVE]
+    assert len(set(archive_nevi)) == 5  # and of each source within it
 
-    assert {s.sha256 for s in train}.isdisjoint({s.sha256 for s in val})
-    assert len(train) + len(val) == len(found.samples) == 45
-    assert [s.sha256 for s in val] == [s.sha256 for s in again_val]
-    assert [s.sha256 for s in train] == [s.sha256 for s in again_train]
-    assert [s.sha256 for s in train] != [s.sha256 for s in other_train]
-    per_class_val = np.bincount([s.label for s in val], minlength=9)
-    assert per_class_val[ISIC_CLASSES.index("melanoma")] == 2
-    assert per_class_val[ISIC_CLASSES.index("nevus")] == 3
-    assert per_class_val[ISIC_CLASSES.index("vascular lesion")] == 4
+
+@pytest.mark.parametrize(("name", "source"), [
+    ("ISIC_0000000.jpg", ISIC_ARCHIVE),
+    ("ISIC_0011193.jpg", ISIC_ARCHIVE),
+    ("ISIC_0024305.jpg", ISIC_ARCHIVE),
+    ("ISIC_0024306.jpg", HAM10000),
+    ("ISIC_0034320.png", HAM10000),
+    ("ISIC_0034321.jpg", ISIC_ARCHIVE),  # past HAM10000's range: the archive's later images
+    ("clinic-a/ISIC_0025780_downsampled.jpg", HAM10000),
+    ("patient-17-lesion2.jpg", UNKNOWN_SOURCE),
+    ("ISIC_123.jpg", UNKNOWN_SOURCE),  # not a seven-digit id
+    ("ISIC_00243060.jpg", UNKNOWN_SOURCE),
+])
+def test_the_source_is_read_from_the_isic_id_in_the_name(name: str, source: str) -> None:
+    assert source_of(name) == source
+    assert source_of(Path("/data") / name) == source
 
 
 def test_fingerprint_names_content_not_paths(tmp_path: Path) -> None:

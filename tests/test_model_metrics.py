@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from model.metrics import (
+    bootstrap_interval,
     crossfit_threshold,
     evaluate_predictions,
+    melanoma_same_source,
+    probe_auc,
     roc_auc,
     threshold_for_sensitivity,
 )
@@ -49,7 +52,7 @@ def test_hand_made_predictions_give_hand_computed_figures() -> None:
     # calibration: top confidence vs correctness, computed by hand over 10 bins
     conf = probabilities.max(axis=1)
     correct = np.array([1, 1, 0, 1, 0, 1])
-    bins = {}
+    bins: dict[int, list[tuple[float, int]]] = {}
     for c, ok in zip(conf, correct, strict=True):
         bins.setdefault(int(np.ceil(c * 10) - 1), []).append((c, ok))
     ece = sum(len(v) / 6 * abs(np.mean([o for _, o in v]) - np.mean([c for c, _ in v]))
@@ -98,3 +101,47 @@ def test_crossfit_threshold_measures_on_the_half_it_was_not_set_on() -> None:
 def test_crossfit_threshold_with_one_positive_gives_no_figure_instead_of_failing() -> None:
     figures = crossfit_threshold(np.array([1, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3]), 0.95)
     assert figures == {"sensitivity": None, "specificity": None}
+
+
+def test_same_source_melanoma_figures_leave_other_sources_out_and_equal_hand_values() -> None:
+    classes = ["melanoma", "nevus", "vascular lesion"]
+    # archive: mel 0.9, 0.4, 0.3; nevus 0.5, 0.2.  ham: vascular 0.01, 0.02 (easy negatives that
+    # would flatter a melanoma-vs-rest AUC) and a nevus at 0.95 (would hurt it).
+    mel = np.array([0.9, 0.4, 0.3, 0.5, 0.2, 0.01, 0.02, 0.95])
+    probabilities = np.stack([mel, (1 - mel) / 2, (1 - mel) / 2], axis=1)
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 1])
+    sources = ["isic-archive"] * 5 + ["ham10000"] * 3
+
+    same = melanoma_same_source(probabilities, y, sources, classes, threshold=0.35, bootstrap=200)
+
+    assert same["sources"] == ["isic-archive"] and same["n"] == 5 and same["melanomas"] == 3
+    # pairs (mel, benign): 0.9>0.5,0.2; 0.4>0.2 (not 0.5); 0.3>0.2 -> 4 of 6
+    assert same["auc"] == pytest.approx(4 / 6)
+    assert same["sensitivity"] == pytest.approx(2 / 3)  # 0.9 and 0.4 reach 0.35
+    assert same["specificity"] == pytest.approx(1 / 2)  # 0.5 is flagged, 0.2 is not
+    low, high = same["auc_interval"]
+    assert 0.0 <= low <= 4 / 6 <= high <= 1.0 and high - low > 0.1
+    assert same["sensitivity_interval"][0] <= 2 / 3 <= same["sensitivity_interval"][1]
+
+
+def test_a_bootstrap_interval_covers_the_statistic_and_narrows_with_more_data() -> None:
+    rng = np.random.default_rng(0)
+
+    def width(n: int) -> float:
+        positive = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+        scores = np.r_[rng.normal(1, 1, n), rng.normal(0, 1, n)]
+        low, high = bootstrap_interval(roc_auc, (positive, scores), strata=positive, rounds=300)  # type: ignore[misc]
+        assert low <= roc_auc(positive, scores) <= high  # type: ignore[operator]
+        return high - low
+
+    assert width(400) < width(25)
+
+
+def test_the_source_probe_finds_a_source_that_shows_and_not_one_that_does_not() -> None:
+    rng = np.random.default_rng(0)
+    target = np.r_[np.ones(60, bool), np.zeros(60, bool)]
+    shows = rng.normal(0, 1, (120, 4)) + target[:, None] * 2.0
+    hidden = rng.normal(0, 1, (120, 4))
+    assert probe_auc(shows, target) > 0.9  # type: ignore[operator]
+    assert 0.3 < probe_auc(hidden, target) < 0.7  # type: ignore[operator]
+    assert probe_auc(hidden[:3], target[:3]) is None

@@ -47,23 +47,30 @@ def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+CONFIG = TrainConfig(epochs=2, folds=3, batch_size=8, input_size=(32, 32), seed=3)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
-    config = TrainConfig(epochs=2, batch_size=8, input_size=(32, 32), seed=3)
-    train(tiny_set, out, config, report=lambda line: None)
+    train(tiny_set, out, CONFIG, report=lambda line: None)
     return out
 
 
-def test_a_short_training_run_saves_a_model_and_card_that_load_again(
+def test_a_cross_validated_run_saves_one_ensemble_and_a_card_that_load_again(
         trained: Path, tiny_set: Path) -> None:
     card = ModelCard.read(card_path_for(trained))
     assert card.classes == list(ISIC_CLASSES)
     assert card.input_size == [32, 32]
+    assert card.members == 3
     assert 0.0 <= card.alert_threshold <= 1.0
+    assert card.temperature > 0 and card.out_of_scope_distance is not None
     assert len(card.training_set["fingerprint"]) == 64
-    assert card.validation["n"] == card.training_set["validation"] == 9
-    assert card.validation["melanoma"]["sensitivity"] >= 0.95
+    # Every image was held out once: the card's figures are out of fold, over all 54.
+    assert card.validation["n"] == len(card.training_set["fold_sha256"]) == 54
+    assert sorted(set(card.training_set["fold_sha256"].values())) == [0, 1, 2]
+    assert card.validation["melanoma_same_source"]["sensitivity"] >= 0.95
+    assert "expected_calibration_error_before_temperature" in card.validation
 
     classifier = Classifier(trained)
     images = sorted((tiny_set / "melanoma").iterdir())[:3]
@@ -74,27 +81,28 @@ def test_a_short_training_run_saves_a_model_and_card_that_load_again(
         assert len(result.probabilities) == 9
         assert sum(result.probabilities) == pytest.approx(1.0, abs=1e-5)
         assert result.melanoma_probability == result.probabilities[3]
+        assert result.scope_distance is not None and result.scope_distance > 0
 
 
 def test_training_is_deterministic_for_a_seed(trained: Path, tiny_set: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.keras"
-    train(tiny_set, again, TrainConfig(epochs=2, batch_size=8, input_size=(32, 32), seed=3),
-          report=lambda line: None)
+    train(tiny_set, again, CONFIG, report=lambda line: None)
     image = next((tiny_set / "nevus").iterdir())
     first = Classifier(trained).predict([image])[0]
     second = Classifier(again).predict([image])[0]
+    assert not isinstance(first, DecodeError) and not isinstance(second, DecodeError)
     np.testing.assert_allclose(first.probabilities, second.probabilities, atol=1e-6)
 
 
-def test_training_resumes_from_its_checkpoint(tiny_set: Path, tmp_path: Path) -> None:
-    out = tmp_path / "resumable.keras"
+def test_a_finished_member_is_read_back_not_trained_again(trained: Path, tiny_set: Path) -> None:
     lines: list[str] = []
-    train(tiny_set, out, TrainConfig(epochs=1, batch_size=8, input_size=(32, 32)),
-          report=lines.append)
-    train(tiny_set, out, TrainConfig(epochs=2, batch_size=8, input_size=(32, 32)),
-          report=lines.append)
-    assert any("resuming from epoch 1" in line for line in lines)
-    assert any(line.startswith("epoch 2/2") for line in lines)
+    image = next((tiny_set / "nevus").iterdir())
+    before = Classifier(trained).predict([image])[0]
+    train(tiny_set, trained, CONFIG, report=lines.append)
+    assert not any(line.startswith(("fold ", "epoch ")) for line in lines)
+    after = Classifier(trained).predict([image])[0]
+    assert not isinstance(before, DecodeError) and not isinstance(after, DecodeError)
+    np.testing.assert_allclose(before.probabilities, after.probabilities, atol=1e-6)
 
 
 def test_predict_and_evaluate_commands_print_probabilities_and_contract_json(
@@ -106,6 +114,8 @@ def test_predict_and_evaluate_commands_print_probabilities_and_contract_json(
          "--json", "--explain", str(explain)], capture_output=True, text=True, check=True)
     [row] = json.loads(run.stdout)
     assert set(row["probabilities"]) == set(ISIC_CLASSES)
+    assert row["threshold"] == ModelCard.read(card_path_for(trained)).alert_threshold
+    assert row["out_of_scope"] in (True, False)
     overlay = Image.open(row["explanation"])
     assert overlay.size == (32, 32)
 
@@ -118,6 +128,8 @@ def test_predict_and_evaluate_commands_print_probabilities_and_contract_json(
         assert key in figures
     assert figures["n"] == 54
     assert set(figures["melanoma"]) >= {"auc", "threshold", "sensitivity", "specificity"}
+    assert figures["by_source"]["unknown"]["n"] == 54  # synthetic names carry no ISIC id
+    assert figures["melanoma_same_source"]["melanomas"] == 6
     assert np.asarray(figures["confusion_matrix"]).sum() == 54
     for name in ("confusion_matrix.png", "melanoma_roc.png", "calibration.png"):
         assert Image.open(tmp_path / "report" / name).size[0] > 100

@@ -1,0 +1,49 @@
+"""Temperature scaling (Guo et al., 2017) on probabilities: NumPy only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def temperature_scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T), row by row; shape (n, classes) in and out."""
+    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log p(true class)."""
+    picked = np.asarray(probabilities)[np.arange(len(labels)), np.asarray(labels, int)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+
+
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray,
+                    low: float = 0.05, high: float = 20.0) -> float:
+    """The T that minimises the negative log-likelihood of held-out predictions.
+
+    A golden-section search on log T (the likelihood is unimodal in T); 1.0 when there is
+    nothing to fit.
+    """
+    if len(labels) == 0:
+        return 1.0
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+
+    def loss(log_t: float) -> float:
+        return negative_log_likelihood(temperature_scale(probabilities, float(np.exp(log_t))),
+                                       labels)
+
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2.0))

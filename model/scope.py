@@ -1,0 +1,41 @@
+"""Out-of-scope inputs: is this image like the dermoscopic images the model learnt from?
+
+A CNN gives some answer for any picture, a face or a scanned letter included, and a softmax
+can be confident about it. The ensemble therefore also reports how far each image's pooled
+features lie from the training images' features (a Mahalanobis distance per member, averaged);
+an image beyond the card's `out_of_scope_distance` is marked out of scope instead of alerted.
+NumPy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Images whose distance exceeds this quantile of the training images' distances are out of scope.
+SCOPE_QUANTILE = 0.995
+#: Shrinkage of the covariance towards its mean variance (keeps the inverse stable in 256-d).
+SHRINKAGE = 0.1
+
+
+def fit_whitening(features: np.ndarray, shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, W) with W = C^(-1/2) of the shrunk covariance C; features shape (n, d)."""
+    features = np.asarray(features, np.float64)
+    mean = features.mean(axis=0)
+    centred = features - mean
+    covariance = centred.T @ centred / max(len(features) - 1, 1)
+    scale = float(np.trace(covariance)) / covariance.shape[0]
+    covariance = (1 - shrinkage) * covariance + shrinkage * scale * np.eye(covariance.shape[0])
+    values, vectors = np.linalg.eigh(covariance)
+    whitening = vectors @ np.diag(1.0 / np.sqrt(np.maximum(values, 1e-12))) @ vectors.T
+    return mean.astype(np.float32), whitening.astype(np.float32)
+
+
+def distance(features: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """What `MahalanobisDistance` computes, in NumPy: shape (n,)."""
+    z = (np.asarray(features, np.float64) - mean) @ whitening
+    return np.sqrt(np.mean(z**2, axis=1))
+
+
+def scope_threshold(training_distances: np.ndarray, quantile: float = SCOPE_QUANTILE) -> float:
+    """The out-of-scope distance: a high quantile of the training images' own distances."""
+    return float(np.quantile(np.asarray(training_distances, float), quantile))

@@ -1,0 +1,95 @@
+"""Colour constancy, temperature scaling, the scope distance and how scores are written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.calibration import fit_temperature, temperature_scale
+from model.metrics import expected_calibration_error
+from model.scope import distance, fit_whitening, scope_threshold
+from model.scores import probability_text, threshold_meaning, threshold_text
+
+
+def test_shades_of_gray_maps_a_colour_cast_image_back_to_grey_balance() -> None:
+    from model.layers import ShadesOfGray
+
+    rng = np.random.default_rng(0)
+    grey_world = rng.uniform(60, 200, (1, 32, 32, 1)) * np.ones((1, 1, 1, 3))
+    texture = grey_world * rng.uniform(0.9, 1.1, (1, 32, 32, 3))
+    cast = texture * np.array([1.0, 0.7, 0.45])  # a warm, orange light
+    out = np.asarray(ShadesOfGray()(cast.astype(np.float32)))
+    before = cast.reshape(-1, 3).mean(axis=0)
+    after = out.reshape(-1, 3).mean(axis=0)
+    assert before.max() / before.min() > 2.0
+    assert after.max() / after.min() < 1.05  # the channels agree again
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    assert abs(after.mean() - before.mean()) / before.mean() < 0.1  # brightness is kept
+
+
+def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 2000, 4
+    labels = rng.integers(0, k, n)
+    # A model that is right 70% of the time but says 0.97 when it is.
+    right = rng.uniform(size=n) < 0.7
+    predicted = np.where(right, labels, (labels + rng.integers(1, k, n)) % k)
+    logits = np.full((n, k), 0.0)
+    logits[np.arange(n), predicted] = 5.0
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    temperature = fit_temperature(probabilities, labels)
+    scaled = temperature_scale(probabilities, temperature)
+
+    before, _ = expected_calibration_error(probabilities, labels)
+    after, _ = expected_calibration_error(scaled, labels)
+    assert temperature > 1.5  # over-confident: softened
+    assert after < before / 3 and after < 0.05
+    assert (scaled.argmax(axis=1) == probabilities.argmax(axis=1)).all()
+    np.testing.assert_allclose(scaled.sum(axis=1), 1.0)
+
+
+def test_the_temperature_layer_computes_what_the_numpy_scaling_does() -> None:
+    from model.layers import TemperatureScaling
+
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.05, 0.9, 0.05]], np.float32)
+    np.testing.assert_allclose(np.asarray(TemperatureScaling(2.5)(probabilities)),
+                               temperature_scale(probabilities, 2.5), rtol=1e-5)
+
+
+def test_the_scope_distance_is_about_one_on_training_features_and_large_far_away() -> None:
+    from model.layers import MahalanobisDistance
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(0, 1, (500, 16)) @ rng.normal(0, 1, (16, 16))
+    mean, whitening = fit_whitening(features)
+    inside = distance(features, mean, whitening)
+    assert 0.8 < np.median(inside) < 1.2
+    limit = scope_threshold(inside)
+    far = features[:5] + 40.0
+    assert (distance(far, mean, whitening) > limit).all()
+
+    layer = MahalanobisDistance(16)
+    layer.build((None, 16))
+    layer.set_weights([mean, whitening])
+    np.testing.assert_allclose(np.asarray(layer(far.astype(np.float32))),
+                               distance(far, mean, whitening), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("p", "threshold", "text"), [
+    (0.91, 0.0538, "0.91"),
+    (0.0541, 0.0538, "0.0541"),  # never "0.05" beside a threshold that also reads 0.05
+    (0.05, 0.0538, "0.050"),
+    (0.0538, 0.0538, "0.05"),  # equal: nothing to tell apart
+    (0.5, None, "0.50"),
+])
+def test_a_probability_never_reads_like_the_threshold_it_differs_from(
+        p: float, threshold: float | None, text: str) -> None:
+    assert probability_text(p, threshold) == text
+
+
+def test_the_threshold_is_written_unrounded_and_says_what_it_means() -> None:
+    assert threshold_text(0.0538) == "0.0538"
+    assert threshold_text(0.5) == "0.50"
+    meaning = threshold_meaning({"melanoma_same_source": {"sensitivity": 0.953}}, 0.95)
+    assert meaning.startswith("at this threshold the model caught 95% of melanomas in validation")
