@@ -30,8 +30,8 @@ class WorkerProcess:
     settings: Settings
     sessions: sessionmaker[Session]
     intra_op_threads: int = 1
-    _classifier: Classifier | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _classifier: Classifier | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def classifier(self) -> Classifier:
         """This process's model, loaded on first use (after the fork: TensorFlow is not fork-safe)."""
