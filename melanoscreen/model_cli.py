@@ -32,31 +32,35 @@ def _load_classifier(model: Path | None) -> Classifier:
 def train(
     data: Annotated[Path, typer.Option(help="Folder with one sub-folder of images per class.")],
     out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
-    arch: Annotated[str, typer.Option(help="Architecture: melanonet (ours) or seed.")] = "melanonet",
-    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet2 (the shipped "
+                                      "v2), melanonet (v1) or seed.")] = "melanonet2",
+    epochs: Annotated[int, typer.Option(min=1)] = 60,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds: one member per fold, "
+                                       "every image held out once.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed for the split, weights and augmentation.")] = 1337,
     target_sensitivity: Annotated[
-        float, typer.Option(min=0.5, max=1.0, help="Validation melanoma sensitivity the alert "
-                            "threshold must reach.")] = 0.95,
+        float, typer.Option(min=0.5, max=1.0, help="Out-of-fold same-source melanoma "
+                            "sensitivity the alert threshold must reach.")] = 0.95,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint beside OUT.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue from the members and checkpoints in "
+                                         "OUT's .folds folder.")] = True,
 ) -> None:
-    """Train a model from scratch and write it with its model card."""
+    """Train k members from scratch, calibrate out of fold, write the ensemble and its card."""
     from model.train import TrainConfig
     from model.train import train as run_training
 
-    config = TrainConfig(arch=arch, epochs=epochs, seed=seed, batch_size=batch_size,
+    config = TrainConfig(arch=arch, epochs=epochs, folds=folds, seed=seed, batch_size=batch_size,
                          target_sensitivity=target_sensitivity)
     try:
         card = run_training(data, out, config, resume=resume,
                             report=lambda line: typer.echo(line, err=True))
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    mel = card.validation["melanoma"]
-    typer.echo(f"wrote {out} ({card.version}): validation balanced accuracy "
-               f"{card.validation['balanced_accuracy']:.3f}, melanoma AUC {mel['auc']:.3f}, "
-               f"threshold {card.alert_threshold:.4f} (sensitivity {mel['sensitivity']:.3f}, "
-               f"specificity {mel['specificity']:.3f})")
+    same = card.validation["melanoma_same_source"]
+    typer.echo(f"wrote {out} ({card.version}): out-of-fold balanced accuracy "
+               f"{card.validation['balanced_accuracy']:.3f}, same-source melanoma AUC "
+               f"{_fmt(same['auc'])}, threshold {card.alert_threshold:.4f} (same-source "
+               f"sensitivity {_fmt(same['sensitivity'])}, specificity {_fmt(same['specificity'])})")
 
 
 def evaluate(
@@ -75,7 +79,8 @@ def evaluate(
     if split == "validation":
         only = set(classifier.card.training_set.get("validation_sha256", []))
         if not only:
-            fail("this model's card records no validation split")
+            fail("this model's card records no validation split (a cross-validated model was "
+                 "trained on every image; its out-of-fold figures are in its card)")
     elif split != "all":
         fail("--split must be 'all' or 'validation'")
 
@@ -102,6 +107,22 @@ def evaluate(
                f"{figures['expected_calibration_error']:.3f}")
     typer.echo(f"melanoma: AUC {_fmt(mel['auc'])}  at threshold {mel['threshold']:.4f}: "
                f"sensitivity {_fmt(mel['sensitivity'])}  specificity {_fmt(mel['specificity'])}")
+    same = figures["melanoma_same_source"]
+    if same["melanomas"]:
+        typer.echo(f"melanoma against benign lesions of its own source ({', '.join(same['sources'])}"
+                   f", {same['n']} images): AUC {_fmt(same['auc'])} {_interval(same, 'auc')}  "
+                   f"sensitivity {_fmt(same['sensitivity'])} {_interval(same, 'sensitivity')}  "
+                   f"specificity {_fmt(same['specificity'])} {_interval(same, 'specificity')}")
+    for source, row in figures["by_source"].items():
+        if source == "probe":
+            typer.echo(f"source probe ({row['target']}): AUC from the network's outputs "
+                       f"{_fmt(row['network_outputs_auc'])}, from image statistics "
+                       f"{_fmt(row['image_statistics_auc'])}")
+        else:
+            typer.echo(f"source {source}: {row['n']} images, accuracy {row['accuracy']:.3f}, "
+                       f"balanced accuracy {row['balanced_accuracy']:.3f}")
+    if figures["out_of_scope"]["count"] is not None:
+        typer.echo(f"out of scope: {figures['out_of_scope']['count']} images")
     typer.echo(f"{'class':<28}{'precision':>10}{'recall':>10}{'f1':>8}{'support':>9}")
     for name, row in figures["per_class"].items():
         typer.echo(f"{name:<28}{row['precision']:>10.3f}{_fmt(row['recall']):>10}"
@@ -110,6 +131,11 @@ def evaluate(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _interval(figures: dict[str, Any], key: str) -> str:
+    bounds = figures.get(f"{key}_interval")
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
 
 
 def predict(
@@ -121,8 +147,10 @@ def predict(
 ) -> None:
     """Print the nine class probabilities of each image (unreadable ones say why)."""
     from model.imaging import DecodeError
+    from model.scores import probability_text, threshold_meaning, threshold_text
 
     classifier = _load_classifier(model)
+    threshold = classifier.threshold
     results = classifier.predict(list(images))
     rows: list[dict[str, Any]] = []
     failures = 0
@@ -135,7 +163,11 @@ def predict(
             "image": str(path),
             "predicted_class": result.predicted_class,
             "melanoma_probability": result.melanoma_probability,
-            "flagged": result.melanoma_probability >= classifier.threshold,
+            "threshold": threshold,
+            # An image unlike any dermoscopic image is never alerted as melanoma.
+            "flagged": result.melanoma_probability >= threshold and not result.out_of_scope,
+            "out_of_scope": result.out_of_scope,
+            "scope_distance": result.scope_distance,
             "probabilities": dict(zip(classifier.classes, result.probabilities, strict=True)),
         }
         if explain is not None:
@@ -149,13 +181,18 @@ def predict(
     if json_output:
         typer.echo(json.dumps(rows, indent=2))
     else:
+        typer.echo(f"alert threshold {threshold_text(threshold)}: "
+                   f"{threshold_meaning(classifier.card.validation, classifier.card.target_sensitivity)}")
         for row in rows:
             if "error" in row:
                 typer.echo(f"{row['image']}: unreadable: {row['error']}")
                 continue
             flag = "  ALERT" if row["flagged"] else ""
+            if row["out_of_scope"]:
+                flag = "  OUT OF SCOPE (not like a dermoscopic lesion image; not screened)"
             typer.echo(f"{row['image']}: {row['predicted_class']}  melanoma "
-                       f"p={row['melanoma_probability']:.3f}{flag}")
+                       f"p={probability_text(row['melanoma_probability'], threshold, digits=3)}"
+                       f"{flag}")
             for name, p in row["probabilities"].items():
                 typer.echo(f"    {name:<28}{p:.3f}")
     if failures:

@@ -23,8 +23,8 @@ def _chance(seed: Any, batch: Any, p: float) -> Any:
 
 
 def random_geometry(images: Any, seed: Any, out_size: tuple[int, int], *,
-                    scale: tuple[float, float] = (0.55, 1.0),
-                    aspect: tuple[float, float] = (0.8, 1.25)) -> Any:
+                    scale: tuple[float, float] = (0.8, 1.0),
+                    aspect: tuple[float, float] = (0.85, 1.18)) -> Any:
     """Random resized crop, any rotation and flips in one projective transform (reflect fill).
 
     The crop covers `scale` of the image's side, with an aspect ratio in `aspect`; the output has
@@ -116,8 +116,8 @@ def random_artefacts(images: Any, seed: Any, *, hair_p: float = 0.3, vignette_p:
     return tf.where(_chance(seeds2[1], batch, corner_p), dark, x)
 
 
-def random_blur_and_noise(images: Any, seed: Any, *, blur_p: float = 0.25) -> Any:
-    """A Gaussian blur (sigma 1.2 px) on some images, sensor noise on all (sigma 0..5)."""
+def random_blur_and_noise(images: Any, seed: Any, *, blur_p: float = 0.1) -> Any:
+    """A Gaussian blur (sigma 1.2 px) on some images, sensor noise on all (sigma 0..3)."""
     batch = tf.shape(images)[0]
     seeds = tf.random.experimental.stateless_split(seed, 2)
     taps = tf.exp(-tf.range(-2.0, 3.0) ** 2 / (2 * 1.2**2))
@@ -125,19 +125,19 @@ def random_blur_and_noise(images: Any, seed: Any, *, blur_p: float = 0.25) -> An
     kernel = tf.tile((taps[:, None] * taps[None, :])[:, :, None, None], [1, 1, 3, 1])
     blurred = tf.nn.depthwise_conv2d(images, kernel, [1, 1, 1, 1], "SAME")
     x = tf.where(_chance(seeds[0], batch, blur_p), blurred, images)
-    sigma = _uniform(seeds[1], [batch, 1, 1, 1], 0.0, 5.0)
+    sigma = _uniform(seeds[1], [batch, 1, 1, 1], 0.0, 3.0)
     return x + sigma * tf.random.stateless_normal(tf.shape(x), seeds[1])
 
 
-def random_jpeg(images: Any, seed: Any, *, p: float = 0.5) -> Any:
-    """Re-compress some images as JPEG at quality 30..90 (the blockiness of an export)."""
+def random_jpeg(images: Any, seed: Any, *, p: float = 0.25) -> Any:
+    """Re-compress some images as JPEG at quality 50..95 (the blockiness of an export)."""
     batch = tf.shape(images)[0]
     seeds = tf.random.experimental.stateless_split(seed, 2)
     per_image = tf.random.experimental.stateless_split(seeds[0], batch)
 
     def recompress(args: Any) -> Any:
         image, image_seed = args
-        encoded = tf.image.stateless_random_jpeg_quality(image / 255.0, 30, 90, image_seed)
+        encoded = tf.image.stateless_random_jpeg_quality(image / 255.0, 50, 95, image_seed)
         return encoded * 255.0
 
     clipped = tf.clip_by_value(images, 0.0, 255.0)

@@ -52,6 +52,16 @@ def _open(source: ImageSource) -> Image.Image:
         raise DecodeError(f"too many pixels (decompression bomb guard): {exc}") from exc
     except OSError as exc:
         raise DecodeError(f"corrupt or truncated image: {exc}") from exc
+    except Exception as exc:
+        # A decoder can fail in any way on a hostile file (an iCCP or zTXt chunk that inflates
+        # to 50 MB raises ValueError): whatever it is, it is this one image's rejection.
+        raise DecodeError(_unreadable(exc)) from exc
+
+
+def _unreadable(exc: BaseException) -> str:
+    """One line for any decoder failure, at most 300 characters."""
+    text = " ".join(str(exc).split())[:240]
+    return f"unreadable image ({type(exc).__name__}: {text})"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -102,8 +112,10 @@ def load_rgb(source: ImageSource, *, max_pixels: int = MAX_PIXELS,
             return _to_rgb(image)
         except DecodeError:
             raise
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except (OSError, SyntaxError, EOFError) as exc:
             raise DecodeError(f"corrupt or truncated image: {exc}") from exc
+        except Exception as exc:  # any other decoder failure: see `_open`
+            raise DecodeError(_unreadable(exc)) from exc
     except BaseException:
         image.close()
         raise
@@ -121,5 +133,7 @@ def decode_image(source: ImageSource, size: tuple[int, int], *,
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.asarray(image, dtype=np.float32)
+    except Exception as exc:
+        raise DecodeError(_unreadable(exc)) from exc
     finally:
         image.close()

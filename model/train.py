@@ -54,7 +54,7 @@ class TrainConfig:
 
     arch: str = "melanonet2"
     epochs: int = 60
-    folds: int = 5
+    folds: int = 3
     seed: int = 1337
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -125,6 +125,7 @@ def sample_weights(labels: np.ndarray, sources: list[str], num_classes: int) -> 
 
     float32, shape (n,), mean 1. A class that one source owns can then not be learnt from how
     many images that source has; a cell of two images cannot outweigh the rest (capped at 4x).
+    `sources` may be finer than `source_of` (training passes `batch_of`).
     """
     cells = [f"{source}/{label}" for source, label in zip(sources, labels, strict=True)]
     names, inverse, counts = np.unique(cells, return_inverse=True, return_counts=True)
@@ -200,7 +201,9 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
         height, width = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
         model = ARCHITECTURES[config.arch]((height, width, 3), k)
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
-        sources = [s for s, h in zip(prepared.sources, held, strict=True) if not h]
+        # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
+        # later one melanomas only, so weighting by batch puts the weight where the two meet.
+        sources = [batch_of(s.path) for s, h in zip(prepared.samples, held, strict=True) if not h]
         weights = (sample_weights(y_train, sources, k) if config.source_balanced
                    else np.ones(len(y_train), np.float32))
         steps = math.ceil(len(x_train) / config.batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -119,3 +120,59 @@ def test_unreadable_input_raises_the_typed_error_with_a_reason(
 def test_a_missing_file_raises_the_typed_error(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="cannot read"):
         decode_image(tmp_path / "gone.jpg", SIZE)
+
+
+def _png_with_chunk(kind: bytes, payload: bytes) -> bytes:
+    """A valid 64x64 PNG with one extra ancillary chunk before the image data."""
+    png = _encode(_solid("RGB", (200, 120, 100), (64, 64)), "PNG")
+    signature, rest = png[:8], png[8:]
+    header_end = 12 + struct.unpack(">I", rest[:4])[0]
+    body = kind + payload
+    chunk = struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    return signature + rest[:header_end] + chunk + rest[header_end:]
+
+
+@pytest.mark.parametrize("kind", [b"iCCP", b"zTXt"])
+def test_a_chunk_that_inflates_to_50_mb_is_a_rejection_with_a_reason(kind: bytes) -> None:
+    bomb = zlib.compress(b"\0" * 50_000_000, 9)
+    data = _png_with_chunk(kind, (b"icc\0\0" if kind == b"iCCP" else b"Comment\0\0") + bomb)
+    with pytest.raises(DecodeError) as error:
+        decode_image(data, SIZE)
+    assert "too large" in error.value.reason and "\n" not in error.value.reason
+
+
+def test_mutated_images_never_raise_anything_but_a_decode_error() -> None:
+    from model.architectures import build_melanonet
+    from model.card import ModelCard, card_path_for
+    from model.data import ISIC_CLASSES
+    from model.inference import Classifier, Prediction
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    originals = [_encode(Image.fromarray(pixels), fmt, **options) for fmt, options in [
+        ("JPEG", {"quality": 80}), ("PNG", {}), ("TIFF", {"compression": "tiff_deflate"}),
+        ("GIF", {}), ("BMP", {}), ("WEBP", {"quality": 70})]]
+    mutants: list[bytes] = []
+    for original in originals:
+        for _ in range(60):
+            data = bytearray(original)
+            for _ in range(int(rng.integers(1, 12))):
+                position = int(rng.integers(0, len(data)))
+                data[position] = int(rng.integers(0, 256))
+            cut = int(rng.integers(len(data) // 2, len(data) + 1))
+            mutants.append(bytes(data[:cut]))
+    for data in mutants:
+        with contextlib.suppress(DecodeError):  # the one way a bad input may fail
+            decode_image(data, SIZE)
+
+    # And through the classifier, in batches: every input gets an answer in its place.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tiny.keras"
+        build_melanonet((*SIZE, 3), len(ISIC_CLASSES)).save(path)
+        ModelCard(version="tiny", architecture="melanonet", classes=list(ISIC_CLASSES),
+                  input_size=list(SIZE), alert_threshold=0.5).write(card_path_for(path))
+        answers = Classifier(path).predict(mutants[:120], batch_size=32)
+    assert len(answers) == 120
+    assert all(isinstance(a, (DecodeError, Prediction)) for a in answers)
