@@ -233,6 +233,17 @@ def flagged_in_period(session: Session, start: datetime,
     )]
 
 
+def out_of_scope_in_period(session: Session, start: datetime,
+                           end: datetime) -> list[tuple[Image, Prediction]]:
+    """Predictions made in [start, end) that marked their image out of scope, oldest first."""
+    return [(image, prediction) for image, prediction in session.execute(
+        select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
+        .where(Prediction.out_of_scope.is_(True), Prediction.created_at >= start,
+               Prediction.created_at < end)
+        .order_by(Prediction.created_at, Image.id)
+    )]
+
+
 def latest_prediction_before(session: Session, end: datetime) -> Prediction | None:
     """The newest prediction made before `end` (for the model version and threshold)."""
     return session.scalars(select(Prediction).where(Prediction.created_at < end)

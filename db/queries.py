@@ -79,8 +79,13 @@ def claim_images(session: Session, image_ids: Sequence[int], *, token: str, now:
 def finish_screened(session: Session, image_id: int, *, token: str, now: datetime,
                     model_version: str, probabilities: dict[str, float],
                     melanoma_probability: float, predicted_class: str, threshold: float,
-                    seconds: float) -> Prediction | None:
-    """Store the prediction if this token still holds the claim; None if someone else won."""
+                    seconds: float, out_of_scope: bool = False,
+                    scope_distance: float | None = None) -> Prediction | None:
+    """Store the prediction if this token still holds the claim; None if someone else won.
+
+    Flagged means p >= threshold *and* in scope: an image unlike a dermoscopic lesion image
+    keeps its probabilities but is never flagged, because its class scores mean nothing.
+    """
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
         .where(Image.id == image_id, Image.status == ImageStatus.SCREENING, Image.claim_token == token)
@@ -92,8 +97,8 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
     prediction = Prediction(
         image_id=image_id, model_version=model_version, probabilities=probabilities,
         melanoma_probability=melanoma_probability, predicted_class=predicted_class,
-        threshold=threshold, flagged=melanoma_probability >= threshold, seconds=seconds,
-        created_at=now,
+        threshold=threshold, flagged=melanoma_probability >= threshold and not out_of_scope,
+        out_of_scope=out_of_scope, scope_distance=scope_distance, seconds=seconds, created_at=now,
     )
     session.add(prediction)
     session.flush()
@@ -146,6 +151,13 @@ def flagged_count(session: Session) -> int:
     ) or 0)
 
 
+def out_of_scope_count(session: Session) -> int:
+    """Number of images a prediction marked out of scope (not like a dermoscopic image)."""
+    return int(session.scalar(
+        select(func.count(func.distinct(Prediction.image_id))).where(Prediction.out_of_scope)
+    ) or 0)
+
+
 def duplicate_count(session: Session) -> int:
     """Number of recorded duplicate arrivals."""
     return int(session.scalar(select(func.count()).select_from(Duplicate)) or 0)
@@ -165,6 +177,9 @@ class ResultRow:
     melanoma_probability: float | None
     flagged: bool | None
     model_version: str | None
+    out_of_scope: bool | None
+    #: The threshold the prediction was judged against: for writing p (not an output column).
+    threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values; times in ISO 8601."""
@@ -174,11 +189,12 @@ class ResultRow:
             "screened_at": self.screened_at.isoformat() if self.screened_at else None,
             "predicted_class": self.predicted_class,
             "melanoma_probability": self.melanoma_probability, "flagged": self.flagged,
-            "model_version": self.model_version,
+            "model_version": self.model_version, "out_of_scope": self.out_of_scope,
         }
 
 
-RESULT_COLUMNS = tuple(ResultRow.__dataclass_fields__)
+#: The output columns of `melanoscreen results` (JSON keys, CSV header), in order.
+RESULT_COLUMNS = tuple(name for name in ResultRow.__dataclass_fields__ if name != "threshold")
 
 
 def results(session: Session, *, since: datetime | None = None,
@@ -202,5 +218,7 @@ def results(session: Session, *, since: datetime | None = None,
             melanoma_probability=prediction.melanoma_probability if prediction else None,
             flagged=prediction.flagged if prediction else None,
             model_version=prediction.model_version if prediction else None,
+            out_of_scope=prediction.out_of_scope if prediction else None,
+            threshold=prediction.threshold if prediction else None,
         ))
     return rows

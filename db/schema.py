@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -157,7 +158,12 @@ class Prediction(Base):
     melanoma_probability: Mapped[float] = mapped_column(Float)
     predicted_class: Mapped[str] = mapped_column(String(64))
     threshold: Mapped[float] = mapped_column(Float)
-    flagged: Mapped[bool] = mapped_column(Boolean, index=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, index=True)  # p >= threshold and in scope
+    #: Not like a dermoscopic lesion image (the model's scope rule): its class scores mean
+    #: nothing, so it is never flagged; the probabilities are kept all the same.
+    out_of_scope: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: How unlike the training images it is (model.scope); None for a model without that output.
+    scope_distance: Mapped[float | None] = mapped_column(Float, default=None)
     seconds: Mapped[float] = mapped_column(Float)  # wall time per image: batch time / batch size
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

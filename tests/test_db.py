@@ -131,3 +131,58 @@ def test_images_past_their_attempts_become_failed(sessions: sessionmaker[Session
         assert queries.claim_images(session, [image_id], token="t3", now=now,
                                     stale_before=now + timedelta(seconds=1), max_attempts=2) == []
         assert queries.status_counts(session) == {"failed": 1}
+
+
+def test_predictions_made_before_the_scope_rule_keep_their_model_version_and_read_in_scope(
+        database_url: str) -> None:
+    """Revision 0003 on a database with predictions: they read `out_of_scope` false."""
+    from alembic import command
+
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.downgrade(config, "0002")
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        assert "out_of_scope" not in {c["name"] for c in inspect(connection).get_columns("predictions")}
+        connection.execute(text(
+            "INSERT INTO images (sha256, source, size_bytes, location, status, received_at, attempts, "
+            "screened_at) VALUES (:sha, 'old.jpg', 1, '/store/old.jpg', 'screened', :at, 1, :at)"),
+            {"sha": "d" * 64, "at": utcnow()})
+        connection.execute(text(
+            "INSERT INTO predictions (image_id, model_version, probabilities, melanoma_probability, "
+            "predicted_class, threshold, flagged, seconds, created_at) SELECT id, 'melanonet-v1', "
+            "'{\"melanoma\": 0.9}', 0.9, 'melanoma', 0.0538, :flagged, 0.01, :at FROM images"),
+            {"flagged": True, "at": utcnow()})
+    engine.dispose()
+
+    upgrade(database_url)
+
+    factory = make_session_factory(database_url)
+    with factory.begin() as session:
+        [row] = queries.results(session)
+        assert (row.model_version, row.flagged, row.out_of_scope) == ("melanonet-v1", True, False)
+        assert row.to_json()["out_of_scope"] is False
+        assert queries.out_of_scope_count(session) == 0
+    factory.kw["bind"].dispose()
+
+
+def test_an_out_of_scope_prediction_keeps_its_probabilities_and_is_never_flagged(
+        sessions: sessionmaker[Session]) -> None:
+    now = utcnow()
+    with sessions.begin() as session:
+        image_id = _image(session)
+        queries.claim_images(session, [image_id], token="a", now=now,
+                             stale_before=now - timedelta(minutes=5), max_attempts=3)
+    with sessions.begin() as session:
+        prediction = queries.finish_screened(
+            session, image_id, token="a", now=now, model_version="v2",
+            probabilities={"melanoma": 0.97, "nevus": 0.03}, melanoma_probability=0.97,
+            predicted_class="melanoma", threshold=0.05, seconds=0.01, out_of_scope=True,
+            scope_distance=7.5)
+        assert prediction is not None and not prediction.flagged and prediction.out_of_scope
+    with sessions.begin() as session:
+        assert queries.flagged_count(session) == 0 and queries.out_of_scope_count(session) == 1
+        assert queries.results(session, flagged_only=True) == []
+        [row] = queries.results(session)
+        assert row.out_of_scope is True and row.melanoma_probability == pytest.approx(0.97)
+        assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is False
