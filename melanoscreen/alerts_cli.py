@@ -61,7 +61,8 @@ def digest(
     sessions = make_session_factory(settings.database)
     if not send:
         with sessions.begin() as session:
-            content = build_digest_content(session, when, settings.digest.time, settings.timezone)
+            content = build_digest_content(session, when, settings.digest.time, settings.timezone,
+                                           settings.model)
         if preview is None:
             typer.echo(render_digest_text(content))
             return

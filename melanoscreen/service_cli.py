@@ -199,6 +199,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     with make_session_factory(settings.database).begin() as session:
         counts = queries.status_counts(session)
         flagged = queries.flagged_count(session)
+        out_of_scope = queries.out_of_scope_count(session)
         duplicates = queries.duplicate_count(session)
         alerts = outbox.outbox_counts(session, OutboxKind.ALERT)
         digest_messages = outbox.outbox_counts(session, OutboxKind.DIGEST)
@@ -209,13 +210,15 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     report: dict[str, Any] = {
         "counts": counts, "flagged": flagged, "queue_length": _queue_length(known_broker(settings)),
         "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
-        "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients)}
+        "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients),
+        "out_of_scope": out_of_scope}
     if json_output:
         typer.echo(json.dumps(report))
         return
     for name in (status.value for status in ImageStatus):
         typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
     typer.echo(f"{'flagged':<10}{flagged:>8}")
+    typer.echo(f"{'off-scope':<10}{out_of_scope:>8}  (not like a dermoscopic image: not alerted)")
     typer.echo(f"{'duplicate':<10}{duplicates:>8}")
     queue = report["queue_length"]
     typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
@@ -252,8 +255,18 @@ def results(
     when = _parse_since(since) if since else None
     upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
-        rows = [row.to_json() for row in queries.results(session, since=when,
-                                                         flagged_only=flagged)]
+        found = queries.results(session, since=when, flagged_only=flagged)
+    rows = [row.to_json() for row in found]
+    if output_format != "json":
+        from model.scores import probability_text
+
+        # Written, not raw: p never reads like the threshold it was judged against (JSON keeps
+        # the floats). The CSV keeps a digit more than the table.
+        digits = 4 if output_format == "csv" else 3
+        for row, result in zip(rows, found, strict=True):
+            if result.melanoma_probability is not None:
+                row["melanoma_probability"] = probability_text(
+                    result.melanoma_probability, result.threshold, digits=digits)
     if output_format == "json":
         typer.echo(json.dumps(rows, indent=2))
     elif output_format == "csv":
@@ -264,10 +277,11 @@ def results(
         typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
         for row in rows:
             p = row["melanoma_probability"]
-            mark = "  ALERT" if row["flagged"] else ""
+            mark = ("  ALERT" if row["flagged"] else
+                    "  OUT OF SCOPE (not like a dermoscopic image)" if row["out_of_scope"] else "")
             detail = row["predicted_class"] or row["reason"] or ""
             typer.echo(f"{row['received_at'][:19]:<20} {row['status']:<10} {detail[:26]:<26} "
-                       f"{'' if p is None else f'{p:.3f}':>7}  {row['source']}{mark}")
+                       f"{p or '':>7}  {row['source']}{mark}")
 
 
 def register(app: typer.Typer) -> None:

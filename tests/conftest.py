@@ -93,6 +93,34 @@ ModelCard(version="tiny-test-1", architecture="melanonet", classes=list(ISIC_CLA
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_scoped_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny MelanoNet as a one-member ensemble with a scope output (identity whitening), its
+    card's `out_of_scope_distance` 0: every picture with any feature is out of scope."""
+    folder = tmp_path_factory.mktemp("scoped-model")
+    path = folder / "tiny-scoped.keras"
+    script = f"""
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pathlib import Path
+import keras
+import numpy as np
+from model.architectures import build_ensemble, build_melanonet
+from model.card import ModelCard, card_path_for
+from model.data import ISIC_CLASSES
+keras.utils.set_random_seed(7)
+path = Path({str(path)!r})
+member = build_melanonet((32, 32, 3), len(ISIC_CLASSES), widths=(4, 8))
+features = member.get_layer("pool").output.shape[-1]
+scope = [(np.zeros(features, np.float32), np.eye(features, dtype=np.float32))]
+build_ensemble([member], 1.0, scope).save(path)
+ModelCard(version="tiny-scoped-1", architecture="ensemble", classes=list(ISIC_CLASSES),
+          input_size=[32, 32], alert_threshold=0.1, out_of_scope_distance=0.0).write(card_path_for(path))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=300)
+    return path
+
+
 def synthetic_jpeg(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
     """A distinct JPEG per seed: smooth colour blobs with noise."""
     rng = np.random.default_rng(seed)

@@ -32,6 +32,7 @@ from worker.messages import (
     DigestContent,
     DigestImage,
     FileProblem,
+    OutOfScopeImage,
     UndeliveredAlert,
     compose_digest,
     digest_key,
@@ -304,3 +305,47 @@ def test_the_digest_renders_in_headless_chromium(tmp_path: Path) -> None:
     if os.environ.get("MELANOSCREEN_UPDATE_DOCS"):
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+
+def test_out_of_scope_images_have_their_own_section_with_escaped_names() -> None:
+    content = seeded_digest()
+    content = DigestContent(
+        **{**content.__dict__,
+           "out_of_scope_images": [
+               OutOfScopeImage("clinic-a/<b>scan</b>-letter.jpg", datetime(2026, 11, 23, 10, 5, tzinfo=UTC)),
+               OutOfScopeImage("clinic-b/blank.png", datetime(2026, 11, 23, 11, 0, tzinfo=UTC))],
+           "threshold_meaning": "at this threshold the model caught 95% of melanomas in validation "
+                                "(images it had not been trained on)"})
+    composed = compose_digest(content, message_id=recipient_message_id(digest_key(DAY), DOCTOR),
+                              sender="ms@clinic.test", recipient=DOCTOR)
+    message = BytesParser(policy=policy.default).parsebytes(composed.raw)
+    assert isinstance(message, EmailMessage)
+    text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    page = render_digest_html(content, inline_images="data")
+
+    assert "Not screened: not like a dermoscopic image (2)" in text
+    assert "Not screened: not like a dermoscopic image (2)" in page
+    assert "clinic-b/blank.png" in text and "clinic-b/blank.png" in page
+    assert "<b>scan</b>" not in page and "&lt;b&gt;scan&lt;/b&gt;-letter.jpg" in page
+    assert "2026-11-23 11:05" in page  # received, on the clinic's clock
+    # Out of scope is not flagged: the flagged section is unchanged and the subject too.
+    assert digest_subject(content) == digest_subject(seeded_digest())
+    assert "At this threshold the model caught 95% of melanomas in validation" in text
+    assert "0.35: at this threshold the model caught 95%" in page
+
+
+def test_a_digest_row_just_above_its_threshold_shows_the_digits_that_tell_them_apart() -> None:
+    start, end = digest_period(DAY, SEVEN, BERLIN)
+    content = DigestContent(
+        day=DAY, period_start=start, period_end=end, timezone="Europe/Berlin", screened=1,
+        flagged=1, rejected=0, failed=0, threshold=0.05,
+        flagged_images=[DigestImage("close.jpg", 0.05004, "nevus",
+                                    datetime(2026, 11, 23, 9, 0, tzinfo=UTC), threshold=0.05)])
+    page = render_digest_html(content)
+    composed = compose_digest(content, message_id=recipient_message_id(digest_key(DAY), DOCTOR),
+                              sender="ms@clinic.test", recipient=DOCTOR)
+    message = BytesParser(policy=policy.default).parsebytes(composed.raw)
+    assert isinstance(message, EmailMessage)
+    text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "0.05004  close.jpg" in text and "Alert threshold: 0.05" in text
+    assert ">0.05004</td>" in page

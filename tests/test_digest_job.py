@@ -272,3 +272,40 @@ def test_the_digest_command_previews_sends_once_and_status_shows_it(
     assert status["digest_messages"]["sent"] == 2
     assert status["alerts"]["failed"] == 1
     assert {"counts", "flagged", "queue_length"} <= set(status)
+
+
+def test_out_of_scope_images_are_listed_apart_and_the_threshold_says_what_it_means(
+        sessions: sessionmaker[Session], database: str, tmp_path: Path) -> None:
+    from model.card import ModelCard, card_path_for
+
+    seed_day(sessions, tmp_path)
+    with sessions.begin() as s:
+        image_id = add_image(s, tmp_path, "clinic-c/<i>letter</i>.jpg", status=ImageStatus.SCREENED,
+                             at=berlin(19, 12))
+        s.add(Prediction(image_id=image_id, model_version="dermnet-test", threshold=0.3,
+                         probabilities={"melanoma": 0.95, "nevus": 0.05}, melanoma_probability=0.95,
+                         predicted_class="melanoma", flagged=False, out_of_scope=True,
+                         scope_distance=12.5, seconds=0.01, created_at=berlin(19, 12)))
+    # The configured model's card (only its JSON is read for the digest).
+    model = tmp_path / "dermnet.keras"
+    ModelCard(version="dermnet-test", architecture="melanonet", classes=["melanoma", "nevus"],
+              input_size=[32, 32], alert_threshold=0.3,
+              validation={"melanoma_same_source": {"sensitivity": 0.953}}).write(card_path_for(model))
+    settings = job_settings(database, tmp_path).model_copy(update={"model": model})
+    enqueued: list[int] = []
+    queue_due_digests(sessions, settings, berlin(20, 7, 1), enqueued.append)
+    deliver_all(sessions, enqueued, settings)
+
+    message = BytesParser(policy=policy.default).parsebytes(
+        sorted(settings.outbox_dir.glob("*.eml"))[0].read_bytes())
+    assert isinstance(message, EmailMessage)
+    # Not flagged: the counts and the subject are those of the seeded day.
+    assert message["Subject"].startswith("MelanoScreen digest 2026-11-20: 2 flagged of 4 screened")
+    text, html = body(message, "plain"), body(message, "html")
+    assert "Not screened: not like a dermoscopic image (1)" in text
+    assert "clinic-c/<i>letter</i>.jpg" in text
+    assert "clinic-c/&lt;i&gt;letter&lt;/i&gt;.jpg" in html and "<i>letter</i>" not in html
+    assert text.index("0.910  clinic-b/first.jpg") < text.index("Not screened")
+    assert "0.950" not in text  # its scores mean nothing: not shown as a melanoma probability
+    assert ("Alert threshold: 0.30\nAt this threshold the model caught 95% of melanomas in "
+            "validation (images it had not been trained on).") in text.replace("\r\n", "\n")

@@ -396,3 +396,49 @@ def test_backoff_grows_exponentially_is_capped_and_fully_jittered() -> None:
     assert backoff_delay(10_000, 10, 300, rng) <= 300
     with pytest.raises(ValueError):
         backoff_delay(-1)
+
+
+def test_a_probability_just_above_the_threshold_never_reads_like_it(
+    plain_server: SmtpSettings, handler: RecordingHandler, tmp_path: Path
+) -> None:
+    meaning = ("at this threshold the model caught 95% of melanomas in validation "
+               "(images it had not been trained on)")
+    alert = AlertContent(images=[flagged("clinic-d/close.jpg", 0.0503, 7)], model_version="v2",
+                         threshold=0.05, threshold_meaning=meaning)
+    deliver(alert_to(DOCTORS[0], "close-1@x.test", alert), plain_server, tmp_path)
+
+    got = handler.wait_for(1)[0].message
+    assert got["Subject"] == "Melanoma suspected (p=0.0503): clinic-d/close.jpg"
+    plain = got.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    plain = plain.replace("\r\n", "\n")
+    html = got.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
+    assert "Melanoma probability: 0.0503" in plain and "Alert threshold: 0.05\n" in plain
+    assert re.search(r"melanoma\s+0\.0503", plain)  # the class table too
+    assert "0.050\n" not in plain and "p=0.05)" not in str(got["Subject"])
+    assert ">0.0503</strong>" in html and "alert threshold 0.05: at this threshold" in html
+    assert "At this threshold the model caught 95% of melanomas in validation" in plain
+
+
+def test_a_threshold_below_two_decimals_is_written_in_full() -> None:
+    alert = AlertContent(images=[flagged("x.jpg", 0.0612, 8)], model_version="v2",
+                         threshold=0.0538)
+    message = parsed(alert_to(DOCTORS[0], "t-1@x.test", alert))
+    plain = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Alert threshold: 0.0538" in plain and "threshold (0.0538)" in plain
+    assert message["Subject"] == "Melanoma suspected (p=0.06): x.jpg"
+
+
+def test_the_threshold_sentence_claims_the_card_figure_only_for_the_card_threshold() -> None:
+    from model.card import ModelCard
+    from worker.thresholds import describe_threshold
+
+    card = ModelCard(version="v2", architecture="ensemble", classes=list(CLASSES),
+                     input_size=[180, 180], alert_threshold=0.0538, target_sensitivity=0.95,
+                     validation={"melanoma_same_source": {"sensitivity": 0.953}})
+    assert describe_threshold(card, 0.0538, "v2") == (
+        "at this threshold the model caught 95% of melanomas in validation "
+        "(images it had not been trained on)")
+    clinic = describe_threshold(card, 0.2, "v2")
+    assert clinic is not None and "set by the clinic" in clinic and "caught" not in clinic
+    assert "MELANOSCREEN_ALERT_THRESHOLD" in clinic and "0.0538" in clinic
+    assert describe_threshold(card, 0.0538, "v1") is None  # another model's prediction

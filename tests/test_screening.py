@@ -177,3 +177,57 @@ def test_the_sweep_hands_out_stale_work_in_batches(
                           {f"{n}.jpg": synthetic_jpeg(10 + n) for n in range(5)}).values())
     assert sweep_stale(sessions, stale_after=3600, batch_size=2) == []  # nothing old enough
     assert sweep_stale(sessions, stale_after=0.0, batch_size=2) == [ids[:2], ids[2:4], ids[4:]]
+
+
+def test_an_out_of_scope_image_keeps_its_probabilities_and_is_never_flagged_or_alerted(
+        sessions: sessionmaker[Session], tiny_scoped_model: Path, tmp_path: Path) -> None:
+    from model.inference import Classifier
+    from model.inference import Prediction as Answer
+
+    classifier = Classifier(tiny_scoped_model)
+    settings = make_settings(tmp_path, AlertSettings(threshold=0.0, recipients=DOCTORS))
+    contents = {"clinic/lesion.jpg": synthetic_jpeg(21), "clinic/not-a-lesion.jpg": synthetic_jpeg(22)}
+    ids = add_images(sessions, tmp_path / "store", contents)
+    with sessions.begin() as session:
+        paths = {image.source: Path(image.location) for image in session.scalars(select(Image))}
+    # Where the two pictures lie from the "training" features; the scope limit goes between them,
+    # so one batch holds one image of each kind.
+    answers = classifier.predict([paths[name] for name in contents])
+    assert all(isinstance(a, Answer) and a.scope_distance is not None for a in answers)
+    distances = {name: a.scope_distance for name, a in zip(contents, answers, strict=True)
+                 if isinstance(a, Answer) and a.scope_distance is not None}
+    near, far = sorted(distances, key=lambda name: distances[name])
+    assert distances[near] < distances[far]
+    classifier.card.out_of_scope_distance = (distances[near] + distances[far]) / 2
+
+    outcome = screen_batch(sessions, Loader(classifier), list(ids.values()), token="t",
+                           settings=settings)
+
+    assert outcome.out_of_scope == (ids[far],)
+    assert outcome.flagged == (ids[near],)  # threshold 0: everything in scope is flagged
+    with sessions.begin() as session:
+        predictions = {p.image_id: p for p in session.scalars(select(Prediction))}
+        linked = {link.image_id for link in session.scalars(select(AlertImage))}
+        messages = list(session.scalars(select(OutboxMessage)))
+        [row] = [r for r in queries.results(session) if r.source == far]
+    out = predictions[ids[far]]
+    assert out.out_of_scope and not out.flagged
+    assert out.scope_distance == pytest.approx(distances[far], rel=1e-5)
+    assert sum(out.probabilities.values()) == pytest.approx(1.0, abs=1e-4)  # kept, all nine
+    assert settings.alert.threshold is not None
+    assert out.melanoma_probability >= settings.alert.threshold  # it would have been flagged
+    assert not predictions[ids[near]].out_of_scope and predictions[ids[near]].flagged
+    assert linked == {ids[near]}  # the alert is about the in-scope image only
+    assert all(far not in m.subject for m in messages) and len(messages) == len(DOCTORS)
+    assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is False
+
+
+def test_a_model_without_a_scope_output_marks_nothing_out_of_scope(
+        sessions: sessionmaker[Session], classifier: Classifier, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, AlertSettings(threshold=0.0))
+    ids = list(add_images(sessions, tmp_path / "store", {"a.jpg": synthetic_jpeg(23)}).values())
+    outcome = screen_batch(sessions, Loader(classifier), ids, token="t", settings=settings)
+    assert outcome.out_of_scope == () and outcome.flagged == tuple(ids)
+    with sessions.begin() as session:
+        [prediction] = session.scalars(select(Prediction))
+    assert prediction.out_of_scope is False and prediction.scope_distance is None

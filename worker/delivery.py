@@ -13,6 +13,7 @@ from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
 from worker.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
 from worker.messages import AlertContent, ComposedMessage, FlaggedImage, compose_alert
+from worker.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def _read(path: Path) -> bytes | None:
 
 
 def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, recipient: str,
-                          sender: str, timezone: str, overlay: Overlay | None) -> ComposedMessage:
+                          sender: str, timezone: str, overlay: Overlay | None,
+                          threshold_meaning: str | None = None) -> ComposedMessage:
     """The alert email for these flagged images, composed once: every attempt sends its bytes."""
     images = []
     for item in items:
@@ -51,7 +53,8 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
             received_at=item.received_at, image=_read(location),
             gradcam_png=overlay(location) if overlay is not None else None))
     content = AlertContent(images=images, model_version=items[0].model_version,
-                           threshold=items[0].threshold, timezone=timezone)
+                           threshold=items[0].threshold, timezone=timezone,
+                           threshold_meaning=threshold_meaning)
     return compose_alert(content, message_id=message_id, sender=sender, recipient=recipient)
 
 
@@ -75,7 +78,10 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
             return _finish(sessions, claimed, token, OutboxStatus.FAILED, "error", "nothing to send")
         raw = compose_alert_message(items, message_id=claimed.message_id,
                                     recipient=claimed.recipient, sender=settings.smtp.sender,
-                                    timezone=settings.timezone, overlay=overlay).raw
+                                    timezone=settings.timezone, overlay=overlay,
+                                    threshold_meaning=threshold_sentence(
+                                        settings.model, items[0].threshold,
+                                        items[0].model_version)).raw
         with sessions.begin() as session:
             outbox.store_raw(session, claimed.id, token=token, raw=raw)
 

@@ -28,11 +28,13 @@ from worker.messages import (
     DigestContent,
     DigestImage,
     FileProblem,
+    OutOfScopeImage,
     UndeliveredAlert,
     compose_digest,
     digest_key,
     recipient_message_id,
 )
+from worker.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,10 @@ def _read(location: str) -> bytes | None:
         return None
 
 
-def build_digest_content(session: Session, day: date, digest_time: time, timezone: str) -> DigestContent:
-    """Everything the digest of `day` says, read from the database for its window."""
+def build_digest_content(session: Session, day: date, digest_time: time, timezone: str,
+                         model_path: Path | None = None) -> DigestContent:
+    """Everything the digest of `day` says, read from the database for its window; what the
+    threshold means comes from the card of the model at `model_path` (None: the shipped one)."""
     start, end = digest_period(day, digest_time, ZoneInfo(timezone))
     screened = outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
     rejected = outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
@@ -54,9 +58,12 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
     images = [
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
-                    thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None)
+                    thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None,
+                    threshold=prediction.threshold)
         for rank, (image, prediction) in enumerate(flagged)
     ]
+    out_of_scope = [OutOfScopeImage(source=image.source, received_at=image.received_at)
+                    for image, _ in outbox.out_of_scope_in_period(session, start, end)]
     undelivered = [
         UndeliveredAlert(subject=row.subject, reason=row.last_error or "not delivered yet",
                          attempts=row.attempts)
@@ -72,6 +79,9 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         undelivered_alerts=undelivered,
         model_version=latest.model_version if latest else None,
         threshold=latest.threshold if latest else None,
+        out_of_scope_images=out_of_scope,
+        threshold_meaning=threshold_sentence(model_path, latest.threshold, latest.model_version)
+        if latest else None,
     )
 
 
@@ -85,7 +95,8 @@ def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, d
             # First statement of the transaction: the exactly-once guard (see the module doc).
             outbox.take_digest(session, day=day, period_start=start, period_end=end,
                                recipients=len(recipients), now=now)
-            content = build_digest_content(session, day, settings.digest.time, settings.timezone)
+            content = build_digest_content(session, day, settings.digest.time, settings.timezone,
+                                           settings.model)
             ids = []
             for recipient in recipients:
                 # One Message-ID per recipient's copy (an outbox row is one email), stable.

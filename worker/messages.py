@@ -2,7 +2,8 @@
 
 One home for both: the shared MIME assembly, thumbnails, local times, the Message-ID rule, the
 disclaimer; the bodies are Jinja2 templates in `worker/templates/` (HTML autoescaped). Pure:
-plain data in, `ComposedMessage` out; no settings, database or model imports.
+plain data in, `ComposedMessage` out; no settings or database imports, and of the model only
+`model.scores`, the one rule for writing a probability beside its threshold.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.scores import probability_text, threshold_text
+
 logger = logging.getLogger(__name__)
 
 DISCLAIMER = (
@@ -45,6 +48,20 @@ _TEMPLATES = Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
+# `{{ p|probability(threshold) }}`: never reads like the threshold it is compared with.
+_TEMPLATES.filters["probability"] = probability_text
+_TEMPLATES.filters["threshold"] = threshold_text
+
+
+def sentence(text: str) -> str:
+    """`text` as a sentence: capital first letter, full stop at the end."""
+    text = text.strip()
+    if not text:
+        return text
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+_TEMPLATES.filters["sentence"] = sentence
 
 
 # ---- shared by every message -------------------------------------------------------------------
@@ -198,21 +215,26 @@ class AlertContent:
     model_version: str
     threshold: float
     timezone: str = "UTC"  # the zone in which arrival times are shown
+    #: What the threshold means ("at this threshold the model caught 95% of melanomas in
+    #: validation ..."), or that the clinic set it; None: nothing is said.
+    threshold_meaning: str | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
             raise ValueError("an alert needs at least one flagged image")
 
 
-def alert_subject(flagged: Sequence[tuple[str, float]]) -> str:
-    """The subject line from (source, melanoma probability) pairs: the highest and how many."""
+def alert_subject(flagged: Sequence[tuple[str, float]], threshold: float | None = None) -> str:
+    """The subject line from (source, melanoma probability) pairs: the highest and how many;
+    p is written with enough digits that it never reads like the threshold."""
     if not flagged:
         raise ValueError("an alert needs at least one flagged image")
     source, p = max(flagged, key=lambda pair: pair[1])
     name = clean_header_text(source)
+    written = probability_text(p, threshold)
     if len(flagged) == 1:
-        return f"Melanoma suspected (p={p:.2f}): {name}"
-    return (f"Melanoma suspected in {len(flagged)} images (highest p={p:.2f}): {name} and "
+        return f"Melanoma suspected (p={written}): {name}"
+    return (f"Melanoma suspected in {len(flagged)} images (highest p={written}): {name} and "
             f"{len(flagged) - 1} more")
 
 
@@ -232,6 +254,8 @@ def compose_alert(alert: AlertContent, *, message_id: str, sender: str,
             "item": item, "lesion": lesion, "gradcam": cam,
             "received": local_time(item.received_at, alert.timezone),
             "classes": [{"name": name, "padded": name.ljust(width), "value": value,
+                         "text": probability_text(
+                             value, alert.threshold if name == "melanoma" else None, digits=3),
                          "strong": name in (item.predicted_class, "melanoma"),
                          "bar": max(1, round(value * 120)),
                          "colour": "#b91c1c" if name == "melanoma" else "#6b7280"}
@@ -239,7 +263,7 @@ def compose_alert(alert: AlertContent, *, message_id: str, sender: str,
         })
     context = {"alert": alert, "rows": rows}
     return _assemble(
-        subject=alert_subject([(i.source, i.melanoma_probability) for i in ranked]),
+        subject=alert_subject([(i.source, i.melanoma_probability) for i in ranked], alert.threshold),
         message_id=message_id, sender=sender, recipient=recipient,
         text=_render("alert.txt", **context), html=_render("alert.html", **context),
         images=images, headers={"Importance": "high"})
@@ -256,6 +280,15 @@ class DigestImage:
     predicted_class: str
     received_at: datetime  # aware; a naive value is taken as UTC
     thumbnail: bytes | None = None  # any format Pillow reads; shrunk to DIGEST_THUMBNAIL_PX
+    threshold: float | None = None  # the threshold it was flagged against
+
+
+@dataclass(frozen=True)
+class OutOfScopeImage:
+    """A screened image that is not like a dermoscopic lesion image: listed, never alerted."""
+
+    source: str
+    received_at: datetime  # aware; a naive value is taken as UTC
 
 
 @dataclass(frozen=True)
@@ -293,6 +326,8 @@ class DigestContent:
     undelivered_alerts: Sequence[UndeliveredAlert] = ()
     model_version: str | None = None
     threshold: float | None = None
+    out_of_scope_images: Sequence[OutOfScopeImage] = ()
+    threshold_meaning: str | None = None  # as in `AlertContent`
 
 
 def digest_subject(content: DigestContent) -> str:
@@ -316,9 +351,13 @@ def _digest_context(content: DigestContent) -> dict[str, Any]:
              "thumbnail": inline_image(item.thumbnail, DIGEST_THUMBNAIL_PX, base, f"thumb{number}")
              if number <= MAX_DIGEST_THUMBNAILS else None}
             for number, item in enumerate(ranked, start=1)]
+    out_of_scope = [{"item": item, "received": local_time(item.received_at, content.timezone,
+                                                           with_zone=False)}
+                    for item in content.out_of_scope_images]
     start = local_time(content.period_start, content.timezone, with_zone=False)
     end = local_time(content.period_end, content.timezone, with_zone=False)
-    return {"digest": content, "rows": rows, "period": f"{start} to {end} ({content.timezone})",
+    return {"digest": content, "rows": rows, "out_of_scope": out_of_scope,
+            "period": f"{start} to {end} ({content.timezone})",
             "long_day": content.day.strftime("%A %d %B %Y"),
             "counts": [("screened", content.screened, False), ("flagged", content.flagged, True),
                        ("rejected", content.rejected, False), ("failed", content.failed, True)],

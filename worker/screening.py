@@ -33,6 +33,7 @@ class BatchOutcome:
     skipped: int = 0  # already finished, or claimed by another delivery
     flagged: tuple[int, ...] = ()  # image ids whose melanoma probability reached the threshold
     alerts: tuple[int, ...] = ()  # outbox ids of the alert messages written for them
+    out_of_scope: tuple[int, ...] = ()  # image ids not like a dermoscopic image: never flagged
 
 
 def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:
@@ -95,6 +96,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     screened = rejected = 0
     flagged: list[tuple[int, int, float]] = []  # (image id, prediction id, melanoma probability)
     alerts: list[int] = []
+    out_of_scope: list[int] = []
     finished = utcnow()
     with sessions.begin() as session:
         for (image_id, _path), answer in zip(work, answers, strict=True):
@@ -107,27 +109,33 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
                 session, image_id, token=token, now=finished, model_version=classifier.version,
                 probabilities=dict(zip(classifier.classes, answer.probabilities, strict=True)),
                 melanoma_probability=answer.melanoma_probability,
-                predicted_class=answer.predicted_class, threshold=threshold, seconds=per_image)
+                predicted_class=answer.predicted_class, threshold=threshold, seconds=per_image,
+                out_of_scope=answer.out_of_scope, scope_distance=answer.scope_distance)
             screened += prediction is not None
+            if prediction is not None and prediction.out_of_scope:
+                out_of_scope.append(image_id)
+                logger.warning("image %d is not like a dermoscopic image (scope distance %.3g): "
+                               "recorded, not alerted", image_id, answer.scope_distance)
             if prediction is not None and prediction.flagged:
                 flagged.append((image_id, prediction.id, prediction.melanoma_probability))
         if flagged and settings.alert.recipients:
             # Same transaction as the predictions: a flag is never stored without its alert.
-            alerts = write_alerts(session, flagged, sources, recipients=settings.alert.recipients)
+            alerts = write_alerts(session, flagged, sources, recipients=settings.alert.recipients,
+                                  threshold=threshold)
     if flagged and not settings.alert.recipients:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
                        len(flagged))
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
                         flagged=tuple(image_id for image_id, _, _ in flagged),
-                        alerts=tuple(alerts))
+                        alerts=tuple(alerts), out_of_scope=tuple(out_of_scope))
 
 
 def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
-                 *, recipients: list[str]) -> list[int]:
+                 *, recipients: list[str], threshold: float | None = None) -> list[int]:
     """One alert outbox row per recipient for the flagged images of one batch; their ids."""
     key = new_alert_key()
-    subject = alert_subject([(sources[i], p) for i, _, p in flagged])
+    subject = alert_subject([(sources[i], p) for i, _, p in flagged], threshold)
     now = utcnow()
     ids = []
     for recipient in recipients:
