@@ -256,6 +256,34 @@ def test_beat_sends_the_owed_digest_at_start_and_a_restart_does_not_repeat_it(
     assert alert_service.rows("SELECT count(*) AS n FROM digests")[0].n == 1
 
 
+def test_an_out_of_scope_drop_is_recorded_with_its_scores_and_sends_nothing(
+        alert_service: Service, mail: MailServer, tiny_scoped_model: object) -> None:
+    # The worker restarts with a model whose card marks every picture out of scope; the
+    # threshold is still 0, so in scope this image would be flagged and alerted.
+    original = alert_service.env["MELANOSCREEN_MODEL"]
+    alert_service.env["MELANOSCREEN_MODEL"] = str(tiny_scoped_model)
+    try:
+        alert_service.start("worker")
+        source = "scope/scanned-letter.jpg"
+        alert_service.drop(source, synthetic_jpeg(4006, (120, 120)))
+        [row] = alert_service.wait_finished("scope/", 1)
+    finally:
+        alert_service.env["MELANOSCREEN_MODEL"] = original
+    assert row.status == "screened"
+    [prediction] = alert_service.rows(
+        "SELECT p.flagged, p.out_of_scope, p.scope_distance, p.model_version, "
+        "p.melanoma_probability FROM predictions p JOIN images i ON i.id = p.image_id "
+        "WHERE i.source = :s", s=source)
+    assert bool(prediction.out_of_scope) and not bool(prediction.flagged)
+    assert prediction.scope_distance > 0 and prediction.model_version == "tiny-scoped-1"
+    assert 0.0 <= prediction.melanoma_probability <= 1.0  # recorded all the same
+    assert outbox_rows(alert_service, source) == []
+    assert mail.about(source) == []
+    [shown] = [r for r in json.loads(cli(alert_service, "results", "--format", "json").stdout)
+               if r["source"] == source]
+    assert shown["out_of_scope"] is True and shown["flagged"] is False
+
+
 def test_an_image_below_the_threshold_sends_nothing(
         alert_service: Service, mail: MailServer) -> None:
     # Last in this module: the worker restarts with a threshold no probability reaches.
