@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import stat
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -43,12 +47,54 @@ def known_broker(settings: Settings) -> str | None:
     return recorded.read_text().strip() if recorded.is_file() else None
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file readable by its owner only (0600), replacing it atomically."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
+    os.replace(partial, path)
+
+
+def make_private(settings: Settings) -> None:
+    """Files we create are the owner's only (umask 0077); the data folder is 0700.
+
+    A data folder left open by an older version is tightened, everything in it included.
+    Children of `up` inherit the umask; each command sets it again when started alone.
+    """
+    os.umask(0o077)
+    data = settings.data_path
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(data.stat().st_mode) & 0o077:
+        for root, dirs, files in os.walk(data):
+            for name in (*dirs, *files):
+                entry = Path(root) / name
+                info = entry.lstat()
+                if not stat.S_ISLNK(info.st_mode):
+                    entry.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+        data.chmod(0o700)
+
+
+def flower_password(settings: Settings) -> tuple[str, bool]:
+    """Flower's password: MELANOSCREEN_FLOWER_PASSWORD, else the one generated into the data
+    folder on first start (0600). Returns it and whether it was generated just now."""
+    if settings.flower.password is not None:
+        return settings.flower.password.get_secret_value(), False
+    path = settings.flower_password_file
+    if path.is_file():
+        return path.read_text().strip(), False
+    password = secrets.token_urlsafe(24)
+    write_private(path, password + "\n")
+    return password, True
+
+
 def upgrade_schema(settings: Settings) -> None:
     """Bring the schema to the latest revision, or fail with one line."""
     from db.migrate import upgrade
 
+    make_private(settings)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.database)
     except Exception as exc:
         fail(f"MELANOSCREEN_DATABASE_URL: cannot open or upgrade the database: "

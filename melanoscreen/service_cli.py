@@ -9,18 +9,32 @@ import csv
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from melanoscreen.console import BROKER_FILE, fail, known_broker, load_settings, upgrade_schema
+from melanoscreen.console import (
+    BROKER_FILE,
+    fail,
+    flower_password,
+    known_broker,
+    load_settings,
+    make_private,
+    upgrade_schema,
+    write_private,
+)
+from melanoscreen.text import printable
 
 if TYPE_CHECKING:
     from melanoscreen.settings import Settings
+    from melanoscreen.supervisor import Child
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +48,8 @@ def _broker(settings: Settings) -> str:
 
 
 def _prepare(settings: Settings) -> None:
-    """Create the data folder and inbox and bring the schema to the latest revision."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """Create the data folder (0700, umask 0077) and inbox; bring the schema up to date."""
+    make_private(settings)
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     if settings.store_dir.is_relative_to(settings.inbox_dir):
         fail("MELANOSCREEN_INBOX: must not contain the data folder's store")
@@ -93,7 +107,12 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     runtime.configure(settings, intra_op_threads=max(1, cores // processes))
     app.conf.update(broker_options(broker, settings.visibility_timeout))
     app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
-                     "--events", f"--hostname=melanoscreen-{os.getpid()}@%h"])
+                     "--events", f"--hostname={worker_node_name(os.getpid())}"])
+
+
+def worker_node_name(pid: int) -> str:
+    """The Celery node name of the worker whose main process is `pid` (`up` asks it by name)."""
+    return f"melanoscreen-{pid}@{socket.gethostname()}"
 
 
 def beat() -> None:
@@ -113,24 +132,43 @@ def beat() -> None:
 
 
 def flower() -> None:
-    """Run Flower (the live dashboard) on the same broker."""
+    """Run Flower (the live dashboard) on the same broker, its pages and API behind basic auth."""
     settings = load_settings()
     broker = _broker(settings)
+    make_private(settings)
     dashboard = settings.flower
     if not dashboard.is_loopback and not (dashboard.user and dashboard.password):
         fail(f"MELANOSCREEN_FLOWER_ADDRESS: {dashboard.address} is not loopback; set "
              "MELANOSCREEN_FLOWER_USER and MELANOSCREEN_FLOWER_PASSWORD to expose Flower")
-    env = dict(os.environ)
-    if dashboard.user and dashboard.password:
-        # Through the environment, so the password is not visible in `ps`.
-        env["FLOWER_BASIC_AUTH"] = f"{dashboard.user}:{dashboard.password.get_secret_value()}"
-    else:
-        # Loopback only: the JSON API is as reachable as the pages.
-        env["FLOWER_UNAUTHENTICATED_API"] = "true"
-    argv = [sys.executable, "-m", "celery", "--broker", broker, "flower",
-            f"--address={dashboard.address}", f"--port={dashboard.port}",
-            "--persistent=False"]
+    password, generated = flower_password(settings)
+    if generated:
+        typer.echo(f"dashboard user {dashboard.login}, password {password} (shown once; kept in "
+                   f"{settings.flower_password_file})")
+    # Secrets go through the environment (readable by this user only), never the command line.
+    # With auth on, Flower sends no `Access-Control-Allow-Origin: *`.
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    env["FLOWER_BASIC_AUTH"] = f"{dashboard.login}:{password}"
+    env["CELERY_BROKER_URL"] = broker
+    argv = [sys.executable, "-m", "celery", "flower", f"--address={dashboard.address}",
+            f"--port={dashboard.port}", "--persistent=False"]
     os.execve(sys.executable, argv, env)
+
+
+def _consumes_the_queue(broker: str) -> Callable[[Child], bool]:
+    """A check for `up`'s worker: asked through the broker, does it still consume the queue?"""
+    from melanoscreen.celeryconfig import QUEUE
+    from scheduler.queue import make_producer
+
+    app = make_producer(broker)
+
+    def check(child: Child) -> bool:
+        if child.process is None:
+            return False
+        name = worker_node_name(child.process.pid)
+        replies = app.control.inspect(destination=[name], timeout=3.0).active_queues() or {}
+        return any(queue.get("name") == QUEUE for queue in replies.get(name, []))
+
+    return check
 
 
 def up() -> None:
@@ -144,27 +182,40 @@ def up() -> None:
     env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir),
                MELANOSCREEN_INBOX=str(settings.inbox_dir),
                MELANOSCREEN_DATABASE_URL=settings.database)
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
     children: list[Child] = []
     broker_file = data_dir / BROKER_FILE
     if settings.broker_url:
         broker = settings.broker_url
     else:
         port = settings.redis_port or free_port()
-        redis = Child("redis", redis_argv(port, data_dir / "redis"))
+        # A fresh password per start: only this user can read it (broker.url, 0600, in the
+        # 0700 data folder; the children get it through their environment).
+        password = secrets.token_hex(32)
+        redis = Child("redis", redis_argv(port, data_dir / "redis", password=password))
         redis.start()
         children.append(redis)
         try:
-            wait_for_redis(port)
+            wait_for_redis(port, password=password)
         except TimeoutError as exc:
             redis.signal_group(signal.SIGKILL)
             fail(str(exc))
-        broker = f"redis://127.0.0.1:{port}/0"
-        broker_file.write_text(broker + "\n")
+        broker = f"redis://:{password}@127.0.0.1:{port}/0"
+        write_private(broker_file, broker + "\n")
     env["MELANOSCREEN_BROKER_URL"] = broker
+    flower_secret, generated = flower_password(settings)
     me = [sys.executable, "-m", "melanoscreen"]
-    children += [Child(name, [*me, name], env) for name in ("worker", "beat", "flower", "watch")]
+    # The worker is asked through the broker whether it consumes: a worker told to stop
+    # consuming (Flower's cancel-consumer) stays up doing nothing, and must be restarted.
+    children.append(Child("worker", [*me, "worker"], env, check=_consumes_the_queue(broker),
+                          check_interval=settings.worker_check_interval))
+    children += [Child(name, [*me, name], env) for name in ("beat", "flower", "watch")]
     typer.echo(f"inbox:     {settings.inbox_dir}  (drop images here)")
-    typer.echo(f"dashboard: http://{settings.flower.address}:{settings.flower.port}")
+    typer.echo(f"dashboard: http://{settings.flower.address}:{settings.flower.port}  "
+               f"(user {settings.flower.login})")
+    if generated:
+        typer.echo(f"dashboard password: {flower_secret}  (shown once; kept in "
+                   f"{settings.flower_password_file})")
     typer.echo(f"results:   melanoscreen results   (data in {data_dir})")
     code = Supervisor(children).run(_stop_on_signals())
     if not settings.broker_url:
@@ -268,20 +319,32 @@ def results(
                 row["melanoma_probability"] = probability_text(
                     result.melanoma_probability, result.threshold, digits=digits)
     if output_format == "json":
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps(rows, indent=2))  # control characters come out as \u escapes
     elif output_format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(queries.RESULT_COLUMNS))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
     else:
         typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
         for row in rows:
             p = row["melanoma_probability"]
             mark = ("  ALERT" if row["flagged"] else
                     "  OUT OF SCOPE (not like a dermoscopic image)" if row["out_of_scope"] else "")
-            detail = row["predicted_class"] or row["reason"] or ""
+            detail = printable(row["predicted_class"] or row["reason"] or "")
             typer.echo(f"{row['received_at'][:19]:<20} {row['status']:<10} {detail[:26]:<26} "
-                       f"{p or '':>7}  {row['source']}{mark}")
+                       f"{p or '':>7}  {printable(row['source'])}{mark}")
+
+
+#: A spreadsheet reads a cell that starts with one of these as a formula (or its start).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet cannot run: a leading quote before a formula's first character,
+    and control characters escaped (the CSV is read on terminals too). Numbers stay numbers."""
+    if not isinstance(value, str):
+        return value
+    return printable("'" + value if value.startswith(_FORMULA_START) else value)
 
 
 def register(app: typer.Typer) -> None:

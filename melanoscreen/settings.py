@@ -91,12 +91,18 @@ class DigestSettings(BaseModel):
 
 
 class FlowerSettings(BaseModel):
-    """`MELANOSCREEN_FLOWER_*`: the dashboard's address and basic auth."""
+    """`MELANOSCREEN_FLOWER_*`: the dashboard's address and basic auth (always on: with no
+    password set, one is generated into the data folder)."""
 
     address: str = "127.0.0.1"
     port: int = Field(default=5555, ge=1, le=65535)
     user: str | None = None
     password: SecretStr | None = None
+
+    @property
+    def login(self) -> str:
+        """The basic-auth user name."""
+        return self.user or "melanoscreen"
 
     @property
     def is_loopback(self) -> bool:
@@ -157,6 +163,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=3600, ge=60)
     #: Port of the embedded Redis that `up` starts (0: any free port).
     redis_port: int = Field(default=0, ge=0, le=65535)
+    #: How often (seconds) `up` asks its worker, through the broker, which queues it consumes;
+    #: a worker that does not answer or consumes nothing twice in a row is restarted.
+    worker_check_interval: float = Field(default=30.0, gt=0.0)
 
     @field_validator("timezone")
     @classmethod
@@ -191,6 +200,16 @@ class Settings(BaseSettings):
     def quarantine_dir(self) -> Path:
         """Unreadable files, each with a `.reason.txt` beside it."""
         return self.data_path / "quarantine"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Private copies of inbox files being taken (hard-linked or another user's)."""
+        return self.data_path / "incoming"
+
+    @property
+    def flower_password_file(self) -> Path:
+        """Flower's generated password (0600), when MELANOSCREEN_FLOWER_PASSWORD is not set."""
+        return self.data_path / "flower.password"
 
     @property
     def outbox_dir(self) -> Path:

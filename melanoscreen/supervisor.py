@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,21 +48,44 @@ def redis_executable() -> Path:
     return candidate
 
 
-def redis_argv(port: int, data_dir: Path, *, persistent: bool = True) -> list[str]:
-    """A loopback-only redis-server command line with its files in `data_dir`."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(redis_executable()), "--bind", "127.0.0.1", "--port", str(port),
-            "--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "yes",
-            "--save", "", "--logfile", ""]
-    argv += ["--appendonly", "yes" if persistent else "no"]
-    return argv
+#: Commands Celery never sends and an intruder would love: write files anywhere (CONFIG, SAVE),
+#: load code (MODULE, DEBUG), wipe or copy the queue (FLUSH*, REPLICAOF, MIGRATE, SYNC),
+#: watch every message (MONITOR), change users (ACL) or stop the server (SHUTDOWN).
+DISABLED_REDIS_COMMANDS = (
+    "CONFIG", "DEBUG", "MODULE", "FLUSHALL", "FLUSHDB", "SAVE", "BGSAVE", "BGREWRITEAOF",
+    "SLAVEOF", "REPLICAOF", "MIGRATE", "SYNC", "PSYNC", "MONITOR", "ACL", "SHUTDOWN",
+)
 
 
-def wait_for_redis(port: int, timeout: float = 20.0) -> None:
+def redis_argv(port: int, data_dir: Path, *, persistent: bool = True,
+               password: str | None = None) -> list[str]:
+    """A loopback-only redis-server command line with its files in `data_dir` (0700).
+
+    The settings, the password included, go into a 0600 config file there, so no secret is in
+    the command line; the dangerous commands are disabled.
+    """
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    lines = ["bind 127.0.0.1", f"port {port}", f'dir "{data_dir}"', "daemonize no",
+             "protected-mode yes", 'save ""', 'logfile ""',
+             f"appendonly {'yes' if persistent else 'no'}"]
+    if password is not None:
+        lines.append(f"requirepass {password}")
+    lines += [f'rename-command {command} ""' for command in DISABLED_REDIS_COMMANDS]
+    config = data_dir / "redis.conf"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write("\n".join(lines) + "\n")
+    return [str(redis_executable()), str(config)]
+
+
+def wait_for_redis(port: int, timeout: float = 20.0, password: str | None = None) -> None:
     """Block until Redis on loopback answers PING."""
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    client = redis.Redis(host="127.0.0.1", port=port, password=password,
+                         socket_connect_timeout=0.5)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -82,12 +106,36 @@ class Child:
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = None
     restarts: deque[float] = field(default_factory=deque)
+    #: Asked every `check_interval` seconds once the child has run that long: is it doing its
+    #: job (a worker that still consumes the queue)? Two noes in a row and it is restarted.
+    check: Callable[[Child], bool] | None = None
+    check_interval: float = 30.0
+    started_at: float = 0.0
+    checked_at: float = 0.0
+    failed_checks: int = 0
 
     def start(self) -> None:
         """Start it in a new session (process group) of its own."""
         self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
                                         preexec_fn=_die_with_parent)
+        self.started_at = self.checked_at = time.monotonic()
+        self.failed_checks = 0
         logger.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def is_stuck(self, now: float) -> bool:
+        """Whether its check, due now, failed for the second time in a row."""
+        if self.check is None or now - self.checked_at < self.check_interval:
+            return False
+        self.checked_at = now
+        try:
+            healthy = self.check(self)
+        except Exception as exc:  # the broker's errors vary by transport
+            logger.warning("cannot check %s: %s", self.name, exc)
+            return False
+        self.failed_checks = 0 if healthy else self.failed_checks + 1
+        if not healthy:
+            logger.warning("%s failed its check (%d in a row)", self.name, self.failed_checks)
+        return self.failed_checks >= 2
 
     def signal_group(self, signum: int) -> None:
         """Signal its whole process group (a worker's pool processes too)."""
@@ -117,9 +165,19 @@ class Supervisor:
                 for child in self.children:
                     assert child.process is not None
                     code = child.process.poll()
-                    if code is None:
-                        continue
                     now = time.monotonic()
+                    if code is None:
+                        if not child.is_stuck(now):
+                            continue
+                        logger.warning("%s is running but not doing its job; restarting it",
+                                       child.name)
+                        child.signal_group(signal.SIGTERM)
+                        try:
+                            child.process.wait(timeout=self.stop_timeout)
+                        except subprocess.TimeoutExpired:
+                            child.signal_group(signal.SIGKILL)
+                            child.process.wait()
+                        code = child.process.returncode
                     while child.restarts and now - child.restarts[0] > self.window_seconds:
                         child.restarts.popleft()
                     if len(child.restarts) >= self.max_restarts:

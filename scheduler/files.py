@@ -1,16 +1,34 @@
-"""File-system steps of intake: which names to ignore, hashing, atomic moves. Nothing is deleted."""
+"""File-system steps of intake: which names to ignore, reading a file safely, atomic moves.
+
+Nothing is deleted: a file leaves the inbox only once its content is safe in the data folder.
+The inbox may be writable by others, so a name is never trusted between two steps: a file is
+opened once without following links, checked, hashed from that open file, and what is moved is
+checked to be the very file that was hashed.
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import re
 import shutil
+import stat
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 #: Names that are still being written or are not meant for us.
 PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload")
+#: The longest name (bytes) most file systems take; names we make stay within it.
+MAX_NAME_BYTES = 255
+#: A suffix kept on store names: a dot and up to ten letters or digits (`.jpg`, `.tiff`).
+_STORE_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
+_CHUNK = 1 << 20
+
+
+class ReplacedWhileReading(OSError):
+    """The inbox name was swapped for another file (or a link) while we read it."""
 
 
 def is_ignored(relative: PurePath) -> bool:
@@ -32,10 +50,12 @@ def open_for_writing(path: Path) -> bool | None:
     import fcntl
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         try:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError as exc:
@@ -52,6 +72,26 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def capped_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """`name` cut to at most `limit` bytes (in the file system's encoding, whole characters),
+    keeping a short suffix: an over-long name from the inbox must not make our moves fail."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    path = PurePath(name)
+    suffix = path.suffix if len(os.fsencode(path.suffix)) <= 16 else ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    room = limit - len(os.fsencode(suffix))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem + suffix
+
+
+def store_suffix(name: str) -> str:
+    """The suffix a store name keeps: lower case, short, letters and digits only; else none."""
+    suffix = PurePath(name).suffix.lower()
+    return suffix if _STORE_SUFFIX.fullmatch(suffix) else ""
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -61,34 +101,147 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def unique_path(target: Path) -> Path:
-    """`target`, or `name-1.ext`, `name-2.ext`... when it exists already."""
+    """`target`, or `name-1.ext`, `name-2.ext`... when it exists already (within 255 bytes)."""
+    target = target.with_name(capped_name(target.name, MAX_NAME_BYTES - 8))
     candidate, counter = target, 1
-    while candidate.exists():
+    while candidate.exists() or candidate.is_symlink():
         candidate = target.with_name(f"{target.stem}-{counter}{target.suffix}")
         counter += 1
     return candidate
 
 
-def move_atomically(source: Path, target: Path) -> Path:
-    """Move `source` to `target` so that `target` is never seen half-written.
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
-    A rename within one file system; across file systems a copy, fsync and rename, after which
-    the source is removed (the content is safe in the target by then).
+
+@dataclass
+class InboxFile:
+    """One inbox file, opened without following links and known to be a regular file.
+
+    The file is hashed from the open descriptor. A file with other hard links, or owned by
+    another user, is copied (while hashing) into a private staging file, so the store never
+    shares an inode with a file outside the data folder and every stored file is ours, 0600.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
-        with open(source, "rb") as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+
+    path: Path
+    fd: int
+    info: os.stat_result  # fstat of the open file
+    sha256: str = ""
+    staged: Path | None = None  # the private copy, when the file itself is not moved
+    moved: bool = field(default=False, init=False)
+
+    @property
+    def size(self) -> int:
+        """Bytes of content."""
+        return self.info.st_size
+
+    def close(self) -> None:
+        """Close the file; a staging copy that was not moved goes (the original is still there)."""
+        os.close(self.fd)
+        if self.staged is not None and not self.moved:
+            self.staged.unlink(missing_ok=True)
+
+    def __enter__(self) -> InboxFile:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def move_to(self, target: Path) -> Path:
+        """Move the content that was hashed to `target` (a new name in the data folder), 0600."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.staged is None:
+            os.fchmod(self.fd, 0o600)
+            try:
+                os.rename(self.path, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Another file system: copy from the open file, then drop the inbox name.
+                self._copy_to(target)
+                self._remove_inbox_name()
+            else:
+                self._check_moved(target)
+        else:
+            os.rename(self.staged, target)
+            self._remove_inbox_name()
+        _fsync_dir(target.parent)
+        self.moved = True
+        return target
+
+    def _check_moved(self, target: Path) -> None:
+        """What the rename moved must be the file we hashed; a swapped-in name goes back."""
+        moved = os.lstat(target)
+        if _same_file(moved, self.info):
+            return
+        back = unique_path(self.path)
+        os.rename(target, back)
+        raise ReplacedWhileReading(errno.ESTALE, f"{self.path} was replaced while it was read; "
+                                   f"left in the inbox as {back.name}")
+
+    def _copy_to(self, target: Path) -> None:
+        partial = target.with_name(f".{target.name[:200]}.{os.getpid()}.part")
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        with open(partial, "xb") as dst:
+            os.fchmod(dst.fileno(), 0o600)
+            with os.fdopen(os.dup(self.fd), "rb") as src:
+                shutil.copyfileobj(src, dst, _CHUNK)
             dst.flush()
             os.fsync(dst.fileno())
         os.rename(partial, target)
-        _fsync_dir(target.parent)
-        os.unlink(source)
-        return target
-    _fsync_dir(target.parent)
-    return target
+
+    def _remove_inbox_name(self) -> None:
+        """The content is safe in the data folder: the inbox name goes, if it is still ours."""
+        try:
+            if _same_file(os.lstat(self.path), self.info):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def open_inbox_file(path: Path, staging_dir: Path) -> InboxFile | None:
+    """Open and hash `path`; None when it is gone, a link or not a regular file.
+
+    A regular file of ours with one link is hashed in place and later renamed; anything else
+    (other hard links, another owner) is copied into `staging_dir` while it is hashed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink: never followed
+            return None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None
+    opened = InboxFile(path, fd, info)
+    try:
+        digest = hashlib.sha256()
+        if info.st_nlink == 1 and info.st_uid == os.geteuid():
+            while chunk := os.read(fd, _CHUNK):
+                digest.update(chunk)
+        else:
+            staging_dir.mkdir(parents=True, exist_ok=True)
+            staged = staging_dir / f"{os.getpid()}-{info.st_ino}.part"
+            staged.unlink(missing_ok=True)
+            out = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            opened.staged = staged
+            try:
+                while chunk := os.read(fd, _CHUNK):
+                    digest.update(chunk)
+                    os.write(out, chunk)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        opened.sha256 = digest.hexdigest()
+        if opened.staged is None:
+            opened.info = os.fstat(fd)  # the size as hashed
+    except BaseException:
+        os.close(fd)
+        if opened.staged is not None:
+            opened.staged.unlink(missing_ok=True)
+        raise
+    return opened

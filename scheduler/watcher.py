@@ -8,6 +8,7 @@ It never imports TensorFlow: work is enqueued by task name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -38,9 +39,10 @@ from db.schema import utcnow
 from melanoscreen.settings import Settings
 from scheduler.files import (
     is_ignored,
-    move_atomically,
     open_for_writing,
+    open_inbox_file,
     sha256_of,
+    store_suffix,
     unique_path,
 )
 from scheduler.queue import chunks
@@ -92,36 +94,61 @@ class Intake:
         return None if is_ignored(relative) else relative
 
     def take(self, path: Path) -> int | None:
-        """Take `path`; returns the new image id to enqueue, or None (duplicate, ignored, gone)."""
+        """Take `path`; returns the new image id to enqueue, or None (duplicate, ignored, gone).
+
+        The file is opened once without following links; what is hashed is what is moved
+        (scheduler.files.InboxFile), so a name swapped for a link meanwhile is never taken.
+        """
         relative = self.relative_name(path)
         if relative is None:
             return None
-        try:
-            size = path.stat().st_size
-            sha256 = sha256_of(path)
-        except FileNotFoundError:
+        opened = open_inbox_file(path, self.settings.staging_dir)
+        if opened is None:
             return None
-        received = utcnow()
-        with self.sessions.begin() as session:
-            known = queries.find_image_by_sha256(session, sha256)
-            if known is not None:
-                target = unique_path(self.settings.duplicates_dir / _stamped(received, path.name))
-                move_atomically(path, target)
-                queries.add_duplicate(session, image_id=known.id, source=relative.as_posix(),
-                                      location=str(target), received_at=received)
-                logger.info("%s is a duplicate of image %d (%s); kept in %s", relative, known.id,
-                            known.source, target)
-                return None
-            target = self.store_path(sha256, path.suffix)
-            move_atomically(path, target)
-            image = queries.add_image(session, sha256=sha256, source=relative.as_posix(),
-                                      size_bytes=size, location=str(target), received_at=received)
-            logger.info("%s received as image %d", relative, image.id)
-            return image.id
+        self._make_folders_private(relative)
+        with opened:
+            received = utcnow()
+            with self.sessions.begin() as session:
+                known = queries.find_image_by_sha256(session, opened.sha256)
+                if known is not None:
+                    target = opened.move_to(unique_path(
+                        self.settings.duplicates_dir / _stamped(received, path.name)))
+                    queries.add_duplicate(session, image_id=known.id, source=relative.as_posix(),
+                                          location=str(target), received_at=received)
+                    logger.info("%s is a duplicate of image %d (%s); kept in %s", relative,
+                                known.id, known.source, target)
+                    return None
+                target = opened.move_to(self.store_path(opened.sha256, path.name))
+                image = queries.add_image(session, sha256=opened.sha256,
+                                          source=relative.as_posix(), size_bytes=opened.size,
+                                          location=str(target), received_at=received)
+                logger.info("%s received as image %d", relative, image.id)
+                return image.id
 
-    def store_path(self, sha256: str, suffix: str) -> Path:
-        """store/ab/abcdef...<suffix>: one file per content."""
-        return self.settings.store_dir / sha256[:2] / f"{sha256}{suffix.lower()}"
+    def _make_folders_private(self, relative: Path) -> None:
+        """An inbox inside the data folder is private like the rest of it: subfolders that a
+        dropping tool made with its own umask are closed to other users (ours only)."""
+        if not self.inbox.is_relative_to(self.settings.data_path.resolve()):
+            return
+        folder = self.inbox
+        for part in relative.parent.parts:
+            folder = folder / part
+            with contextlib.suppress(OSError):
+                info = folder.lstat()
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() \
+                        and stat.S_IMODE(info.st_mode) & 0o077:
+                    folder.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+
+    def store_path(self, sha256: str, name: str) -> Path:
+        """store/ab/abcdef...<suffix>: one file per content; a short, plain suffix or none."""
+        return self.settings.store_dir / sha256[:2] / f"{sha256}{store_suffix(name)}"
+
+    def clear_staging(self) -> None:
+        """Private copies left by a crash go: their originals are still in the inbox."""
+        staging = self.settings.staging_dir
+        if staging.is_dir():
+            for leftover in staging.glob("*.part"):
+                leftover.unlink(missing_ok=True)
 
     def recover_store(self) -> list[int]:
         """Record files that reached the store without their row (a crash between move and commit)."""
@@ -193,6 +220,7 @@ class Watcher:
         logger.info("watching %s (%s)", self.inbox,
                     "close-after-write events" if self.fast else "polling for stable files")
         try:
+            self.intake.clear_staging()
             self._enqueue_now(self.intake.recover_store())
             self.rescan()
             next_rescan = time.monotonic() + self.settings.rescan_interval

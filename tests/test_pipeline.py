@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -148,9 +149,16 @@ def test_flower_lists_the_worker_and_the_screening_tasks(service: Service) -> No
     service.drop("flower/one.jpg", synthetic_jpeg(7000))
     service.wait_finished("flower/", 1)
 
+    # Flower is always behind basic auth: with no password set, one is generated at first start.
+    password_file = service.data_dir / "flower.password"
+    wait_until(password_file.exists, timeout=60, message="Flower's generated password")
+    token = base64.b64encode(f"melanoscreen:{password_file.read_text().strip()}".encode())
+
     def get(path: str) -> object:
+        request = urllib.request.Request(base + path,
+                                         headers={"Authorization": f"Basic {token.decode()}"})
         try:
-            with urllib.request.urlopen(base + path, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return json.loads(response.read())
         except OSError:
             return None

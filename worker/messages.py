@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from melanoscreen.text import printable
 from model.scores import probability_text, threshold_text
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ _TEMPLATES = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
     keep_trailing_newline=True,
+    # Names come from the inbox: a newline in one must not start a line of the text part.
+    # Control characters become visible escapes; Markup (already escaped HTML) is left alone.
+    finalize=lambda value: printable(value) if type(value) is str else value,
 )
 # `{{ p|probability(threshold) }}`: never reads like the threshold it is compared with.
 _TEMPLATES.filters["probability"] = probability_text
