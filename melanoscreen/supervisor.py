@@ -106,13 +106,16 @@ class Child:
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = None
     restarts: deque[float] = field(default_factory=deque)
-    #: Asked every `check_interval` seconds once the child has run that long: is it doing its
-    #: job (a worker that still consumes the queue)? Two noes in a row and it is restarted.
+    #: Asked every `check_interval` seconds: is it doing its job (a worker that still consumes
+    #: the queue)? Two noes in a row and it is restarted. Noes count once it has said yes, or
+    #: after `check_grace` seconds (a slow start under load is not a stuck child).
     check: Callable[[Child], bool] | None = None
     check_interval: float = 30.0
+    check_grace: float = 120.0
     started_at: float = 0.0
     checked_at: float = 0.0
     failed_checks: int = 0
+    passed_once: bool = False
 
     def start(self) -> None:
         """Start it in a new session (process group) of its own."""
@@ -120,6 +123,7 @@ class Child:
                                         preexec_fn=_die_with_parent)
         self.started_at = self.checked_at = time.monotonic()
         self.failed_checks = 0
+        self.passed_once = False
         logger.info("started %s (pid %d)", self.name, self.process.pid)
 
     def is_stuck(self, now: float) -> bool:
@@ -132,9 +136,13 @@ class Child:
         except Exception as exc:  # the broker's errors vary by transport
             logger.warning("cannot check %s: %s", self.name, exc)
             return False
-        self.failed_checks = 0 if healthy else self.failed_checks + 1
-        if not healthy:
-            logger.warning("%s failed its check (%d in a row)", self.name, self.failed_checks)
+        if healthy:
+            self.passed_once, self.failed_checks = True, 0
+            return False
+        if not self.passed_once and now - self.started_at < self.check_grace:
+            return False  # still starting
+        self.failed_checks += 1
+        logger.warning("%s failed its check (%d in a row)", self.name, self.failed_checks)
         return self.failed_checks >= 2
 
     def signal_group(self, signum: int) -> None:

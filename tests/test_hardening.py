@@ -334,6 +334,7 @@ def test_flower_needs_auth_and_a_worker_told_to_stop_consuming_is_restarted(up: 
 
     names = list(wait_until(workers, timeout=60, message="Flower listing the worker"))
     assert len(names) == 1
+    assert "not doing its job" not in up.log()  # a consuming worker is left alone
     cancel = f"/api/worker/queue/cancel-consumer/{names[0]}?queue=celery"
     # A page in a browser that knows the password still cannot post from another origin.
     assert _flower(up, "POST", cancel, origin="http://evil.example")[0] == 403

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 from melanoscreen.supervisor import Child, Supervisor
@@ -67,3 +68,22 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout(tmp_path:
     wait_until(ready.exists, timeout=30, interval=0.05, message="the child ignoring SIGTERM")
     supervisor.stop_all()
     assert stubborn.process is not None and stubborn.process.returncode == -signal.SIGKILL
+
+
+def test_a_running_child_that_fails_its_check_twice_is_restarted_but_not_while_starting() -> None:
+    answers = iter([True, False, False])  # healthy once, then stuck (a worker that stopped consuming)
+    stuck = Child("stuck", SLEEPER, check=lambda _child: next(answers, True), check_interval=0.1)
+    starting = Child("starting", SLEEPER, check=lambda _child: False, check_interval=0.1,
+                     check_grace=60)
+    stop = threading.Event()
+    thread, result = run_in_thread(Supervisor([stuck, starting]), stop)
+    try:
+        wait_until(lambda: len(stuck.restarts) == 1, timeout=30, interval=0.05,
+                   message="the stuck child restarted")
+        first = stuck.restarts[0]
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert result == [0]
+    assert stuck.restarts == deque([first])  # healthy again after its restart
+    assert not starting.restarts  # never healthy yet, but within its start-up grace
