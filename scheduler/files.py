@@ -86,6 +86,12 @@ def capped_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
     return stem + suffix
 
 
+def recorded_name(relative: PurePath) -> str:
+    """The inbox-relative name as text for the database: bytes that are not UTF-8 (a name
+    may hold any byte but `/` and NUL) are written as `\\xff` escapes instead of failing."""
+    return os.fsencode(relative.as_posix()).decode("utf-8", "backslashreplace")
+
+
 def store_suffix(name: str) -> str:
     """The suffix a store name keeps: lower case, short, letters and digits only; else none."""
     suffix = PurePath(name).suffix.lower()
@@ -123,7 +129,9 @@ class InboxFile:
     shares an inode with a file outside the data folder and every stored file is ours, 0600.
     """
 
-    path: Path
+    path: Path  # for messages; every step goes through `folder_fd` and `name`
+    folder_fd: int  # the inbox folder that holds it, opened without following links
+    name: str
     fd: int
     info: os.stat_result  # fstat of the open file
     sha256: str = ""
@@ -138,6 +146,7 @@ class InboxFile:
     def close(self) -> None:
         """Close the file; a staging copy that was not moved goes (the original is still there)."""
         os.close(self.fd)
+        os.close(self.folder_fd)
         if self.staged is not None and not self.moved:
             self.staged.unlink(missing_ok=True)
 
@@ -153,7 +162,7 @@ class InboxFile:
         if self.staged is None:
             os.fchmod(self.fd, 0o600)
             try:
-                os.rename(self.path, target)
+                os.rename(self.name, target, src_dir_fd=self.folder_fd)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
@@ -174,10 +183,13 @@ class InboxFile:
         moved = os.lstat(target)
         if _same_file(moved, self.info):
             return
-        back = unique_path(self.path)
-        os.rename(target, back)
+        back, counter = self.name, 0
+        while _exists_in(self.folder_fd, back):
+            counter += 1
+            back = f"{PurePath(self.name).stem}-{counter}{PurePath(self.name).suffix}"
+        os.rename(target, back, dst_dir_fd=self.folder_fd)
         raise ReplacedWhileReading(errno.ESTALE, f"{self.path} was replaced while it was read; "
-                                   f"left in the inbox as {back.name}")
+                                   f"left in the inbox as {back}")
 
     def _copy_to(self, target: Path) -> None:
         partial = target.with_name(f".{target.name[:200]}.{os.getpid()}.part")
@@ -193,31 +205,62 @@ class InboxFile:
     def _remove_inbox_name(self) -> None:
         """The content is safe in the data folder: the inbox name goes, if it is still ours."""
         try:
-            if _same_file(os.lstat(self.path), self.info):
-                os.unlink(self.path)
+            if _same_file(os.stat(self.name, dir_fd=self.folder_fd, follow_symlinks=False),
+                          self.info):
+                os.unlink(self.name, dir_fd=self.folder_fd)
         except FileNotFoundError:
             pass
 
 
-def open_inbox_file(path: Path, staging_dir: Path) -> InboxFile | None:
-    """Open and hash `path`; None when it is gone, a link or not a regular file.
+def _exists_in(folder_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _open_folder(inbox: Path, parts: tuple[str, ...]) -> int | None:
+    """The inbox subfolder `parts`, walked one name at a time without following a link (a
+    folder swapped for a link to elsewhere is not entered); None if it is not there."""
+    folder = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in parts:
+        try:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=folder)
+        except OSError as exc:
+            os.close(folder)
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                return None
+            raise
+        os.close(folder)
+        folder = inner
+    return folder
+
+
+def open_inbox_file(inbox: Path, relative: PurePath, staging_dir: Path) -> InboxFile | None:
+    """Open and hash the inbox file `relative`; None when it is gone, a link or not a regular file.
 
     A regular file of ours with one link is hashed in place and later renamed; anything else
     (other hard links, another owner) is copied into `staging_dir` while it is hashed.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    folder = _open_folder(inbox, relative.parts[:-1])
+    if folder is None:
         return None
+    try:
+        fd = os.open(relative.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=folder)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symlink: never followed
+        os.close(folder)
+        if exc.errno in (errno.ENOENT, errno.ELOOP):  # gone, or a symlink: never followed
             return None
         raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
+        os.close(folder)
         return None
-    opened = InboxFile(path, fd, info)
+    opened = InboxFile(inbox / relative, folder, relative.name, fd, info)
     try:
         digest = hashlib.sha256()
         if info.st_nlink == 1 and info.st_uid == os.geteuid():
@@ -241,6 +284,7 @@ def open_inbox_file(path: Path, staging_dir: Path) -> InboxFile | None:
             opened.info = os.fstat(fd)  # the size as hashed
     except BaseException:
         os.close(fd)
+        os.close(folder)
         if opened.staged is not None:
             opened.staged.unlink(missing_ok=True)
         raise

@@ -41,6 +41,7 @@ from scheduler.files import (
     is_ignored,
     open_for_writing,
     open_inbox_file,
+    recorded_name,
     sha256_of,
     store_suffix,
     unique_path,
@@ -102,10 +103,11 @@ class Intake:
         relative = self.relative_name(path)
         if relative is None:
             return None
-        opened = open_inbox_file(path, self.settings.staging_dir)
+        opened = open_inbox_file(self.inbox, relative, self.settings.staging_dir)
         if opened is None:
             return None
         self._make_folders_private(relative)
+        source = recorded_name(relative)
         with opened:
             received = utcnow()
             with self.sessions.begin() as session:
@@ -113,14 +115,14 @@ class Intake:
                 if known is not None:
                     target = opened.move_to(unique_path(
                         self.settings.duplicates_dir / _stamped(received, path.name)))
-                    queries.add_duplicate(session, image_id=known.id, source=relative.as_posix(),
+                    queries.add_duplicate(session, image_id=known.id, source=source,
                                           location=str(target), received_at=received)
                     logger.info("%s is a duplicate of image %d (%s); kept in %s", relative,
                                 known.id, known.source, target)
                     return None
                 target = opened.move_to(self.store_path(opened.sha256, path.name))
                 image = queries.add_image(session, sha256=opened.sha256,
-                                          source=relative.as_posix(), size_bytes=opened.size,
+                                          source=source, size_bytes=opened.size,
                                           location=str(target), received_at=received)
                 logger.info("%s received as image %d", relative, image.id)
                 return image.id
@@ -332,6 +334,10 @@ class Watcher:
                     image_id = self.intake.take(path)
                 except OSError as exc:
                     logger.error("cannot take %s: %s", path, exc)
+                    continue
+                except Exception:
+                    # One file must never stop the intake of all the others.
+                    logger.exception("cannot take %s", path)
                     continue
                 if image_id is not None:
                     if not self.batch:

@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email import policy
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pytest
@@ -400,13 +400,13 @@ def test_a_symlink_swapped_in_while_a_file_is_hashed_never_reaches_the_store(
 
 def test_the_file_that_was_hashed_is_the_one_moved_or_nothing_is(tmp_path: Path) -> None:
     # The same race, made certain: the name is swapped between hashing and moving.
-    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox, store, staging = tmp_path / "inbox", tmp_path / "store", tmp_path / "staging"
     inbox.mkdir()
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(b"outside the inbox")
     name = inbox / "x.jpg"
     name.write_bytes(b"what was dropped")
-    opened = open_inbox_file(name, tmp_path / "staging")
+    opened = open_inbox_file(inbox, PurePath("x.jpg"), staging)
     assert opened is not None
     with opened:
         (tmp_path / "link").symlink_to(secret)
@@ -415,7 +415,15 @@ def test_the_file_that_was_hashed_is_the_one_moved_or_nothing_is(tmp_path: Path)
             opened.move_to(store / "ab" / "x.jpg")
     assert list(store.rglob("*")) == [store / "ab"]
     assert name.is_symlink()  # the swapped-in link went back where it came from
-    assert open_inbox_file(name, tmp_path / "staging") is None  # and is never followed
+    assert open_inbox_file(inbox, PurePath("x.jpg"), staging) is None  # and is never followed
+    # A folder swapped for a link to elsewhere (after the watcher looked at the name) is not
+    # entered either.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "y.jpg").write_bytes(b"outside the inbox")
+    (inbox / "sub").symlink_to(elsewhere)
+    assert open_inbox_file(inbox, PurePath("sub/y.jpg"), staging) is None
+    assert (elsewhere / "y.jpg").read_bytes() == b"outside the inbox"
 
 
 # ---- 6 and 9 (medium): formula cells, terminal escapes, a newline in an email's text part ----
@@ -469,3 +477,13 @@ def test_over_long_names_become_one_row_each_at_once(up: Up) -> None:
     assert kept.read_bytes() == content and len(os.fsencode(kept.name)) <= 255
     assert "File name too long" not in up.log()
     assert len(up.images("long/")) == 1
+
+
+def test_a_name_that_is_not_utf8_becomes_one_row_and_the_watcher_lives_on(up: Up) -> None:
+    # b"lesion\xff.jpg": a name may hold any byte; the database holds text.
+    up.move_in({"bytes/lesion\udcff.jpg": synthetic_jpeg(88_000),
+                "bytes/plain.jpg": synthetic_jpeg(88_001)})
+    rows = up.wait_finished("bytes/", 2, timeout=30)
+    assert set(rows) == {"bytes/lesion\\xff.jpg", "bytes/plain.jpg"}
+    assert {row.status for row in rows.values()} == {"screened"}
+    assert "watch exited" not in up.log()
