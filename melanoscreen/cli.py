@@ -8,6 +8,7 @@ import sys
 import typer
 
 from melanoscreen import alerts_cli, model_cli, service_cli
+from melanoscreen.text import printable
 
 app = typer.Typer(
     name="melanoscreen",
@@ -21,8 +22,17 @@ for _commands in (model_cli, service_cli, alerts_cli):
     _commands.register(app)
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines name inbox files: their control characters are shown as escapes, so a name
+    cannot forge a log line or drive the terminal (tracebacks keep their line breaks)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def main() -> None:
     """Console entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     app()

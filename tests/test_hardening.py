@@ -443,6 +443,7 @@ def test_a_formula_name_is_a_plain_text_cell_and_escapes_never_reach_the_termina
     table = up.run("results")
     assert "\x1b" not in table and "\x07" not in table
     assert "csv/\\x1b]0;pwned\\x07" in table
+    assert "\x1b" not in up.log()  # nor through the log lines that name the file
 
 
 def test_a_newline_in_a_name_does_not_start_a_line_in_the_alert_text(up: Up) -> None:
@@ -457,6 +458,8 @@ def test_a_newline_in_a_name_does_not_start_a_line_in_the_alert_text(up: Up) -> 
     assert "mail/lesion\\x0aMelanoma probability: 0.001\\x0ax.jpg" in body
     assert not [line for line in body.splitlines()
                 if line.strip().startswith("Melanoma probability: 0.001")]
+    assert not [line for line in up.log().splitlines()
+                if line.startswith("Melanoma probability: 0.001")]  # nor a log line
 
 
 # ---- 8 (medium): over-long names are recorded at once --------------------------------------
