@@ -81,9 +81,13 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
     figures["melanoma_same_batch"] = melanoma_same_source(probs, y, batches, classes,
                                                           classifier.threshold, seed=seed)
     scoped = classifier.card.out_of_scope_distance is not None
+    outside = np.asarray([classifier.is_out_of_scope(float(d)) for d in dist], bool)
+    melanoma = y == classes.index("melanoma")
     figures["out_of_scope"] = {
         "distance_limit": classifier.card.out_of_scope_distance,
-        "count": int(sum(classifier.is_out_of_scope(float(d)) for d in dist)) if scoped else None,
+        "count": int(outside.sum()) if scoped else None,
+        # The service never alerts an out-of-scope image: each melanoma here would be missed.
+        "melanomas": int((outside & melanoma).sum()) if scoped else None,
     }
     figures["model_version"] = classifier.version
     figures["dropped"] = [{"path": str(d.path), "reason": d.reason} for d in dataset.dropped]
