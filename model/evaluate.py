@@ -79,7 +79,8 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
     figures["melanoma_same_source"] = melanoma_same_source(probs, y, sources, classes,
                                                            classifier.threshold, seed=seed)
     figures["melanoma_same_batch"] = melanoma_same_source(probs, y, batches, classes,
-                                                          classifier.threshold, seed=seed)
+                                                          classifier.threshold, min_benign=10,
+                                                          seed=seed)
     scoped = classifier.card.out_of_scope_distance is not None
     outside = np.asarray([classifier.is_out_of_scope(float(d)) for d in dist], bool)
     melanoma = y == classes.index("melanoma")

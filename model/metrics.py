@@ -184,37 +184,55 @@ def bootstrap_interval(statistic: Any, arrays: tuple[np.ndarray, ...], *, strata
     return float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))
 
 
+def within_group_auc(positive: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float | None:
+    """AUC over (positive, negative) pairs of the same group only: sum of U over groups, divided
+    by the number of such pairs. With one group it is the plain AUC."""
+    u_sum, pairs = 0.0, 0
+    for group in np.unique(groups):
+        inside = groups == group
+        n_pos, n_neg = int(positive[inside].sum()), int((~positive[inside]).sum())
+        auc = roc_auc(positive[inside], scores[inside])
+        if auc is not None:
+            u_sum += auc * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return u_sum / pairs if pairs else None
+
+
 def melanoma_same_source(probabilities: np.ndarray, y_true: np.ndarray, sources: list[str],
                          classes: list[str], threshold: float, *, melanoma: str = "melanoma",
-                         bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Melanoma against benign lesions of the melanomas' own source(s) only, with 95% intervals.
+                         min_benign: int = 1, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Melanoma against benign lesions of the melanomas' own source only, with 95% intervals.
 
-    Only images of a source that has melanomas count, so recognising the source gives nothing
-    away. Keys: `sources`, `n`, `melanomas`, `auc`, `sensitivity`, `specificity` (at
-    `threshold`), and `*_interval` ([low, high], stratified bootstrap) unless `bootstrap` is 0.
+    Only sources that have melanomas and at least `min_benign` benign lesions count, and the
+    AUC pairs each melanoma only with benign lesions of its own source, so recognising the
+    source gives nothing away. Keys: `sources`, `n`, `melanomas`, `auc`, `sensitivity`,
+    `specificity` (at `threshold`), and `*_interval` ([low, high], bootstrap resampling within
+    each source and class) unless `bootstrap` is 0.
     """
     m = classes.index(melanoma)
     y_true = np.asarray(y_true, int)
     source_array = np.asarray(sources)
     positive = y_true == m
-    with_melanoma = sorted(set(source_array[positive].tolist()))
-    inside = np.isin(source_array, with_melanoma)
-    pos, scores = positive[inside], np.asarray(probabilities, float)[inside, m]
+    kept = sorted(source for source in set(source_array[positive].tolist())
+                  if int(((source_array == source) & ~positive).sum()) >= min_benign)
+    inside = np.isin(source_array, kept)
+    pos, scores, groups = positive[inside], np.asarray(probabilities, float)[inside, m], source_array[inside]
     sens, spec = sensitivity_specificity(pos, scores, threshold)
     result: dict[str, Any] = {
-        "sources": with_melanoma, "n": int(inside.sum()), "melanomas": int(pos.sum()),
-        "auc": roc_auc(pos, scores), "threshold": float(threshold),
+        "sources": kept, "n": int(inside.sum()), "melanomas": int(pos.sum()),
+        "auc": within_group_auc(pos, scores, groups), "threshold": float(threshold),
         "sensitivity": sens, "specificity": spec,
     }
     if bootstrap and pos.any() and (~pos).any():
+        strata = np.asarray([f"{g}/{p}" for g, p in zip(groups, pos, strict=True)])
         result["auc_interval"] = bootstrap_interval(
-            roc_auc, (pos, scores), strata=pos, rounds=bootstrap, seed=seed)
+            within_group_auc, (pos, scores, groups), strata=strata, rounds=bootstrap, seed=seed)
         result["sensitivity_interval"] = bootstrap_interval(
             lambda p, s: sensitivity_specificity(p, s, threshold)[0], (pos, scores),
-            strata=pos, rounds=bootstrap, seed=seed)
+            strata=strata, rounds=bootstrap, seed=seed)
         result["specificity_interval"] = bootstrap_interval(
             lambda p, s: sensitivity_specificity(p, s, threshold)[1], (pos, scores),
-            strata=pos, rounds=bootstrap, seed=seed)
+            strata=strata, rounds=bootstrap, seed=seed)
     return result
 
 

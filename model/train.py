@@ -335,7 +335,7 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
         scaled["after"], prepared.labels, prepared.sources, classes, threshold, seed=config.seed)
     figures["melanoma_same_batch"] = melanoma_same_source(
         scaled["after"], prepared.labels, [batch_of(s.path) for s in prepared.samples], classes,
-        threshold, seed=config.seed)
+        threshold, min_benign=10, seed=config.seed)
     figures["expected_calibration_error_before_temperature"] = before["expected_calibration_error"]
     m = classes.index(MELANOMA)
     sens, spec = sensitivity_specificity(prepared.labels == m, scaled["after"][:, m], threshold)

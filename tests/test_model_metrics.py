@@ -13,6 +13,7 @@ from model.metrics import (
     probe_auc,
     roc_auc,
     threshold_for_sensitivity,
+    within_group_auc,
 )
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -145,3 +146,20 @@ def test_the_source_probe_finds_a_source_that_shows_and_not_one_that_does_not() 
     assert probe_auc(shows, target) > 0.9  # type: ignore[operator]
     assert 0.3 < probe_auc(hidden, target) < 0.7  # type: ignore[operator]
     assert probe_auc(hidden[:3], target[:3]) is None
+
+
+def test_the_auc_within_groups_pairs_each_melanoma_only_with_its_own_groups_lesions() -> None:
+    # group a: mel 0.6 vs benign 0.5 (1 of 1 pairs right); group b: mel 0.2 vs benign 0.1 (1 of 1).
+    # Pooled, the b melanoma (0.2) would rank below the a benign (0.5): AUC 3/4, not 1.
+    positive = np.array([True, False, True, False])
+    scores = np.array([0.6, 0.5, 0.2, 0.1])
+    groups = np.array(["a", "a", "b", "b"])
+    assert roc_auc(positive, scores) == pytest.approx(3 / 4)
+    assert within_group_auc(positive, scores, groups) == pytest.approx(1.0)
+    classes = ["melanoma", "nevus"]
+    probabilities = np.stack([scores, 1 - scores], axis=1)
+    y = np.where(positive, 0, 1)
+    # A group without enough benign lesions is left out.
+    figures = melanoma_same_source(probabilities, y, list(groups), classes, 0.5, min_benign=2,
+                                   bootstrap=0)
+    assert figures["sources"] == [] and figures["auc"] is None
