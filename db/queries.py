@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import Duplicate, Image, ImageStatus, Prediction
+from db.schema import Duplicate, Image, ImageStatus, Prediction, Review, User
 
 
 def find_image_by_sha256(session: Session, sha256: str) -> Image | None:
@@ -94,10 +94,14 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
     won = result.rowcount
     if won != 1:
         return None
+    flagged = melanoma_probability >= threshold and not out_of_scope
+    # The worklist's columns: a new answer that flags the image asks for a (new) review.
+    session.execute(update(Image).where(Image.id == image_id).values(
+        melanoma_probability=melanoma_probability, flagged=flagged, needs_review=flagged))
     prediction = Prediction(
         image_id=image_id, model_version=model_version, probabilities=probabilities,
         melanoma_probability=melanoma_probability, predicted_class=predicted_class,
-        threshold=threshold, flagged=melanoma_probability >= threshold and not out_of_scope,
+        threshold=threshold, flagged=flagged,
         out_of_scope=out_of_scope, scope_distance=scope_distance, seconds=seconds, created_at=now,
     )
     session.add(prediction)
@@ -178,6 +182,8 @@ class ResultRow:
     flagged: bool | None
     model_version: str | None
     out_of_scope: bool | None
+    #: The latest review: None or {verdict, diagnosis, reviewer, reviewed_at} (revision 0004).
+    review: dict[str, Any] | None = None
     #: The threshold the prediction was judged against: for writing p (not an output column).
     threshold: float | None = None
 
@@ -190,6 +196,7 @@ class ResultRow:
             "predicted_class": self.predicted_class,
             "melanoma_probability": self.melanoma_probability, "flagged": self.flagged,
             "model_version": self.model_version, "out_of_scope": self.out_of_scope,
+            "review": self.review,
         }
 
 
@@ -209,16 +216,39 @@ def results(session: Session, *, since: datetime | None = None,
         query = query.where(Image.received_at >= since)
     if flagged_only:
         query = query.where(Prediction.flagged.is_(True))
-    rows = []
-    for image, prediction in session.execute(query):
-        rows.append(ResultRow(
-            sha256=image.sha256, source=image.source, status=image.status, reason=image.reason,
-            received_at=image.received_at, screened_at=image.screened_at,
-            predicted_class=prediction.predicted_class if prediction else None,
-            melanoma_probability=prediction.melanoma_probability if prediction else None,
-            flagged=prediction.flagged if prediction else None,
-            model_version=prediction.model_version if prediction else None,
-            out_of_scope=prediction.out_of_scope if prediction else None,
-            threshold=prediction.threshold if prediction else None,
-        ))
-    return rows
+    found = list(session.execute(query))
+    reviews = latest_review_summaries(session, [image.id for image, _ in found])
+    return [result_row(image, prediction, reviews.get(image.id)) for image, prediction in found]
+
+
+def result_row(image: Image, prediction: Prediction | None,
+               review: dict[str, Any] | None = None) -> ResultRow:
+    """An image, its latest prediction and latest review (a summary) as one results row."""
+    return ResultRow(
+        sha256=image.sha256, source=image.source, status=image.status, reason=image.reason,
+        received_at=image.received_at, screened_at=image.screened_at,
+        predicted_class=prediction.predicted_class if prediction else None,
+        melanoma_probability=prediction.melanoma_probability if prediction else None,
+        flagged=prediction.flagged if prediction else None,
+        model_version=prediction.model_version if prediction else None,
+        out_of_scope=prediction.out_of_scope if prediction else None,
+        review=review,
+        threshold=prediction.threshold if prediction else None,
+    )
+
+
+def latest_review_summaries(session: Session, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """{verdict, diagnosis, reviewer, reviewed_at} of each image's latest review, by image id."""
+    summaries: dict[int, dict[str, Any]] = {}
+    # In chunks: SQLite limits the number of bound parameters of one statement.
+    for start in range(0, len(image_ids), 500):
+        chunk = image_ids[start:start + 500]
+        newest = (select(func.max(Review.id)).where(Review.image_id.in_(chunk))
+                  .group_by(Review.image_id).scalar_subquery())
+        for review, name in session.execute(select(Review, User.name)
+                                            .join(User, User.id == Review.reviewer_id)
+                                            .where(Review.id.in_(newest))):
+            summaries[review.image_id] = {
+                "verdict": review.verdict.value, "diagnosis": review.diagnosis, "reviewer": name,
+                "reviewed_at": review.created_at.isoformat()}
+    return summaries

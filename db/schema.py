@@ -15,6 +15,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -104,12 +105,29 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class Verdict(StrEnum):
+    """A dermatologist's verdict on an image."""
+
+    REFER = "refer"  # biopsy or excision recommended
+    BENIGN = "benign"  # no action
+    NOT_ASSESSABLE = "not_assessable"  # the image is unusable
+
+
+class Role(StrEnum):
+    """What a review-app account may do: admins also manage accounts."""
+
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
 class Image(Base):
     """One distinct image content (by SHA-256), as it arrived and where it is now."""
 
     __tablename__ = "images"
     __table_args__ = (
         CheckConstraint(f"status {_in(ImageStatus)}", name="status"),
+        # The worklist's order: unreviewed flagged images first, highest probability first.
+        Index("ix_images_worklist", "needs_review", "melanoma_probability", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -120,12 +138,19 @@ class Image(Base):
     status: Mapped[ImageStatus] = mapped_column(_enum_column(ImageStatus), default=ImageStatus.QUEUED,
                                                 index=True)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     claim_token: Mapped[str | None] = mapped_column(String(64), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     screened_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The latest prediction's answer and the latest review, copied here so that the worklist
+    # filters and pages on indexed columns of one table (revision 0004).
+    melanoma_probability: Mapped[float | None] = mapped_column(Float, default=None)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None, index=True)
+    #: flagged and not reviewed since it was last screened: the worklist's first group.
+    needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
     duplicates: Mapped[list[Duplicate]] = relationship(back_populates="image")
@@ -235,4 +260,53 @@ class DeliveryAttempt(Base):
     outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     outcome: Mapped[str] = mapped_column(String(16))  # sent, deferred, rejected, error
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class User(Base):
+    """A review-app account; never deleted (reviews and the audit log name it), only disabled."""
+
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(f"role {_in(Role)}", name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str] = mapped_column(String(320))
+    role: Mapped[Role] = mapped_column(_enum_column(Role), default=Role.REVIEWER)
+    password_hash: Mapped[str] = mapped_column(String(255))  # argon2id, PHC string
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Wrong passwords in a row; at 5 the account is locked until `locked_until`.
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Review(Base):
+    """A dermatologist's verdict on an image: append-only; a later one supersedes, both stay."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (CheckConstraint(f"verdict {_in(Verdict)}", name="verdict"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    #: The prediction the reviewer saw (the latest one), for the per-model-version figures.
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"), default=None)
+    verdict: Mapped[Verdict] = mapped_column(_enum_column(Verdict))
+    diagnosis: Mapped[str | None] = mapped_column(String(64), default=None)
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what, when, in the review app (page views, reviews, logins, account changes)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    username: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))  # view_image, review, login, login_failed, ...
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), default=None, index=True)
     detail: Mapped[str | None] = mapped_column(Text, default=None)

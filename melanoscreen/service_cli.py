@@ -31,6 +31,7 @@ from melanoscreen.console import (
     write_private,
 )
 from melanoscreen.text import printable
+from melanoscreen.web_cli import web_address, web_secret
 
 if TYPE_CHECKING:
     from melanoscreen.settings import Settings
@@ -209,8 +210,12 @@ def up() -> None:
     # consuming (Flower's cancel-consumer) stays up doing nothing, and must be restarted.
     children.append(Child("worker", [*me, "worker"], env, check=_consumes_the_queue(broker),
                           check_interval=settings.worker_check_interval))
-    children += [Child(name, [*me, name], env) for name in ("beat", "flower", "watch")]
+    children += [Child(name, [*me, name], env) for name in ("beat", "flower", "watch", "web")]
+    # The review app's cookie key is made here, before its child starts (it is kept across starts).
+    web_secret(settings)
     typer.echo(f"inbox:     {settings.inbox_dir}  (drop images here)")
+    typer.echo(f"review:    {web_address(settings)}  (accounts: melanoscreen users add NAME "
+               "--email ADDR --password-stdin)")
     typer.echo(f"dashboard: http://{settings.flower.address}:{settings.flower.port}  "
                f"(user {settings.flower.login})")
     if generated:
@@ -242,7 +247,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
            = False) -> None:
     """Images per state, flagged, queue length, alerts pending/sent/failed, the last digest."""
     settings = load_settings()
-    from db import outbox, queries
+    from db import outbox, queries, reviews
     from db.schema import ImageStatus, OutboxKind
     from db.session import make_session_factory
 
@@ -250,6 +255,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     with make_session_factory(settings.database).begin() as session:
         counts = queries.status_counts(session)
         flagged = queries.flagged_count(session)
+        unreviewed = reviews.unreviewed_flagged_count(session)
         out_of_scope = queries.out_of_scope_count(session)
         duplicates = queries.duplicate_count(session)
         alerts = outbox.outbox_counts(session, OutboxKind.ALERT)
@@ -262,13 +268,13 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
         "counts": counts, "flagged": flagged, "queue_length": _queue_length(known_broker(settings)),
         "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
         "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients),
-        "out_of_scope": out_of_scope}
+        "out_of_scope": out_of_scope, "unreviewed_flagged": unreviewed}
     if json_output:
         typer.echo(json.dumps(report))
         return
     for name in (status.value for status in ImageStatus):
         typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
-    typer.echo(f"{'flagged':<10}{flagged:>8}")
+    typer.echo(f"{'flagged':<10}{flagged:>8}  ({unreviewed} not reviewed)")
     typer.echo(f"{'off-scope':<10}{out_of_scope:>8}  (not like a dermoscopic image: not alerted)")
     typer.echo(f"{'duplicate':<10}{duplicates:>8}")
     queue = report["queue_length"]
@@ -323,6 +329,9 @@ def results(
     elif output_format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(queries.RESULT_COLUMNS))
         writer.writeheader()
+        for row in rows:
+            # One cell for the latest review: its verdict (the JSON has the whole review).
+            row["review"] = row["review"]["verdict"] if row["review"] else ""
         writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
     else:
         typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")

@@ -115,6 +115,17 @@ class FlowerSettings(BaseModel):
             return False
 
 
+class WebSettings(BaseModel):
+    """`MELANOSCREEN_WEB_*`: the review app's address and the key that signs its session
+    cookies (with no secret set, one is generated into the data folder)."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    secret: SecretStr | None = None
+    #: How long (seconds) a login lasts.
+    session_hours: float = Field(default=12.0, gt=0.0)
+
+
 class BatchSettings(BaseModel):
     """`MELANOSCREEN_BATCH_*`: image ids per screening task, and how long (seconds) the watcher
     waits to fill a batch."""
@@ -151,6 +162,9 @@ class Settings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    #: The review app's address as emails should link to it (e.g. https://melanoscreen.clinic.example).
+    public_url: str | None = None
 
     #: Screening attempts before an image is marked `failed`.
     max_attempts: int = Field(default=5, ge=1)
@@ -210,6 +224,16 @@ class Settings(BaseSettings):
     def flower_password_file(self) -> Path:
         """Flower's generated password (0600), when MELANOSCREEN_FLOWER_PASSWORD is not set."""
         return self.data_path / "flower.password"
+
+    @property
+    def web_secret_file(self) -> Path:
+        """The review app's generated cookie-signing key (0600), when MELANOSCREEN_WEB_SECRET is unset."""
+        return self.data_path / "web.secret"
+
+    @property
+    def overlays_dir(self) -> Path:
+        """Grad-CAM overlays (PNG) the worker made for alerts, one per image: overlays/<sha256>.png."""
+        return self.data_path / "overlays"
 
     @property
     def outbox_dir(self) -> Path:

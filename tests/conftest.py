@@ -282,7 +282,7 @@ def service_env(data_dir: Path, broker_url: str, model_path: Path, **extra: str)
         "MELANOSCREEN_RESCAN_INTERVAL": "1",
         "MELANOSCREEN_STABLE_SECONDS": "0.5",
         "MELANOSCREEN_WORKER_CONCURRENCY": "1",
-        "MELANOSCREEN_FLOWER_PORT": str(free_port()),
+        "MELANOSCREEN_FLOWER_PORT": str(free_port()), "MELANOSCREEN_WEB_PORT": str(free_port()),
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
     })

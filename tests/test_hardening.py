@@ -125,7 +125,8 @@ def up(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[U
                 "MELANOSCREEN_BATCH_SIZE": "16", "MELANOSCREEN_WORKER_CONCURRENCY": "1",
                 "MELANOSCREEN_STABLE_SECONDS": "0.5", "MELANOSCREEN_RESCAN_INTERVAL": "1",
                 "MELANOSCREEN_WORKER_CHECK_INTERVAL": "2",
-                "MELANOSCREEN_FLOWER_PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2",
+                "MELANOSCREEN_FLOWER_PORT": str(free_port()), "MELANOSCREEN_WEB_PORT": str(free_port()),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
                 "PYTHONUNBUFFERED": "1"})
     log_path = root / "up.log"
     with open(log_path, "wb") as out:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -21,10 +23,18 @@ def _env(data_dir: Path, model: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOSCREEN_")}
     env.update({"MELANOSCREEN_DATA_DIR": str(data_dir), "MELANOSCREEN_MODEL": str(model),
                 "MELANOSCREEN_BATCH_DELAY": "0.1", "MELANOSCREEN_WORKER_CONCURRENCY": "1",
-                "MELANOSCREEN_FLOWER_PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2",
+                "MELANOSCREEN_FLOWER_PORT": str(free_port()), "MELANOSCREEN_WEB_PORT": str(free_port()),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
                 "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
+
+
+def _answers(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
 
 
 def _status(data_dir: Path) -> list[str]:
@@ -40,15 +50,34 @@ def test_up_screens_a_drop_and_leaves_no_process_behind_after_sigterm(
         tmp_path: Path, tiny_model: Path) -> None:
     data_dir = tmp_path / "data"
     log = tmp_path / "up.log"
+    env = _env(data_dir, tiny_model, MELANOSCREEN_ALERT_THRESHOLD="0")
     with open(log, "wb") as out:
         up = subprocess.Popen([sys.executable, "-m", "melanoscreen", "up"], cwd=tmp_path,
-                              env=_env(data_dir, tiny_model), stdout=out, stderr=subprocess.STDOUT)
+                              env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: (data_dir / "broker.url").exists(), timeout=60, message="redis")
         assert "inbox:" in log.read_text() or wait_until(lambda: "inbox:" in log.read_text())
+        web = f"http://127.0.0.1:{env['MELANOSCREEN_WEB_PORT']}"
+        assert f"review:    {web}" in log.read_text()
         (data_dir / "inbox" / "one.jpg").write_bytes(synthetic_jpeg(30_000))
         wait_until(lambda: _status(data_dir) == ["screened"], timeout=120,
                    message="the image screened by up's worker")
+        # The review app that up started: closed without a login, open to a user added by the CLI.
+        subprocess.run([sys.executable, "-m", "melanoscreen", "users", "add", "ann", "--email",
+                        "ann@clinic.example", "--password-stdin"], env=env, input="a long password\n",
+                       text=True, check=True, timeout=60, cwd=tmp_path)
+        wait_until(lambda: _answers(f"{web}/api/images") == 401, timeout=60, message="the review app")
+        listed = httpx.get(f"{web}/api/images", params={"flagged": "true", "reviewed": "false"},
+                           auth=("ann", "a long password"), timeout=30).json()
+        assert [item["source"] for item in listed["items"]] == ["one.jpg"]
+        sha = listed["items"][0]["sha256"]
+        stored = httpx.post(f"{web}/api/images/{sha}/reviews", json={"verdict": "benign"},
+                            auth=("ann", "a long password"), timeout=30)
+        assert stored.status_code == 201
+        results = subprocess.run([sys.executable, "-m", "melanoscreen", "results", "--format", "json"],
+                                 env=env, capture_output=True, text=True, check=True, timeout=60,
+                                 cwd=tmp_path)
+        assert json.loads(results.stdout)[0]["review"]["verdict"] == "benign"
         family = children_of(up.pid)
         assert len(family) >= 6  # redis, worker (+ its pool), beat, flower, watcher
         up.send_signal(signal.SIGTERM)

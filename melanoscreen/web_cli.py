@@ -1,0 +1,161 @@
+"""The review app's commands: `web` (serve it) and `users` (accounts)."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from melanoscreen.console import fail, load_settings, make_private, upgrade_schema, write_private
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from melanoscreen.settings import Settings
+
+users_app = typer.Typer(help="Review-app accounts: add, list, disable, set-password.",
+                        no_args_is_help=True)
+
+
+def web_secret(settings: Settings) -> str:
+    """The key that signs session cookies: MELANOSCREEN_WEB_SECRET, else the one generated into
+    the data folder on first start (0600)."""
+    if settings.web.secret is not None:
+        return settings.web.secret.get_secret_value()
+    path = settings.web_secret_file
+    if path.is_file():
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(48)
+    write_private(path, secret + "\n")
+    return secret
+
+
+def web_address(settings: Settings) -> str:
+    """Where the review app answers (what `up` and `web` print)."""
+    return f"http://{settings.web.address}:{settings.web.port}"
+
+
+def web() -> None:
+    """Serve the review app (worklist, case pages, reviews, JSON API), every page behind a login."""
+    import uvicorn
+
+    from web.app import create_app
+    from web.deps import WebConfig
+
+    settings = load_settings()
+    upgrade_schema(settings)
+    config = WebConfig(
+        database_url=settings.database, secret=web_secret(settings),
+        overlays_dir=settings.overlays_dir, timezone=settings.timezone,
+        session_seconds=int(settings.web.session_hours * 3600),
+        secure_cookies=bool(settings.public_url and settings.public_url.startswith("https://")))
+    typer.echo(f"review app: {web_address(settings)}  (accounts: melanoscreen users add)")
+    uvicorn.run(create_app(config), host=settings.web.address, port=settings.web.port,
+                log_level="info", server_header=False, proxy_headers=False)
+
+
+def _read_password(password_stdin: bool) -> str:
+    if not password_stdin:
+        fail("give the password on standard input with --password-stdin (never on the command line)")
+    password = sys.stdin.readline().rstrip("\r\n")
+    from web.routers.users import MIN_PASSWORD
+
+    if len(password) < MIN_PASSWORD:
+        fail(f"the password must have at least {MIN_PASSWORD} characters")
+    return password
+
+
+def _sessions(settings: Settings) -> sessionmaker[Session]:
+    from db.session import make_session_factory
+
+    upgrade_schema(settings)
+    return make_session_factory(settings.database)
+
+
+@users_app.command("add")
+def users_add(name: str,
+              email: Annotated[str, typer.Option(help="The user's email address.")],
+              role: Annotated[str, typer.Option(help="reviewer or admin.")] = "reviewer",
+              password_stdin: Annotated[bool, typer.Option("--password-stdin",
+                                                           help="Read the password from stdin.")] = False,
+              ) -> None:
+    """Add an account (the password is read from standard input)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from db import reviews
+    from db.schema import Role
+    from web.routers.users import check_new_account
+    from web.security import hash_password
+
+    settings = load_settings()
+    password = _read_password(password_stdin)
+    problem = check_new_account(name, email, password, role)
+    if problem:
+        fail(problem)
+    make_private(settings)
+    try:
+        with _sessions(settings).begin() as session:
+            reviews.add_user(session, name=name, email=email, role=Role(role),
+                             password_hash=hash_password(password), now=datetime.now(UTC))
+            reviews.audit(session, user=None, username="(command line)", action="user_add",
+                          now=datetime.now(UTC), detail=f"{name} ({role})")
+    except IntegrityError:
+        fail(f"a user named {name!r} exists already")
+    typer.echo(f"added {name} ({role})")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every account: name, email, role, active or disabled, locked."""
+    from db import reviews
+
+    settings = load_settings()
+    now = datetime.now(UTC)
+    with _sessions(settings).begin() as session:
+        for user in reviews.list_users(session):
+            state = "active" if user.active else "disabled"
+            if reviews.is_locked(user, now):
+                state += ", locked"
+            typer.echo(f"{user.name:<20} {user.email:<32} {user.role.value:<9} {state}")
+
+
+def _change(name: str, action: str, **values: object) -> None:
+    from db import reviews
+
+    settings = load_settings()
+    with _sessions(settings).begin() as session:
+        user = reviews.find_user(session, name)
+        if user is None:
+            fail(f"no user named {name!r}")
+        for key, value in values.items():
+            setattr(user, key, value)
+        reviews.audit(session, user=None, username="(command line)", action=action,
+                      now=datetime.now(UTC), detail=name)
+
+
+@users_app.command("disable")
+def users_disable(name: str) -> None:
+    """Disable an account: it can no longer log in (its reviews stay)."""
+    _change(name, "user_disable", active=False)
+    typer.echo(f"disabled {name}")
+
+
+@users_app.command("set-password")
+def users_set_password(name: str, password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the password from stdin.")] = False) -> None:
+    """Set an account's password (read from standard input); this also lifts a lock."""
+    from web.security import hash_password
+
+    password = _read_password(password_stdin)
+    _change(name, "user_set_password", password_hash=hash_password(password), failed_logins=0,
+            locked_until=None)
+    typer.echo(f"password set for {name}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `web` and `users` to the `melanoscreen` app."""
+    app.command()(web)
+    app.add_typer(users_app, name="users")

@@ -1,0 +1,225 @@
+"""The review app over real HTTP (uvicorn on loopback): logins, CSRF, roles, escaping, the API."""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from sqlalchemy import select
+from starlette.routing import Mount
+from web_fixtures import HOSTILE_NAME, PASSWORD, LiveApp, csrf_of, live_app
+
+from db.schema import AuditEvent, Review, User
+from web.app import PUBLIC_PATHS, ROUTERS, create_app
+from web.deps import WebConfig
+
+__all__ = ["live_app"]  # the fixture, used by name below
+
+
+def _routes() -> list[APIRoute]:
+    """Every route of the app: the routes of each router it includes."""
+    app = create_app(WebConfig(database_url="sqlite://", secret="s", overlays_dir=Path(".")))
+    assert len([r for r in app.routes if not isinstance(r, Mount)]) == len(ROUTERS)
+    routes = [route for router in ROUTERS for route in router.routes]
+    assert all(isinstance(route, APIRoute) for route in routes)
+    return routes  # type: ignore[return-value]
+
+
+def test_every_route_but_login_and_logout_refuses_an_anonymous_request(live_app: LiveApp) -> None:
+    sha = live_app.flagged
+    client = live_app.client()
+    checked = 0
+    for route in _routes():
+        path = route.path.replace("{sha256}", sha)
+        for method in route.methods or ():
+            answer = client.request(method, path, data={} if method == "POST" else None)
+            if route.path in PUBLIC_PATHS:
+                # The login form is open; posting it (or logout) without a CSRF token is not.
+                assert method == "GET" or answer.status_code == 403, (method, path)
+                continue
+            checked += 1
+            if path.startswith("/api/"):
+                assert answer.status_code == 401, (method, path, answer.status_code)
+                assert answer.headers["www-authenticate"].startswith("Basic")
+            else:
+                assert answer.status_code in (303, 403), (method, path, answer.status_code)
+                if method == "GET":
+                    assert answer.headers["location"].startswith("/login?next=")
+    assert checked >= 12
+    # Every route says who may call it, in its summary.
+    for route in _routes():
+        assert (route.summary or "").split(":")[0] in ("public", "login", "admin"), route.path
+        assert (route.summary or "").startswith("public") == (route.path in PUBLIC_PATHS)
+
+
+def test_the_static_folder_holds_only_the_stylesheet() -> None:
+    app = create_app(WebConfig(database_url="sqlite://", secret="s", overlays_dir=Path(".")))
+    mounts = [route for route in app.routes if isinstance(route, Mount)]
+    assert [m.path for m in mounts] == ["/static"]
+    from web.app import HERE
+
+    assert sorted(p.name for p in (HERE / "static").iterdir()) == ["style.css"]
+
+
+def test_a_login_sets_a_signed_httponly_samesite_cookie_with_expiry(live_app: LiveApp) -> None:
+    client = live_app.client()
+    token = csrf_of(client.get("/login").text)
+    answer = client.post("/login", data={"name": "ann", "password": PASSWORD, "csrf_token": token})
+    assert answer.status_code == 303
+    cookie = answer.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "max-age=3600" in cookie
+    assert client.get("/").status_code == 200
+    # A cookie whose signature does not match is no login.
+    forged = live_app.client()
+    forged.cookies.set("melanoscreen_session", client.cookies["melanoscreen_session"][:-4] + "AAAA")
+    assert forged.get("/").status_code == 303
+
+
+def test_five_wrong_passwords_lock_the_name_even_for_the_right_one(live_app: LiveApp) -> None:
+    client = live_app.client()
+    token = csrf_of(client.get("/login").text)
+    for _ in range(5):
+        answer = client.post("/login", data={"name": "ann", "password": "wrong", "csrf_token": token})
+        assert answer.status_code == 401
+    answer = client.post("/login", data={"name": "ann", "password": PASSWORD, "csrf_token": token})
+    assert answer.status_code == 401 and "locked" in answer.text
+    # The API's HTTP Basic is locked out too.
+    assert live_app.client().get("/api/images", auth=("ann", PASSWORD)).status_code == 401
+    with live_app.sessions.begin() as session:
+        user = session.scalars(select(User).where(User.name == "ann")).one()
+        assert user.locked_until is not None
+        actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert actions.count("login_failed") == 5 and "login_locked" in actions
+
+
+def test_a_form_without_its_csrf_token_is_refused(live_app: LiveApp) -> None:
+    client = live_app.login()
+    sha = live_app.flagged
+    answer = client.post(f"/images/{sha}/reviews", data={"verdict": "refer"})
+    assert answer.status_code == 403
+    answer = client.post(f"/images/{sha}/reviews", data={"verdict": "refer", "csrf_token": "forged"})
+    assert answer.status_code == 403
+    # Nor does a session cookie alone post to the API: the browser must send the token.
+    answer = client.post(f"/api/images/{sha}/reviews", json={"verdict": "refer"})
+    assert answer.status_code == 403
+    with live_app.sessions.begin() as session:
+        assert session.scalars(select(Review)).all() == []
+
+
+def test_a_reviewer_cannot_add_users_and_an_admin_can(live_app: LiveApp) -> None:
+    reviewer = live_app.login("ann")
+    token = csrf_of(reviewer.get("/").text)
+    form = {"name": "bob", "email": "bob@clinic.example", "password": "another long one",
+            "role": "admin", "csrf_token": token}
+    assert reviewer.get("/users").status_code == 403
+    assert reviewer.post("/users", data=form).status_code == 403
+    admin = live_app.login("root")
+    form["csrf_token"] = csrf_of(admin.get("/users").text)
+    assert admin.post("/users", data=form).status_code == 303
+    assert "bob@clinic.example" in admin.get("/users").text
+
+
+def test_html_in_a_source_name_or_a_note_is_shown_escaped(live_app: LiveApp) -> None:
+    client = live_app.login()
+    sha = live_app.hostile
+    page = client.get(f"/images/{sha}").text
+    token = csrf_of(page)
+    note = "<b onmouseover=alert(3)>big</b> & </textarea><script>alert(4)</script>"
+    assert client.post(f"/images/{sha}/reviews", data={"verdict": "benign", "note": note,
+                                                       "csrf_token": token}).status_code == 303
+    for page in (client.get(f"/images/{sha}").text, client.get("/").text, client.get("/audit").text):
+        assert "<script>alert" not in page and "<img src=x" not in page and "<b onmouseover" not in page
+    case = client.get(f"/images/{sha}")
+    assert html.escape(HOSTILE_NAME, quote=False) in case.text.replace("&#34;", '"').replace("&#39;", "'")
+    assert "&lt;b onmouseover=alert(3)&gt;big&lt;/b&gt; &amp; &lt;/textarea&gt;" in case.text
+    assert "script-src" not in case.headers["content-security-policy"]  # default-src 'none'
+    assert "default-src 'none'" in case.headers["content-security-policy"]
+
+
+def test_the_api_answers_401_without_login_201_on_a_review_and_422_on_bad_input(live_app: LiveApp) -> None:
+    client = live_app.client()
+    sha = live_app.flagged
+    assert client.get("/api/images").status_code == 401
+    assert client.get("/api/images", auth=("ann", "wrong")).status_code == 401
+    listed = client.get("/api/images", params={"flagged": "true", "reviewed": "false"},
+                        auth=("ann", PASSWORD)).json()
+    assert [item["melanoma_probability"] for item in listed["items"]] == [0.91, 0.7, 0.62]
+    assert listed["items"][0]["sha256"] == sha and listed["items"][0]["review"] is None
+    assert {"source", "status", "flagged", "model_version", "out_of_scope"} <= set(listed["items"][0])
+    for bad in ({"verdict": "maybe"}, {"verdict": "refer", "diagnosis": "flu"},
+                {"verdict": "refer", "extra": 1}, {}):
+        answer = client.post(f"/api/images/{sha}/reviews", json=bad, auth=("ann", PASSWORD))
+        assert answer.status_code == 422, bad
+        assert answer.json()["detail"]
+    answer = client.post(f"/api/images/{sha}/reviews", content=b"{not json",
+                         headers={"content-type": "application/json"}, auth=("ann", PASSWORD))
+    assert answer.status_code == 422
+    with live_app.sessions.begin() as session:
+        assert session.scalars(select(Review)).all() == []
+    answer = client.post(f"/api/images/{sha}/reviews", auth=("ann", PASSWORD),
+                         json={"verdict": "refer", "diagnosis": "melanoma", "note": "excise"})
+    assert answer.status_code == 201
+    stored = answer.json()
+    assert stored["reviewer"] == "ann" and stored["verdict"] == "refer" and stored["created_at"]
+    one = client.get(f"/api/images/{sha}", auth=("ann", PASSWORD)).json()
+    assert one["review"]["verdict"] == "refer" and one["review"]["reviewer"] == "ann"
+    assert len(one["predictions"]) == 1 and one["reviews"][0]["note"] == "excise"
+    unreviewed = client.get("/api/images", params={"flagged": "true", "reviewed": "false"},
+                            auth=("ann", PASSWORD)).json()
+    assert sha not in [item["sha256"] for item in unreviewed["items"]]
+    assert client.get(f"/api/images/{'0' * 64}", auth=("ann", PASSWORD)).status_code == 404
+
+
+def test_reviews_are_append_only_and_the_latest_supersedes(live_app: LiveApp) -> None:
+    client = live_app.client()
+    sha = live_app.flagged
+    for verdict in ("benign", "refer"):
+        assert client.post(f"/api/images/{sha}/reviews", json={"verdict": verdict},
+                           auth=("ann", PASSWORD)).status_code == 201
+    one = client.get(f"/api/images/{sha}", auth=("ann", PASSWORD)).json()
+    assert [r["verdict"] for r in one["reviews"]] == ["refer", "benign"]
+    assert one["review"]["verdict"] == "refer"
+    page = live_app.login().get("/performance")
+    assert page.status_code == 200 and "tiny-1" in page.text and "<svg" in page.text
+
+
+def test_the_worklist_puts_unreviewed_flagged_first_filters_and_pages(live_app: LiveApp) -> None:
+    client = live_app.login()
+    page = client.get("/").text
+    order = re.findall(r'<a href="/images/([0-9a-f]{64})">', page)
+    assert order[0] == live_app.flagged
+    assert "waiting.jpg" in page
+    assert "patient-17" in client.get("/", params={"q": "patient-17"}).text
+    assert "patient-17" not in client.get("/", params={"q": "patient-3"}).text
+    assert "waiting.jpg" not in client.get("/", params={"clinic": "clinic-a"}).text
+    assert "waiting.jpg" in client.get("/", params={"status": "queued"}).text
+    assert "1 image" in client.get("/", params={"status": "queued"}).text
+    assert "0 images" in client.get("/", params={"from": "2001-01-01", "to": "2001-01-02"}).text
+
+
+def test_the_case_page_shows_the_stored_overlay_or_says_there_is_none(live_app: LiveApp) -> None:
+    client = live_app.login()
+    sha = live_app.flagged
+    assert "No Grad-CAM overlay stored" in client.get(f"/images/{sha}").text
+    assert client.get(f"/images/{sha}/overlay").status_code == 404
+    (live_app.overlays / f"{sha}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert f"/images/{sha}/overlay" in client.get(f"/images/{sha}").text
+    answer = client.get(f"/images/{sha}/overlay")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert client.get(f"/images/{sha}/file").headers["content-type"] == "image/jpeg"
+    assert client.get(f"/images/{sha}/thumbnail").status_code == 200
+    with live_app.sessions.begin() as session:
+        views = session.scalars(select(AuditEvent).where(AuditEvent.action == "view_image")).all()
+    assert len(views) == 2 and views[0].username == "ann"
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/"])
+def test_the_login_never_redirects_off_the_site(live_app: LiveApp, target: str) -> None:
+    client = live_app.client()
+    token = csrf_of(client.get("/login").text)
+    answer = client.post("/login", data={"name": "ann", "password": PASSWORD, "csrf_token": token,
+                                         "next": target})
+    assert answer.headers["location"] == "/"

@@ -1,0 +1,94 @@
+"""`melanoscreen users ...`, and what the reviews add to `results` and `status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from web_fixtures import PASSWORD, seed_image
+
+from db.migrate import upgrade
+from db.session import make_session_factory
+
+
+def melanoscreen(data: Path, *args: str, stdin: str | None = None, check: bool = True) -> str:
+    env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data))
+    env.pop("MELANOSCREEN_DATABASE_URL", None)
+    result = subprocess.run([sys.executable, "-m", "melanoscreen", *args], env=env, input=stdin,
+                            capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_users_are_added_listed_disabled_and_given_passwords_from_stdin_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    out = melanoscreen(data, "users", "add", "ann", "--email", "ann@clinic.example", check=False)
+    assert "--password-stdin" in out
+    melanoscreen(data, "users", "add", "ann", "--email", "ann@clinic.example", "--role", "admin",
+                 "--password-stdin", stdin=PASSWORD + "\n")
+    assert "exists already" in melanoscreen(data, "users", "add", "ann", "--email", "a@b.example",
+                                            "--password-stdin", stdin=PASSWORD + "\n", check=False)
+    assert "at least" in melanoscreen(data, "users", "add", "bob", "--email", "b@b.example",
+                                      "--password-stdin", stdin="short\n", check=False)
+    listed = melanoscreen(data, "users", "list")
+    assert "ann" in listed and "admin" in listed and "active" in listed
+    melanoscreen(data, "users", "set-password", "ann", "--password-stdin", stdin="another long secret\n")
+    melanoscreen(data, "users", "disable", "ann")
+    assert "disabled" in melanoscreen(data, "users", "list")
+    database = data / "melanoscreen.db"
+    assert PASSWORD.encode() not in database.read_bytes()
+    with make_session_factory(f"sqlite:///{database}").begin() as session:
+        from db.reviews import find_user
+
+        user = find_user(session, "ann")
+        assert user is not None and user.password_hash.startswith("$argon2id$") and not user.active
+
+
+def test_results_and_status_show_reviews_and_the_unreviewed_flagged(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    url = f"sqlite:///{data / 'melanoscreen.db'}"
+    upgrade(url)
+    sessions = make_session_factory(url)
+    store = tmp_path / "store"
+    store.mkdir()
+    first = seed_image(sessions, store, source="a.jpg", seed=1, melanoma=0.9)
+    seed_image(sessions, store, source="b.jpg", seed=2, melanoma=0.8)
+    seed_image(sessions, store, source="c.jpg", seed=3, melanoma=0.1)
+    melanoscreen(data, "users", "add", "ann", "--email", "ann@clinic.example", "--password-stdin",
+                 stdin=PASSWORD + "\n")
+    assert json.loads(melanoscreen(data, "status", "--json"))["unreviewed_flagged"] == 2
+    from datetime import UTC, datetime
+
+    from db import reviews
+    from db.queries import find_image_by_sha256
+    from db.schema import Verdict
+
+    with sessions.begin() as session:
+        image, user = find_image_by_sha256(session, first), reviews.find_user(session, "ann")
+        assert image is not None and user is not None
+        reviews.add_review(session, image, user, verdict=Verdict.REFER, diagnosis="melanoma",
+                           note="", now=datetime.now(UTC))
+    assert json.loads(melanoscreen(data, "status", "--json"))["unreviewed_flagged"] == 1
+    rows = {r["source"]: r for r in json.loads(melanoscreen(data, "results", "--format", "json"))}
+    assert rows["a.jpg"]["review"]["verdict"] == "refer"
+    assert rows["a.jpg"]["review"]["reviewer"] == "ann"
+    assert set(rows["a.jpg"]["review"]) == {"verdict", "diagnosis", "reviewer", "reviewed_at"}
+    assert rows["b.jpg"]["review"] is None
+
+
+def test_the_web_secret_is_generated_into_the_data_folder_owner_only(tmp_path: Path) -> None:
+    from melanoscreen.settings import Settings
+    from melanoscreen.web_cli import web_secret
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    settings = Settings(data_dir=data)
+    secret = web_secret(settings)
+    assert len(secret) > 40 and web_secret(settings) == secret
+    assert stat.S_IMODE(settings.web_secret_file.stat().st_mode) == 0o600

@@ -1,0 +1,56 @@
+"""The image bytes the pages show: the stored image (re-encoded when a browser cannot show its
+format), thumbnails, and the Grad-CAM overlay the worker stored. Pillow only: never TensorFlow."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image as PILImage
+
+#: Formats every browser shows as they are; anything else (TIFF, BMP, ...) is sent as PNG.
+_BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+THUMBNAIL_PX = 96
+
+
+class NotShowable(Exception):
+    """The file is gone or Pillow cannot read it."""
+
+
+def image_bytes(location: str) -> tuple[bytes, str]:
+    """(bytes, media type) of a stored image as a browser can show it."""
+    try:
+        with PILImage.open(location) as picture:
+            kind = picture.format or ""
+            if kind in _BROWSER_FORMATS:
+                return Path(location).read_bytes(), _BROWSER_FORMATS[kind]
+            picture.load()
+            return _png(picture), "image/png"
+    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise NotShowable(str(exc)) from exc
+
+
+def thumbnail_bytes(location: str, size: int = THUMBNAIL_PX) -> bytes:
+    """A JPEG thumbnail of at most size×size pixels."""
+    try:
+        with PILImage.open(location) as picture:
+            picture.draft("RGB", (size, size))
+            small = picture.convert("RGB")
+            small.thumbnail((size, size))
+            out = io.BytesIO()
+            small.save(out, "JPEG", quality=85)
+            return out.getvalue()
+    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise NotShowable(str(exc)) from exc
+
+
+def _png(picture: PILImage.Image) -> bytes:
+    out = io.BytesIO()
+    picture.convert("RGBA" if "A" in picture.getbands() else "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+def overlay_path(overlays_dir: Path, sha256: str) -> Path | None:
+    """The worker's stored Grad-CAM overlay of this image, if there is one."""
+    path = overlays_dir / f"{sha256}.png"
+    return path if path.is_file() else None

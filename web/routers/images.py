@@ -1,0 +1,137 @@
+"""Images: the worklist (`/`), the case page, and the image files (any logged-in user)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import FileResponse
+
+from db import reviews
+from db.schema import ImageStatus, Verdict
+from web import files
+from web.deps import CurrentUser, DbSession, config, now
+
+router = APIRouter(tags=["images"])
+PAGE_SIZE = 50
+
+
+def _yes_no(value: str | None) -> bool | None:
+    return {"yes": True, "no": False}.get(value or "")
+
+
+def _day(value: str | None) -> date | None:
+    try:
+        return date.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+def parse_filter(params: dict[str, str]) -> reviews.WorklistFilter:
+    """The worklist's filter from its query string; values it cannot read are ignored."""
+    status = params.get("status") or None
+    start, end = _day(params.get("from")), _day(params.get("to"))
+    return reviews.WorklistFilter(
+        status=ImageStatus(status) if status in set(ImageStatus) else None,
+        flagged=_yes_no(params.get("flagged")), reviewed=_yes_no(params.get("reviewed")),
+        received_from=datetime.combine(start, datetime.min.time(), UTC) if start else None,
+        received_before=(datetime.combine(end, datetime.min.time(), UTC) + timedelta(days=1)
+                         if end else None),
+        clinic=params.get("clinic") or None, search=(params.get("q") or "").strip()[:200] or None)
+
+
+def image_or_404(session: DbSession, sha256: str) -> Any:
+    """The image with this content, else 404."""
+    from db.queries import find_image_by_sha256
+
+    image = find_image_by_sha256(session, sha256)
+    if image is None:
+        raise HTTPException(404, "no such image")
+    return image
+
+
+@router.get("/", summary="login: the worklist")
+def worklist(request: Request, session: DbSession, user: CurrentUser) -> Response:
+    """Unreviewed flagged images first, highest probability first, then the rest; filters, pages."""
+    params = {k: v for k, v in request.query_params.items() if k != "page" and v}
+    try:
+        page = max(1, int(request.query_params.get("page", "1")))
+    except ValueError:
+        page = 1
+    where = parse_filter(params)
+    rows = reviews.worklist(session, where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    total = reviews.worklist_count(session, where)
+    ids = [image.id for image in rows]
+    predictions = reviews.latest_predictions(session, ids)
+    latest = reviews.latest_reviews(session, ids)
+
+    def page_link(number: int) -> str:
+        return "/?" + urlencode({**params, "page": number})
+
+    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    return request.app.state.templates.TemplateResponse(request, "worklist.html", {
+        "user": user, "rows": rows, "predictions": predictions, "reviews": latest, "total": total,
+        "page": page, "pages": pages, "params": params,
+        "previous": page_link(page - 1) if page > 1 else None,
+        "next": page_link(page + 1) if page < pages else None,
+        "statuses": [s.value for s in ImageStatus], "clinics": reviews.clinics(session),
+    })
+
+
+@router.get("/images/{sha256}", summary="login: the case page (audited)")
+def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
+    """Everything about one image, and the review form; the view is written to the audit log."""
+    case = reviews.find_case(session, sha256)
+    if case is None:
+        raise HTTPException(404, "no such image")
+    reviews.audit(session, user=user, username=user.name, action="view_image", now=now(),
+                  image_id=case.image.id)
+    session.commit()
+    latest = case.predictions[0] if case.predictions else None
+    classes = sorted(latest.probabilities, key=lambda c: -float(latest.probabilities[c])) if latest else []
+    has_overlay = files.overlay_path(config(request).overlays_dir, case.image.sha256) is not None
+    return request.app.state.templates.TemplateResponse(request, "case.html", {
+        "user": user, "case": case, "image": case.image, "latest": latest, "classes": classes,
+        "has_overlay": has_overlay, "verdicts": [v.value for v in Verdict],
+        "diagnoses": sorted(latest.probabilities) if latest else [],
+        "audit": reviews.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
+    })
+
+
+def _private(response: Response) -> Response:
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@router.get("/images/{sha256}/file", summary="login: the stored image")
+def image_file(session: DbSession, user: CurrentUser, sha256: str) -> Response:
+    """The image at full size."""
+    image = image_or_404(session, sha256)
+    try:
+        content, media_type = files.image_bytes(image.location)
+    except files.NotShowable:
+        raise HTTPException(404, "this file cannot be shown") from None
+    return _private(Response(content, media_type=media_type))
+
+
+@router.get("/images/{sha256}/thumbnail", summary="login: a thumbnail")
+def image_thumbnail(session: DbSession, user: CurrentUser, sha256: str) -> Response:
+    """A small JPEG of the image for the worklist."""
+    image = image_or_404(session, sha256)
+    try:
+        return _private(Response(files.thumbnail_bytes(image.location), media_type="image/jpeg"))
+    except files.NotShowable:
+        raise HTTPException(404, "this file cannot be shown") from None
+
+
+@router.get("/images/{sha256}/overlay", summary="login: the stored Grad-CAM overlay")
+def image_overlay(request: Request, user: CurrentUser, sha256: str) -> Response:
+    """The Grad-CAM overlay the worker stored (made for the alert), else 404."""
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise HTTPException(404, "no such image")
+    path = files.overlay_path(config(request).overlays_dir, sha256)
+    if path is None:
+        raise HTTPException(404, "no overlay stored for this image")
+    return _private(FileResponse(path, media_type="image/png"))
