@@ -151,6 +151,10 @@ def test_a_flagged_drop_sends_one_message_per_recipient_with_both_parts_and_imag
     # Threshold 0: the image is flagged, and `results --flagged` lists it.
     flagged = json.loads(cli(alert_service, "results", "--flagged", "--format", "json").stdout)
     assert source in {r["source"] for r in flagged} and all(r["flagged"] for r in flagged)
+    # The overlay the alert carries is kept for the review app's case page.
+    sha = next(r["sha256"] for r in flagged if r["source"] == source)
+    kept = alert_service.data_dir / "overlays" / f"{sha}.png"
+    assert kept.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_redelivered_or_rerun_delivery_task_sends_nothing_for_a_sent_alert(

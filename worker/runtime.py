@@ -50,11 +50,28 @@ class WorkerProcess:
         try:
             from model.gradcam import overlay_png
 
-            return overlay_png(self.classifier(), path)
+            png = overlay_png(self.classifier(), path)
         except Exception:
             # An alert without its overlay is still an alert: never let the picture stop it.
             logger.exception("no Grad-CAM overlay for %s", path)
             return None
+        self._keep_overlay(path, png)
+        return png
+
+    def _keep_overlay(self, path: Path, png: bytes) -> None:
+        """Store the overlay as overlays/<sha256>.png for the review app's case page (which
+        never runs TensorFlow); the latest model's overlay replaces an older one."""
+        sha256 = path.name.split(".", 1)[0]  # store files are named <sha256>[.<ext>]
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            return
+        folder = self.settings.overlays_dir
+        partial = folder / f".{sha256}.{os.getpid()}.part"
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            partial.write_bytes(png)
+            os.replace(partial, folder / f"{sha256}.png")
+        except OSError as exc:
+            logger.warning("cannot keep the Grad-CAM overlay of %s: %s", path, exc)
 
 
 _settings: Settings | None = None
