@@ -183,9 +183,9 @@ def unreviewed_flagged_count(session: Session) -> int:
 
 def unreviewed_flagged_before(session: Session, before: datetime,
                               limit: int = 200) -> list[Image]:
-    """Flagged images still unreviewed that arrived before `before`, highest probability first."""
+    """Flagged images still unreviewed that were screened before `before`, highest probability first."""
     return list(session.scalars(
-        select(Image).where(Image.needs_review.is_(True), Image.received_at < before)
+        select(Image).where(Image.needs_review.is_(True), Image.screened_at < before)
         .order_by(Image.melanoma_probability.desc(), Image.id).limit(limit)))
 
 

@@ -62,7 +62,7 @@ def digest(
     if not send:
         with sessions.begin() as session:
             content = build_digest_content(session, when, settings.digest.time, settings.timezone,
-                                           settings.model)
+                                           settings.model, settings.public_url)
         if preview is None:
             typer.echo(render_digest_text(content))
             return

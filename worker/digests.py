@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import outbox
+from db import outbox, reviews
 from db.schema import ImageStatus, OutboxKind
 from melanoscreen.settings import Settings
 from scheduler.digest import digest_due_dates, digest_period
@@ -30,6 +30,8 @@ from worker.messages import (
     FileProblem,
     OutOfScopeImage,
     UndeliveredAlert,
+    UnreviewedImage,
+    case_url,
     compose_digest,
     digest_key,
     recipient_message_id,
@@ -37,6 +39,10 @@ from worker.messages import (
 from worker.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
+
+
+#: A flagged image still unreviewed this long after it was screened heads the digest.
+UNREVIEWED_AFTER = timedelta(hours=24)
 
 
 def _read(location: str) -> bytes | None:
@@ -47,10 +53,16 @@ def _read(location: str) -> bytes | None:
 
 
 def build_digest_content(session: Session, day: date, digest_time: time, timezone: str,
-                         model_path: Path | None = None) -> DigestContent:
+                         model_path: Path | None = None, public_url: str | None = None) -> DigestContent:
     """Everything the digest of `day` says, read from the database for its window; what the
-    threshold means comes from the card of the model at `model_path` (None: the shipped one)."""
+    threshold means comes from the card of the model at `model_path` (None: the shipped one);
+    with `public_url` (the review app's address) the unreviewed images link to their case pages."""
     start, end = digest_period(day, digest_time, ZoneInfo(timezone))
+    unreviewed = [
+        UnreviewedImage(source=image.source, melanoma_probability=image.melanoma_probability or 0.0,
+                        threshold=None, screened_at=image.screened_at or image.received_at,
+                        url=case_url(public_url, image.sha256))
+        for image in reviews.unreviewed_flagged_before(session, end - UNREVIEWED_AFTER)]
     screened = outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
     rejected = outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
     failed = outbox.images_in_period(session, start, end, (ImageStatus.FAILED,))
@@ -82,6 +94,7 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         out_of_scope_images=out_of_scope,
         threshold_meaning=threshold_sentence(model_path, latest.threshold, latest.model_version)
         if latest else None,
+        unreviewed_images=unreviewed,
     )
 
 
@@ -96,7 +109,7 @@ def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, d
             outbox.take_digest(session, day=day, period_start=start, period_end=end,
                                recipients=len(recipients), now=now)
             content = build_digest_content(session, day, settings.digest.time, settings.timezone,
-                                           settings.model)
+                                           settings.model, settings.public_url)
             ids = []
             for recipient in recipients:
                 # One Message-ID per recipient's copy (an outbox row is one email), stable.

@@ -117,6 +117,11 @@ def new_alert_key() -> str:
     return f"alert-{uuid.uuid4().hex[:16]}"
 
 
+def case_url(public_url: str | None, sha256: str) -> str | None:
+    """The review app's case page of an image, when MELANOSCREEN_PUBLIC_URL is set."""
+    return f"{public_url.rstrip('/')}/images/{sha256}" if public_url else None
+
+
 def digest_key(day: date) -> str:
     """The key of the digest of `day`: its copies' Message-IDs derive from it."""
     return f"digest-{day.isoformat()}"
@@ -288,6 +293,17 @@ class DigestImage:
 
 
 @dataclass(frozen=True)
+class UnreviewedImage:
+    """A flagged image nobody has reviewed for more than a day: the digest lists these first."""
+
+    source: str
+    melanoma_probability: float
+    threshold: float | None
+    screened_at: datetime  # aware
+    url: str | None = None  # its case page, when MELANOSCREEN_PUBLIC_URL is set
+
+
+@dataclass(frozen=True)
 class OutOfScopeImage:
     """A screened image that is not like a dermoscopic lesion image: listed, never alerted."""
 
@@ -332,6 +348,8 @@ class DigestContent:
     threshold: float | None = None
     out_of_scope_images: Sequence[OutOfScopeImage] = ()
     threshold_meaning: str | None = None  # as in `AlertContent`
+    #: Flagged images still unreviewed 24 h after they were screened (any day), listed at the top.
+    unreviewed_images: Sequence[UnreviewedImage] = ()
 
 
 def digest_subject(content: DigestContent) -> str:
@@ -358,9 +376,12 @@ def _digest_context(content: DigestContent) -> dict[str, Any]:
     out_of_scope = [{"item": item, "received": local_time(item.received_at, content.timezone,
                                                            with_zone=False)}
                     for item in content.out_of_scope_images]
+    unreviewed = [{"item": item, "screened": local_time(item.screened_at, content.timezone,
+                                                        with_zone=False)}
+                  for item in content.unreviewed_images]
     start = local_time(content.period_start, content.timezone, with_zone=False)
     end = local_time(content.period_end, content.timezone, with_zone=False)
-    return {"digest": content, "rows": rows, "out_of_scope": out_of_scope,
+    return {"digest": content, "rows": rows, "out_of_scope": out_of_scope, "unreviewed": unreviewed,
             "period": f"{start} to {end} ({content.timezone})",
             "long_day": content.day.strftime("%A %d %B %Y"),
             "counts": [("screened", content.screened, False), ("flagged", content.flagged, True),

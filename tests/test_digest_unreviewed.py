@@ -1,0 +1,49 @@
+"""The digest lists flagged images still unreviewed after 24 hours at its top, linked to the
+review app when MELANOSCREEN_PUBLIC_URL is set."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+
+from web_fixtures import add_account, seed_image
+
+from db import reviews
+from db.queries import find_image_by_sha256
+from db.schema import Verdict
+from db.session import make_session_factory
+from worker.digests import build_digest_content
+from worker.messages import render_digest_html, render_digest_text
+
+
+def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones_do_not(
+        tmp_path: Path, database_url: str) -> None:
+    sessions = make_session_factory(database_url)
+    day = date(2026, 11, 26)
+    end = datetime.combine(day, time(7, 0), UTC)
+    old = end - timedelta(days=2)
+    forgotten = seed_image(sessions, tmp_path, source="clinic-a/<i>old</i>.jpg", seed=1,
+                           melanoma=0.93, received_at=old)
+    reviewed = seed_image(sessions, tmp_path, source="clinic-a/reviewed.jpg", seed=2, melanoma=0.8,
+                          received_at=old)
+    seed_image(sessions, tmp_path, source="clinic-a/fresh.jpg", seed=3, melanoma=0.9,
+               received_at=end - timedelta(hours=3))
+    seed_image(sessions, tmp_path, source="clinic-a/benign.jpg", seed=4, melanoma=0.1, received_at=old)
+    add_account(sessions, "ann")
+    with sessions.begin() as session:
+        image, user = find_image_by_sha256(session, reviewed), reviews.find_user(session, "ann")
+        assert image is not None and user is not None
+        reviews.add_review(session, image, user, verdict=Verdict.BENIGN, diagnosis=None, note="",
+                           now=old + timedelta(hours=1))
+    with sessions.begin() as session:
+        content = build_digest_content(session, day, time(7, 0), "UTC", None,
+                                       "https://review.clinic.example/")
+    assert [i.source for i in content.unreviewed_images] == ["clinic-a/<i>old</i>.jpg"]
+    text, page = render_digest_text(content), render_digest_html(content, inline_images="data")
+    assert "FLAGGED AND STILL NOT REVIEWED AFTER 24 HOURS (1)" in text
+    assert text.index("NOT REVIEWED") < text.index("Screened:")
+    assert f"https://review.clinic.example/images/{forgotten}" in text
+    assert page.index("not reviewed after 24 hours") < page.index(">screened<")
+    assert f'<a href="https://review.clinic.example/images/{forgotten}">' in page
+    assert "<i>old</i>" not in page and "&lt;i&gt;old&lt;/i&gt;" in page
+    sessions.kw["bind"].dispose()
