@@ -177,6 +177,7 @@ class AlertItem:
     predicted_class: str
     model_version: str
     threshold: float
+    sha256: str = ""
 
 
 def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:
@@ -190,7 +191,8 @@ def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:
     )
     return [AlertItem(image.source, image.location, image.received_at,
                       prediction.melanoma_probability, dict(prediction.probabilities),
-                      prediction.predicted_class, prediction.model_version, prediction.threshold)
+                      prediction.predicted_class, prediction.model_version, prediction.threshold,
+                      image.sha256)
             for image, prediction in rows]
 
 

@@ -47,3 +47,25 @@ def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones
     assert f'<a href="https://review.clinic.example/images/{forgotten}">' in page
     assert "<i>old</i>" not in page and "&lt;i&gt;old&lt;/i&gt;" in page
     sessions.kw["bind"].dispose()
+
+
+def test_with_a_public_url_an_alert_links_each_image_to_its_case_page() -> None:
+    from email import policy
+    from email.parser import BytesParser
+
+    from db.outbox import AlertItem
+    from worker.delivery import compose_alert_message
+
+    item = AlertItem(source="clinic-a/x.jpg", location="/nonexistent/x.jpg",
+                     received_at=datetime(2026, 11, 24, 9, 0, tzinfo=UTC), melanoma_probability=0.9,
+                     probabilities={"melanoma": 0.9, "nevus": 0.1}, predicted_class="melanoma",
+                     model_version="v", threshold=0.5, sha256="a" * 64)
+    for public_url, expect in (("https://review.example/", True), (None, False)):
+        raw = compose_alert_message([item], message_id="<m1@x.test>", recipient="d@x.test",
+                                    sender="s@x.test", timezone="UTC", overlay=None,
+                                    public_url=public_url).raw
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+        text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+        html = message.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
+        link = f"https://review.example/images/{'a' * 64}"
+        assert (link in text) == expect and (f'href="{link}"' in html) == expect

@@ -12,7 +12,7 @@ from db import outbox
 from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
 from worker.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
-from worker.messages import AlertContent, ComposedMessage, FlaggedImage, compose_alert
+from worker.messages import AlertContent, ComposedMessage, FlaggedImage, case_url, compose_alert
 from worker.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ def _read(path: Path) -> bytes | None:
 
 def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, recipient: str,
                           sender: str, timezone: str, overlay: Overlay | None,
-                          threshold_meaning: str | None = None) -> ComposedMessage:
+                          threshold_meaning: str | None = None,
+                          public_url: str | None = None) -> ComposedMessage:
     """The alert email for these flagged images, composed once: every attempt sends its bytes."""
     images = []
     for item in items:
@@ -51,7 +52,8 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
             source=item.source, melanoma_probability=item.melanoma_probability,
             probabilities=item.probabilities, predicted_class=item.predicted_class,
             received_at=item.received_at, image=_read(location),
-            gradcam_png=overlay(location) if overlay is not None else None))
+            gradcam_png=overlay(location) if overlay is not None else None,
+            url=case_url(public_url, item.sha256) if item.sha256 else None))
     content = AlertContent(images=images, model_version=items[0].model_version,
                            threshold=items[0].threshold, timezone=timezone,
                            threshold_meaning=threshold_meaning)
@@ -81,7 +83,8 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
                                     timezone=settings.timezone, overlay=overlay,
                                     threshold_meaning=threshold_sentence(
                                         settings.model, items[0].threshold,
-                                        items[0].model_version)).raw
+                                        items[0].model_version),
+                                    public_url=settings.public_url).raw
         with sessions.begin() as session:
             outbox.store_raw(session, claimed.id, token=token, raw=raw)
 

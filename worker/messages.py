@@ -214,6 +214,7 @@ class FlaggedImage:
     received_at: datetime  # aware; a naive value is taken as UTC
     image: bytes | None  # the lesion image as stored, any format Pillow reads
     gradcam_png: bytes | None = None  # Grad-CAM overlay, PNG
+    url: str | None = None  # its case page in the review app, when MELANOSCREEN_PUBLIC_URL is set
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,7 @@ class DigestImage:
     received_at: datetime  # aware; a naive value is taken as UTC
     thumbnail: bytes | None = None  # any format Pillow reads; shrunk to DIGEST_THUMBNAIL_PX
     threshold: float | None = None  # the threshold it was flagged against
+    url: str | None = None  # its case page in the review app, when MELANOSCREEN_PUBLIC_URL is set
 
 
 @dataclass(frozen=True)
