@@ -232,10 +232,14 @@ def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
 def worklist(session: Session, where: WorklistFilter, *, limit: int, offset: int) -> list[Image]:
     """A page of images: unreviewed flagged first, then the rest, highest probability first.
 
-    The order is the columns of `ix_images_worklist`, so a page is an index walk.
+    The order is the columns of `ix_images_worklist` walked backwards, so a page is an index
+    walk on both databases. Images without a probability (not screened, rejected) come after the
+    screened rest on SQLite and before it on PostgreSQL (where NULL sorts high); an explicit
+    NULLS LAST would cost PostgreSQL a sort of the whole table per page, since SQLite's indexes
+    cannot say NULLS LAST and the schema keeps one index for both.
     """
     query = _filtered(select(Image), where).order_by(
-        Image.needs_review.desc(), Image.melanoma_probability.desc().nulls_last(),
+        Image.needs_review.desc(), Image.melanoma_probability.desc(),
         Image.id.desc()).limit(limit).offset(offset)
     return list(session.scalars(query))
 
