@@ -127,12 +127,14 @@ def main() -> None:
                 ("first page (unreviewed flagged first)", where_default, 0),
                 ("page 1,000 (offset 49,950)", where_default, 49_950),
                 ("last page (offset 99,950)", where_default, max(0, args.rows - 50)),
-                ("flagged and not reviewed, first page", reviews.WorklistFilter(flagged=True, reviewed=False), 0),
+                ("flagged and not reviewed, first page",
+                 reviews.WorklistFilter(flagged=True, reviewed=False), 0),
                 ("clinic-3, first page", reviews.WorklistFilter(clinic="clinic-3"), 0),
                 ("status screened, received in March, first page", reviews.WorklistFilter(
                     status=ImageStatus.SCREENED, received_from=datetime(2026, 3, 1, tzinfo=UTC),
                     received_before=datetime(2026, 4, 1, tzinfo=UTC)), 0),
-                ("name search 'patient-1234/', first page", reviews.WorklistFilter(search="patient-1234/"), 0)):
+                ("name search 'patient-1234/', first page",
+                 reviews.WorklistFilter(search="patient-1234/"), 0)):
             timed(label, lambda where=where, offset=offset: reviews.worklist(
                 session, where, limit=50, offset=offset))
         timed("count of all images (the page count)", lambda: reviews.worklist_count(session, where_default))
