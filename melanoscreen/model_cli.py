@@ -44,10 +44,23 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     resume: Annotated[bool, typer.Option(help="Continue from the members and checkpoints in "
                                          "OUT's .folds folder.")] = True,
+    calibrate_from: Annotated[Path | None, typer.Option(
+        help="Train nothing: calibrate this single trained model on its card's validation split "
+             "(temperature, same-source threshold, scope) and write it to OUT.")] = None,
 ) -> None:
     """Train k members from scratch, calibrate out of fold, write the ensemble and its card."""
-    from model.train import TrainConfig
+    from model.train import TrainConfig, recalibrate
     from model.train import train as run_training
+
+    if calibrate_from is not None:
+        try:
+            card = recalibrate(calibrate_from, data, out, target_sensitivity=target_sensitivity,
+                               seed=seed, report=lambda line: typer.echo(line, err=True))
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+        typer.echo(f"wrote {out} ({card.version}): threshold {card.alert_threshold:.4f}, "
+                   f"temperature {card.temperature:.3f}")
+        return
 
     config = TrainConfig(arch=arch, epochs=epochs, folds=folds, seed=seed, batch_size=batch_size,
                          target_sensitivity=target_sensitivity)

@@ -89,6 +89,24 @@ def build_melanonet2(input_shape: tuple[int, int, int], num_classes: int, *,
                            colour_constancy=True)
 
 
+def scope_features(network: keras.Model) -> keras.Model:
+    """The features the scope distance measures: each block's activations, averaged over space.
+
+    Input as the network's; output float32, shape (batch, sum of the blocks' channels). Early
+    blocks see colour and texture statistics (a scanned page is far from skin there even when
+    the last block cannot tell), the last block sees lesion structure.
+    """
+    import keras
+    from keras import layers
+
+    names = [layer.name for layer in network.layers
+             if layer.name.endswith("b_relu") or layer.name == "last_relu"]
+    pooled = [layers.GlobalAveragePooling2D(name=f"scope_pool_{name}")(network.get_layer(name).output)
+              for name in names]
+    features = layers.Concatenate(name="scope_features")(pooled) if len(pooled) > 1 else pooled[0]
+    return keras.Model(network.input, features, name=f"{network.name}_scope_features")
+
+
 def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
                    scope: list[tuple[np.ndarray, np.ndarray]] | None = None) -> keras.Model:
     """One model that averages the members' temperature-scaled probabilities.
@@ -96,7 +114,7 @@ def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
     Input float32, shape (batch, H, W, 3), values 0..255. Output: probabilities, shape
     (batch, classes); with `scope` (each member's feature mean and whitening matrix, see
     `model.scope`) also `scope_distance`, shape (batch,): the members' mean Mahalanobis distance
-    of the image's pooled features from the training images'.
+    of the image's `scope_features` from the training images'.
     """
     import keras
     from keras import layers
@@ -110,7 +128,7 @@ def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
             probabilities.append(TemperatureScaling(temperature, name=f"temperature_{i}")(
                 member(inputs)))
             continue
-        both = keras.Model(member.input, [member.output, member.get_layer("pool").output],
+        both = keras.Model(member.input, [member.output, scope_features(member).output],
                            name=f"member_{i}")
         p, features = both(inputs)
         probabilities.append(TemperatureScaling(temperature, name=f"temperature_{i}")(p))

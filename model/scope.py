@@ -1,9 +1,10 @@
 """Out-of-scope inputs: is this image like the dermoscopic images the model learnt from?
 
 A CNN gives some answer for any picture, a face or a scanned letter included, and a softmax
-can be confident about it. The ensemble therefore also reports how far each image's pooled
-features lie from the training images' features (a Mahalanobis distance per member, averaged);
-an image beyond the card's `out_of_scope_distance` is marked out of scope instead of alerted.
+can be confident about it. The saved model therefore also reports how far each image's
+features (every block's activations, averaged over space) lie from the training images' (a
+Mahalanobis distance per member, averaged); an image beyond the card's `out_of_scope_distance`
+is marked out of scope instead of alerted.
 NumPy only.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Images whose distance exceeds this quantile of the training images' distances are out of scope.
-SCOPE_QUANTILE = 0.995
+#: The out-of-scope distance is this much beyond the farthest training image: a melanoma marked
+#: out of scope is not alerted, so the limit errs towards lesions (see the model card's figures).
+SCOPE_MARGIN = 1.1
 #: Shrinkage of the covariance towards its mean variance (keeps the inverse stable in 256-d).
 SHRINKAGE = 0.1
 
@@ -36,6 +38,6 @@ def distance(features: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> n
     return np.sqrt(np.mean(z**2, axis=1))
 
 
-def scope_threshold(training_distances: np.ndarray, quantile: float = SCOPE_QUANTILE) -> float:
-    """The out-of-scope distance: a high quantile of the training images' own distances."""
-    return float(np.quantile(np.asarray(training_distances, float), quantile))
+def scope_threshold(training_distances: np.ndarray, margin: float = SCOPE_MARGIN) -> float:
+    """The out-of-scope distance: `margin` times the farthest training image's own distance."""
+    return float(np.max(np.asarray(training_distances, float)) * margin)

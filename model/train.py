@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from model.architectures import ARCHITECTURES, DEFAULT_INPUT_SIZE, build_ensemble
+from model.architectures import ARCHITECTURES, DEFAULT_INPUT_SIZE, build_ensemble, scope_features
 from model.calibration import fit_temperature, temperature_scale
 from model.card import ModelCard, card_path_for
 from model.data import (
@@ -39,7 +39,6 @@ from model.metrics import (
     by_source_figures,
     evaluate_predictions,
     melanoma_same_source,
-    sensitivity_specificity,
     threshold_for_sensitivity,
 )
 
@@ -232,22 +231,22 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
     return member_path, held_out
 
 
-def calibrate(oof: np.ndarray, prepared: Prepared, target_sensitivity: float
-              ) -> tuple[float, float, dict[str, Any]]:
-    """Temperature on out-of-fold probabilities, then the threshold on same-source melanomas.
+def calibrate(held_out: np.ndarray, labels: np.ndarray, sources: list[str], batches: list[str],
+              classes: list[str], target_sensitivity: float) -> tuple[float, float, np.ndarray]:
+    """Temperature on held-out probabilities, then the threshold on same-source melanomas.
 
-    The threshold is the highest that reaches the target sensitivity both on every melanoma
-    against the benign lesions of its own source, and on the melanomas of each acquisition batch
-    against that batch's benign lesions (`model.data.batch_of`): the groups in which the source
-    cannot give the answer away. A set without ISIC ids is one source.
+    Returns (temperature, threshold, the scaled probabilities). The threshold is the highest
+    that reaches the target sensitivity both on every melanoma against the benign lesions of its
+    own source, and on the melanomas of each acquisition batch against that batch's benign
+    lesions (`model.data.batch_of`): the groups in which the source cannot give the answer away.
+    A set without ISIC ids is one source.
     """
-    classes = list(prepared.dataset.classes)
-    temperature = fit_temperature(oof, prepared.labels)
-    scaled = temperature_scale(oof, temperature)
+    temperature = fit_temperature(held_out, labels)
+    scaled = temperature_scale(held_out, temperature)
     m = classes.index(MELANOMA)
-    is_mel = prepared.labels == m
+    is_mel = np.asarray(labels) == m
     thresholds = []
-    for groups in (prepared.sources, [batch_of(s.path) for s in prepared.samples]):
+    for groups in (sources, batches):
         group_array = np.asarray(groups)
         for group in sorted(set(group_array[is_mel].tolist())):
             inside = group_array == group
@@ -256,19 +255,33 @@ def calibrate(oof: np.ndarray, prepared: Prepared, target_sensitivity: float
                     is_mel[inside], scaled[inside, m], target_sensitivity))
     if not thresholds:
         thresholds.append(threshold_for_sensitivity(is_mel, scaled[:, m], target_sensitivity))
-    return temperature, min(thresholds), {"before": oof, "after": scaled}
+    return temperature, min(thresholds), scaled
+
+
+def held_out_figures(before: np.ndarray, after: np.ndarray, labels: np.ndarray, sources: list[str],
+                     batches: list[str], classes: list[str], threshold: float,
+                     seed: int) -> dict[str, Any]:
+    """The card's figures on held-out predictions: the contract's, by source, same source and
+    same batch with intervals, and the calibration error before and after the temperature."""
+    figures = evaluate_predictions(after, labels, classes, threshold)
+    figures["by_source"] = by_source_figures(after, labels, sources, classes)
+    figures["melanoma_same_source"] = melanoma_same_source(
+        after, labels, sources, classes, threshold, seed=seed)
+    figures["melanoma_same_batch"] = melanoma_same_source(
+        after, labels, batches, classes, threshold, min_benign=10, seed=seed)
+    figures["expected_calibration_error_before_temperature"] = evaluate_predictions(
+        before, labels, classes, threshold)["expected_calibration_error"]
+    return figures
 
 
 def fit_scope(members: list[Any], images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each member's pooled-feature mean and whitening over the training images (n, H, W, 3)."""
-    import keras
-
+    """Each member's scope-feature mean and whitening over the training images (n, H, W, 3)."""
     from model.scope import fit_whitening
 
     fitted = []
     for member in members:
-        pooled = keras.Model(member.input, member.get_layer("pool").output)
-        features = np.asarray(pooled.predict(images.astype(np.float32), batch_size=64, verbose=0))
+        features = np.asarray(scope_features(member).predict(images.astype(np.float32),
+                                                             batch_size=64, verbose=0))
         fitted.append(fit_whitening(features))
     return fitted
 
@@ -276,8 +289,8 @@ def fit_scope(members: list[Any], images: np.ndarray) -> list[tuple[np.ndarray, 
 def assemble(member_paths: list[Path], temperature: float, images: np.ndarray) -> tuple[Any, float]:
     """The members averaged into one Keras model, temperature and scope distance inside.
 
-    Returns the model and its out-of-scope distance (a high quantile of the training images'
-    own distances, see `model.scope`).
+    Returns the model and its out-of-scope distance (`model.scope.scope_threshold` of the
+    training images' own distances).
     """
     import keras
 
@@ -322,27 +335,19 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
         members.append(path)
     np.save(workdir / "oof.npy", oof)
 
-    temperature, threshold, scaled = calibrate(oof, prepared, config.target_sensitivity)
+    batches = [batch_of(s.path) for s in prepared.samples]
+    temperature, threshold, scaled = calibrate(oof, prepared.labels, prepared.sources, batches,
+                                               classes, config.target_sensitivity)
     ensemble, scope_distance = assemble(members, temperature, prepared.inputs)
     ensemble.save(out)
     seconds = time.monotonic() - started
 
-    before = evaluate_predictions(scaled["before"], prepared.labels, classes, threshold)
-    figures = evaluate_predictions(scaled["after"], prepared.labels, classes, threshold)
-    figures["by_source"] = by_source_figures(scaled["after"], prepared.labels, prepared.sources,
-                                             classes)
-    figures["melanoma_same_source"] = melanoma_same_source(
-        scaled["after"], prepared.labels, prepared.sources, classes, threshold, seed=config.seed)
-    figures["melanoma_same_batch"] = melanoma_same_source(
-        scaled["after"], prepared.labels, [batch_of(s.path) for s in prepared.samples], classes,
-        threshold, min_benign=10, seed=config.seed)
-    figures["expected_calibration_error_before_temperature"] = before["expected_calibration_error"]
-    m = classes.index(MELANOMA)
-    sens, spec = sensitivity_specificity(prepared.labels == m, scaled["after"][:, m], threshold)
-    report(f"temperature {temperature:.3f}: out-of-fold ECE {before['expected_calibration_error']:.3f}"
-           f" -> {figures['expected_calibration_error']:.3f}")
-    report(f"alert threshold {threshold:.4f}: out-of-fold melanoma sensitivity {sens:.3f}, "
-           f"specificity {spec:.3f}; same source: {figures['melanoma_same_source']}")
+    figures = held_out_figures(oof, scaled, prepared.labels, prepared.sources, batches, classes,
+                               threshold, config.seed)
+    report(f"temperature {temperature:.3f}: out-of-fold ECE "
+           f"{figures['expected_calibration_error_before_temperature']:.3f} -> "
+           f"{figures['expected_calibration_error']:.3f}")
+    report(f"alert threshold {threshold:.4f}: same source {figures['melanoma_same_source']}")
     card = ModelCard(
         version=f"{config.arch}-x{config.folds}-{dt.date.today():%Y%m%d}-"
                 f"{prepared.dataset.fingerprint()[:8]}-s{config.seed}",
@@ -374,3 +379,64 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
     card.write(card_path_for(out))
     return card
 
+
+
+def recalibrate(model_path: Path, data_dir: Path, out: Path, *, target_sensitivity: float = 0.95,
+                seed: int = 0, report: Reporter = logger.info) -> ModelCard:
+    """An existing single model, calibrated on its card's validation split and given a scope.
+
+    The temperature and the same-source threshold are fitted on the validation images (held out
+    from its training); the scope statistics on its training images. Writes `out` and its card
+    with a new version: the probabilities change, so predictions must say which model made them.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from model import layers  # noqa: F401  registers the custom layers for loading
+    from model.scope import scope_threshold
+
+    source_card = ModelCard.read(card_path_for(model_path))
+    validation = set(source_card.training_set.get("validation_sha256", []))
+    if not validation:
+        raise ValueError(f"{model_path}'s card records no validation split to calibrate on")
+    dataset = scan_folder(Path(data_dir), tuple(source_card.classes))
+    height, width = source_card.input_size
+    held, held_samples = load_images([s for s in dataset.samples if s.sha256 in validation],
+                                     (height, width), report)
+    seen, _ = load_images([s for s in dataset.samples if s.sha256 not in validation],
+                          (height, width), report)
+    network = keras.models.load_model(model_path, compile=False)
+    raw = np.asarray(network.predict(held.astype(np.float32), batch_size=64, verbose=0))
+    labels = np.asarray([s.label for s in held_samples])
+    sources = [source_of(s.path) for s in held_samples]
+    batches = [batch_of(s.path) for s in held_samples]
+    classes = list(source_card.classes)
+    temperature, threshold, scaled = calibrate(raw, labels, sources, batches, classes,
+                                               target_sensitivity)
+    model = build_ensemble([network], temperature, fit_scope([network], seen))
+    _, distances = model.predict(seen.astype(np.float32), batch_size=64, verbose=0)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    figures = held_out_figures(raw, scaled, labels, sources, batches, classes, threshold, seed)
+    card = ModelCard(
+        version=f"{source_card.version}-cal",
+        architecture=source_card.architecture,
+        classes=classes,
+        input_size=[height, width],
+        alert_threshold=threshold,
+        target_sensitivity=target_sensitivity,
+        temperature=temperature,
+        members=1,
+        out_of_scope_distance=scope_threshold(np.asarray(distances)),
+        trained_at=source_card.trained_at,
+        training_set=source_card.training_set,
+        training={**source_card.training, "recalibrated_from": source_card.version,
+                  "recalibrated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+        validation=figures,
+    )
+    card.write(card_path_for(out))
+    report(f"temperature {temperature:.3f}, threshold {threshold:.4f}; same source "
+           f"{figures['melanoma_same_source']['auc']}, same batch "
+           f"{figures['melanoma_same_batch']['auc']}")
+    return card
