@@ -266,9 +266,12 @@ def latest_prediction(session: Session, image_id: int) -> Prediction | None:
 
 def clinics(session: Session, limit: int = 200) -> list[str]:
     """The inbox's top-level subfolders that images arrived under (for the clinic filter)."""
-    names = session.scalars(select(Image.source).where(Image.source.like("%/%"))
-                            .group_by(Image.source).limit(50_000))
-    return sorted({name.split("/", 1)[0] for name in names})[:limit]
+    # The text before the first '/', in SQL: one pass, no names sent to Python.
+    slash = (func.strpos(Image.source, "/") if session.get_bind().dialect.name == "postgresql"
+             else func.instr(Image.source, "/"))
+    folder = func.substr(Image.source, 1, slash - 1)
+    return list(session.scalars(select(folder).where(slash > 1).group_by(folder)
+                                .order_by(folder).limit(limit)))
 
 
 # ---- a case -----------------------------------------------------------------------------------
