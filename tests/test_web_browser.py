@@ -32,7 +32,8 @@ def _overlay_png() -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+                         indirect=True)
 def test_a_reviewer_logs_in_opens_a_flagged_case_and_reviews_it(live_app: LiveApp, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 

@@ -92,3 +92,32 @@ def test_the_web_secret_is_generated_into_the_data_folder_owner_only(tmp_path: P
     secret = web_secret(settings)
     assert len(secret) > 40 and web_secret(settings) == secret
     assert stat.S_IMODE(settings.web_secret_file.stat().st_mode) == 0o600
+
+
+def test_web_alone_serves_the_app_behind_a_login_on_its_port(tmp_path: Path) -> None:
+    import httpx
+
+    from melanoscreen.supervisor import free_port
+    from tests.conftest import wait_until
+
+    data, port = tmp_path / "data", free_port()
+    env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data), MELANOSCREEN_WEB_PORT=str(port))
+    env.pop("MELANOSCREEN_WEB_SECRET", None)
+    env.pop("MELANOSCREEN_DATABASE_URL", None)
+    web = subprocess.Popen([sys.executable, "-m", "melanoscreen", "web"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def answer() -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+            except httpx.HTTPError:
+                return None
+
+        first = wait_until(answer, timeout=60, message="melanoscreen web")
+        assert first.status_code == 303 and first.headers["location"].startswith("/login")
+        assert httpx.get(f"http://127.0.0.1:{port}/api/images", timeout=5).status_code == 401
+        assert stat.S_IMODE((data / "web.secret").stat().st_mode) == 0o600
+    finally:
+        web.terminate()
+        output = web.communicate(timeout=30)[0].decode()
+    assert f"review app: http://127.0.0.1:{port}" in output
