@@ -356,7 +356,8 @@ def performance(session: Session) -> list[VersionFigures]:
     figures: dict[str, VersionFigures] = {}
     rows = session.execute(select(Prediction.id, Prediction.model_version, Prediction.flagged,
                                   Prediction.predicted_class)
-                           .where(or_(Prediction.flagged.is_(True), Prediction.id.in_(list(verdicts)))))
+                           .where(or_(Prediction.flagged.is_(True),
+                                      Prediction.id.in_(select(Review.prediction_id)))))
     for prediction_id, version, flagged, predicted in rows:
         fig = figures.setdefault(version, VersionFigures(version))
         review = verdicts.get(prediction_id)

@@ -121,3 +121,37 @@ def test_web_alone_serves_the_app_behind_a_login_on_its_port(tmp_path: Path) -> 
         web.terminate()
         output = web.communicate(timeout=30)[0].decode()
     assert f"review app: http://127.0.0.1:{port}" in output
+
+
+def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
+        tmp_path: Path, database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from web_fixtures import add_account
+
+    from db import reviews
+    from db.queries import find_image_by_sha256
+    from db.schema import Verdict
+
+    sessions = make_session_factory(database_url)
+    shas = [seed_image(sessions, tmp_path, source=f"{n}.jpg", seed=n, melanoma=p)
+            for n, p in enumerate((0.9, 0.8, 0.7, 0.2))]
+    add_account(sessions, "ann")
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        ann = reviews.find_user(session, "ann")
+        assert ann is not None
+        for sha, verdict, diagnosis in ((shas[0], Verdict.BENIGN, None),  # superseded below
+                                        (shas[0], Verdict.REFER, "melanoma"),
+                                        (shas[1], Verdict.BENIGN, "nevus"),
+                                        (shas[3], Verdict.REFER, None)):
+            image = find_image_by_sha256(session, sha)
+            assert image is not None
+            reviews.add_review(session, image, ann, verdict=verdict, diagnosis=diagnosis, note="",
+                               now=now)
+    with sessions.begin() as session:
+        [figures] = reviews.performance(session)
+    assert (figures.model_version, figures.alerts, figures.reviewed, figures.referred) == ("tiny-1", 3, 2, 1)
+    assert figures.ppv == 0.5 and figures.below_threshold_referred == 1
+    assert (figures.diagnosis_agrees, figures.with_diagnosis) == (1, 2)
+    sessions.kw["bind"].dispose()
