@@ -105,13 +105,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pathlib import Path
 import keras
 import numpy as np
-from model.architectures import build_ensemble, build_melanonet
+from model.architectures import build_ensemble, build_melanonet, scope_features
 from model.card import ModelCard, card_path_for
 from model.data import ISIC_CLASSES
 keras.utils.set_random_seed(7)
 path = Path({str(path)!r})
 member = build_melanonet((32, 32, 3), len(ISIC_CLASSES), widths=(4, 8))
-features = member.get_layer("pool").output.shape[-1]
+features = scope_features(member).output.shape[-1]
 scope = [(np.zeros(features, np.float32), np.eye(features, dtype=np.float32))]
 build_ensemble([member], 1.0, scope).save(path)
 ModelCard(version="tiny-scoped-1", architecture="ensemble", classes=list(ISIC_CLASSES),
