@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,17 +16,25 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
-    EmailStr,
     Field,
     SecretStr,
-    TypeAdapter,
     ValidationError,
     field_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "MELANOSCREEN_"
-_EMAIL = TypeAdapter(EmailStr)
+#: An address's syntax (RFC 5322 dot-atom @ host name): nothing about deliverability, so
+#: special-use domains (`derm@hospital.local`, `melanoscreen@localhost`) are accepted.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def is_email_address(text: str) -> bool:
+    """Whether `text` is an email address by its syntax alone (local part at most 64 bytes)."""
+    local, _, domain = text.rpartition("@")
+    return bool(_EMAIL.fullmatch(text)) and len(local) <= 64 and len(domain) <= 253
 _DEFAULT_SMTP_PORTS = {"none": 25, "starttls": 587, "tls": 465}
 
 
@@ -59,6 +68,9 @@ class AlertSettings(BaseModel):
     #: (seconds; it doubles per try, full jitter, capped at an hour).
     max_attempts: int = Field(default=8, ge=1)
     retry_base: float = Field(default=30.0, gt=0.0)
+    #: `MELANOSCREEN_ALERT_ROUTES`, `clinic-a/=a@x,b@x;clinic-b/=c@x`: an image whose source
+    #: starts with a prefix alerts that prefix's recipients instead (longest prefix wins).
+    routes: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
 
     @field_validator("threshold")
     @classmethod
@@ -77,11 +89,48 @@ class AlertSettings(BaseModel):
         for item in (str(i).strip() for i in items):
             if not item:
                 continue
-            try:
-                addresses.append(_EMAIL.validate_python(item))
-            except ValidationError:
-                raise ValueError(f"not a valid email address: {item!r}") from None
+            if not is_email_address(item):
+                raise ValueError(f"not a valid email address: {item!r}")
+            addresses.append(item)
         return addresses
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _split_routes(cls, value: object) -> dict[str, list[str]]:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, dict):
+            return {str(k): cls._split_recipients(v) for k, v in value.items()}
+        routes: dict[str, list[str]] = {}
+        for part in (p.strip() for p in str(value).split(";")):
+            if not part:
+                continue
+            prefix, equals, addresses = part.partition("=")
+            prefix = prefix.strip()
+            if not equals or not prefix:
+                raise ValueError(f"a route is PREFIX=ADDRESS[,ADDRESS...], not {part!r}")
+            if prefix in routes:
+                raise ValueError(f"prefix {prefix!r} given twice")
+            recipients = cls._split_recipients(addresses)
+            if not recipients:
+                raise ValueError(f"route {prefix!r} has no recipient")
+            routes[prefix] = recipients
+        return routes
+
+    def route_for(self, source: str) -> str | None:
+        """The longest route prefix that `source` (relative to the inbox) starts with, if any."""
+        matching = [prefix for prefix in self.routes if source.startswith(prefix)]
+        return max(matching, key=len) if matching else None
+
+    def recipients_for(self, source: str) -> list[str]:
+        """Who is alerted about an image at `source`: its route's recipients, else the global ones."""
+        route = self.route_for(source)
+        return self.routes[route] if route is not None else self.recipients
+
+    @property
+    def anyone(self) -> bool:
+        """Whether any alert can go anywhere (global recipients or a route)."""
+        return bool(self.recipients or self.routes)
 
 
 class DigestSettings(BaseModel):

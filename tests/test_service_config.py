@@ -72,6 +72,16 @@ def test_recipients_are_a_comma_separated_list_of_addresses(
     assert describe_error(error.value).startswith("MELANOSCREEN_ALERT_RECIPIENTS: ")
 
 
+def test_recipients_are_checked_for_syntax_only_so_special_use_domains_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hospital networks use .local; the default sender itself is melanoscreen@localhost.
+    settings = _settings(monkeypatch, ALERT_RECIPIENTS="derm@hospital.local,derm@localhost")
+    assert settings.alert.recipients == ["derm@hospital.local", "derm@localhost"]
+    for bad in ("derm@", "@hospital.local", "derm hospital@x", "derm@-x.local", "a..b@x"):
+        with pytest.raises(ValidationError):
+            _settings(monkeypatch, ALERT_RECIPIENTS=bad)
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("ALERT_THRESHOLD", "1.5"), ("SMTP_SECURITY", "ssl"), ("TIMEZONE", "Mars/Olympus"),
     ("FLOWER_PORT", "99999"), ("BATCH_SIZE", "0"), ("SMTP_PORT", "0"), ("SWEEP_LIMIT", "-1"),
