@@ -79,7 +79,7 @@ def _send_digest(settings: Settings, sessions: sessionmaker[Session], when: date
     from worker.delivery import deliver_outbox
     from worker.digests import take_and_write_digest
 
-    if not settings.alert.recipients:
+    if not settings.alert.anyone:
         fail("MELANOSCREEN_ALERT_RECIPIENTS: empty, so there is nobody to send the digest to")
     ids = take_and_write_digest(sessions, settings, when, utcnow())
     if ids is None:

@@ -59,7 +59,7 @@ def _prepare(settings: Settings) -> None:
 
 def warn_if_nobody_is_told(settings: Settings) -> None:
     """Log, at start, that flagged images will be recorded but nobody emailed."""
-    if not settings.alert.recipients:
+    if not settings.alert.anyone:
         logger.warning("MELANOSCREEN_ALERT_RECIPIENTS is empty: flagged images are recorded "
                        "(melanoscreen results --flagged) but nobody will be told")
 

@@ -11,7 +11,7 @@ Delivery happens after the commit, from the outbox.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -53,20 +53,29 @@ def _read(location: str) -> bytes | None:
 
 
 def build_digest_content(session: Session, day: date, digest_time: time, timezone: str,
-                         model_path: Path | None = None, public_url: str | None = None) -> DigestContent:
+                         model_path: Path | None = None, public_url: str | None = None,
+                         keep: Callable[[str], bool] | None = None,
+                         recipients: Collection[str] | None = None) -> DigestContent:
     """Everything the digest of `day` says, read from the database for its window; what the
     threshold means comes from the card of the model at `model_path` (None: the shipped one);
-    with `public_url` (the review app's address) the unreviewed images link to their case pages."""
+    with `public_url` (the review app's address) the unreviewed images link to their case pages.
+    With `keep`, only images whose source it accepts (one route's digest), and with `recipients`
+    only the undelivered alerts addressed to them."""
     start, end = digest_period(day, digest_time, ZoneInfo(timezone))
+    ours = keep or (lambda _source: True)
     unreviewed = [
         UnreviewedImage(source=image.source, melanoma_probability=image.melanoma_probability or 0.0,
                         threshold=None, screened_at=image.screened_at or image.received_at,
                         url=case_url(public_url, image.sha256))
-        for image in reviews.unreviewed_flagged_before(session, end - UNREVIEWED_AFTER)]
-    screened = outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
-    rejected = outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
-    failed = outbox.images_in_period(session, start, end, (ImageStatus.FAILED,))
-    flagged = outbox.flagged_in_period(session, start, end)
+        for image in reviews.unreviewed_flagged_before(session, end - UNREVIEWED_AFTER)
+        if ours(image.source)]
+    screened = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
+                if ours(i.source)]
+    rejected = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
+                if ours(i.source)]
+    failed = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.FAILED,))
+              if ours(i.source)]
+    flagged = [(i, p) for i, p in outbox.flagged_in_period(session, start, end) if ours(i.source)]
     images = [
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
@@ -75,11 +84,13 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         for rank, (image, prediction) in enumerate(flagged)
     ]
     out_of_scope = [OutOfScopeImage(source=image.source, received_at=image.received_at)
-                    for image, _ in outbox.out_of_scope_in_period(session, start, end)]
+                    for image, _ in outbox.out_of_scope_in_period(session, start, end)
+                    if ours(image.source)]
     undelivered = [
         UndeliveredAlert(subject=row.subject, reason=row.last_error or "not delivered yet",
                          attempts=row.attempts)
         for row in outbox.undelivered_alerts(session, start, end)
+        if recipients is None or row.recipient in recipients
     ]
     latest = outbox.latest_prediction_before(session, end)
     return DigestContent(
@@ -100,21 +111,33 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
 
 def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, day: date,
                           now: datetime) -> list[int] | None:
-    """Take the row for `day` and write one outbox row per recipient; None if already taken."""
-    recipients = settings.alert.recipients
+    """Take the row for `day` and write one outbox row per recipient; None if already taken.
+
+    The global recipients get every image; each route's recipients (MELANOSCREEN_ALERT_ROUTES) get
+    a digest of only the images routed to them (longest prefix), with its own Message-IDs."""
+    routes = settings.alert.routes
+    copies: list[tuple[str | None, str]] = [(None, r) for r in settings.alert.recipients]
+    copies += [(prefix, r) for prefix, addresses in routes.items() for r in addresses]
     start, end = digest_period(day, settings.digest.time, ZoneInfo(settings.timezone))
     try:
         with sessions.begin() as session:
             # First statement of the transaction: the exactly-once guard (see the module doc).
             outbox.take_digest(session, day=day, period_start=start, period_end=end,
-                               recipients=len(recipients), now=now)
-            content = build_digest_content(session, day, settings.digest.time, settings.timezone,
-                                           settings.model, settings.public_url)
+                               recipients=len(copies), now=now)
+            contents: dict[str | None, DigestContent] = {}
+            for route in dict.fromkeys(route for route, _ in copies):
+                keep = None if route is None else _routed_to(settings, route)
+                contents[route] = build_digest_content(
+                    session, day, settings.digest.time, settings.timezone, settings.model,
+                    settings.public_url, keep=keep,
+                    recipients=None if route is None else routes[route])
+            content = contents.get(None) or next(iter(contents.values()), None)
             ids = []
-            for recipient in recipients:
+            for route, recipient in copies:
                 # One Message-ID per recipient's copy (an outbox row is one email), stable.
+                key = digest_key(day) if route is None else f"{digest_key(day)}-{route}"
                 message = compose_digest(
-                    content, message_id=recipient_message_id(digest_key(day), recipient),
+                    contents[route], message_id=recipient_message_id(key, recipient),
                     sender=settings.smtp.sender, recipient=recipient)
                 ids.append(outbox.add_message(
                     session, kind=OutboxKind.DIGEST, recipient=recipient,
@@ -123,15 +146,21 @@ def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, d
     except IntegrityError:
         logger.info("digest %s already taken by another run; not sending it again", day)
         return None
-    logger.info("digest %s written for %d recipient(s): %d screened, %d flagged", day, len(ids),
-                content.screened, content.flagged)
+    if content is not None:
+        logger.info("digest %s written for %d recipient(s): %d screened, %d flagged", day,
+                    len(ids), content.screened, content.flagged)
     return ids
+
+
+def _routed_to(settings: Settings, route: str) -> Callable[[str], bool]:
+    """Whether a source's longest matching route prefix is `route`."""
+    return lambda source: settings.alert.route_for(source) == route
 
 
 def queue_due_digests(sessions: sessionmaker[Session], settings: Settings, now: datetime,
                       enqueue: Callable[[int], None]) -> list[date]:
     """Write every digest owed at `now` and hand each outbox row to `enqueue` after its commit."""
-    if not settings.alert.recipients:
+    if not settings.alert.anyone:
         return []
     with sessions.begin() as session:
         last = outbox.last_digest(session)

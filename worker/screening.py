@@ -118,17 +118,35 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
                                "recorded, not alerted", image_id, answer.scope_distance)
             if prediction is not None and prediction.flagged:
                 flagged.append((image_id, prediction.id, prediction.melanoma_probability))
-        if flagged and settings.alert.recipients:
-            # Same transaction as the predictions: a flag is never stored without its alert.
-            alerts = write_alerts(session, flagged, sources, recipients=settings.alert.recipients,
-                                  threshold=threshold)
-    if flagged and not settings.alert.recipients:
+        # Same transaction as the predictions: a flag is never stored without its alert.
+        alerts, untold = write_routed_alerts(session, flagged, sources, settings=settings,
+                                             threshold=threshold)
+    if untold:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
-                       len(flagged))
+                       untold)
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
                         flagged=tuple(image_id for image_id, _, _ in flagged),
                         alerts=tuple(alerts), out_of_scope=tuple(out_of_scope))
+
+
+def write_routed_alerts(session: Session, flagged: list[tuple[int, int, float]],
+                        sources: dict[int, str], *, settings: Settings,
+                        threshold: float | None = None) -> tuple[list[int], int]:
+    """One alert per route among the flagged images (MELANOSCREEN_ALERT_ROUTES, longest prefix
+    wins; no route: the global recipients), each to its recipients; (outbox ids, images untold)."""
+    groups: dict[str | None, list[tuple[int, int, float]]] = {}
+    for item in flagged:
+        groups.setdefault(settings.alert.route_for(sources[item[0]]), []).append(item)
+    ids: list[int] = []
+    untold = 0
+    for route, items in groups.items():
+        recipients = settings.alert.routes[route] if route is not None else settings.alert.recipients
+        if not recipients:
+            untold += len(items)
+            continue
+        ids += write_alerts(session, items, sources, recipients=recipients, threshold=threshold)
+    return ids, untold
 
 
 def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
