@@ -44,6 +44,15 @@ def mark_enqueued(session: Session, image_ids: Sequence[int], now: datetime) -> 
         session.execute(update(Image).where(Image.id.in_(image_ids)).values(enqueued_at=now))
 
 
+def unenqueued_image_ids(session: Session, *, limit: int = 10_000) -> list[int]:
+    """`queued` images never handed to the queue (committed, then the send failed or the
+    watcher died): the watcher sends them at start and when the broker answers again."""
+    return list(session.scalars(
+        select(Image.id).where(Image.status == ImageStatus.QUEUED, Image.enqueued_at.is_(None))
+        .order_by(Image.id).limit(limit)
+    ))
+
+
 def claim_images(session: Session, image_ids: Sequence[int], *, token: str, now: datetime,
                  stale_before: datetime, max_attempts: int) -> list[Image]:
     """Move `queued` images (or this token's own, or stale `screening` ones) to `screening`.

@@ -178,6 +178,17 @@ class InboxFile:
         self.moved = True
         return target
 
+    def move_back(self, target: Path) -> None:
+        """Undo `move_to` (its record could not be committed): the content goes back into the
+        inbox under its name (or `name-1.ext` if that is taken meanwhile)."""
+        back, counter = self.name, 0
+        while _exists_in(self.folder_fd, back):
+            counter += 1
+            back = f"{PurePath(self.name).stem}-{counter}{PurePath(self.name).suffix}"
+        os.rename(target, back, dst_dir_fd=self.folder_fd)
+        self.moved = False
+        self.staged = None  # it is the inbox file again, whichever way it came
+
     def _check_moved(self, target: Path) -> None:
         """What the rename moved must be the file we hashed; a swapped-in name goes back."""
         moved = os.lstat(target)

@@ -9,6 +9,7 @@ It never imports TensorFlow: work is enqueued by task name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from watchdog.events import (
     FileClosedEvent,
@@ -38,6 +40,7 @@ from db import queries
 from db.schema import utcnow
 from melanoscreen.settings import Settings
 from scheduler.files import (
+    InboxFile,
     is_ignored,
     open_for_writing,
     open_inbox_file,
@@ -55,6 +58,14 @@ logger = logging.getLogger(__name__)
 MOVED_IN_SETTLE = 0.3
 #: How often (seconds) the loop checks pending files and the batch timer.
 TICK = 0.05
+
+#: Longest pause (seconds) after a database or disk error before files are taken again.
+MAX_BACKOFF = 30.0
+#: Errors of the disk under the data folder: wait for space (or a remount), then go on.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+#: Seconds between attempts to send what the broker refused.
+RESEND_INTERVAL = 2.0
 
 #: Hands committed image ids to the queue (`scheduler.queue.send_screen_batch` on a producer).
 SendBatch = Callable[[Sequence[int]], None]
@@ -106,26 +117,73 @@ class Intake:
         opened = open_inbox_file(self.inbox, relative, self.settings.staging_dir)
         if opened is None:
             return None
-        self._make_folders_private(relative)
-        source = recorded_name(relative)
         with opened:
-            received = utcnow()
+            if opened.size == 0:
+                # A failed or unfinished write (a full disk makes many): not content, and
+                # never a duplicate of another empty file. It waits in the inbox; a write to
+                # it (close event) or a rescan brings it back.
+                logger.info("%s is empty; left in the inbox until it has content", relative)
+                return None
+            self._make_folders_private(relative)
+            return self._record_and_move(opened, relative, path.name)
+
+    def _record_and_move(self, opened: InboxFile, relative: Path, name: str) -> int | None:
+        """Write the row, then move, then commit; if the commit fails the file goes back.
+
+        The store move is preceded by a name note (staging/<sha256>.name, fsynced) that is
+        removed after the commit: a kill between the move and the commit leaves the note, and
+        `recover_store` restores the real name from it.
+        """
+        source = recorded_name(relative)
+        received = utcnow()
+        target: Path | None = None
+        note: Path | None = None
+        try:
             with self.sessions.begin() as session:
                 known = queries.find_image_by_sha256(session, opened.sha256)
                 if known is not None:
-                    target = opened.move_to(unique_path(
-                        self.settings.duplicates_dir / _stamped(received, path.name)))
+                    target = unique_path(self.settings.duplicates_dir / _stamped(received, name))
                     queries.add_duplicate(session, image_id=known.id, source=source,
                                           location=str(target), received_at=received)
+                    session.flush()  # a locked or full database fails here, before the move
+                    opened.move_to(target)
                     logger.info("%s is a duplicate of image %d (%s); kept in %s", relative,
                                 known.id, known.source, target)
-                    return None
-                target = opened.move_to(self.store_path(opened.sha256, path.name))
-                image = queries.add_image(session, sha256=opened.sha256,
-                                          source=source, size_bytes=opened.size,
-                                          location=str(target), received_at=received)
-                logger.info("%s received as image %d", relative, image.id)
-                return image.id
+                    image_id = None
+                else:
+                    target = self.store_path(opened.sha256, name)
+                    image = queries.add_image(session, sha256=opened.sha256, source=source,
+                                              size_bytes=opened.size, location=str(target),
+                                              received_at=received)
+                    session.flush()
+                    note = self.write_name_note(opened.sha256, source)
+                    opened.move_to(target)
+                    image_id = image.id
+        except BaseException:
+            if target is not None and opened.moved:
+                with contextlib.suppress(OSError):
+                    opened.move_back(target)
+            if note is not None:
+                note.unlink(missing_ok=True)
+            raise
+        if note is not None:
+            note.unlink(missing_ok=True)
+        if image_id is not None:
+            logger.info("%s received as image %d", relative, image_id)
+        return image_id
+
+    def write_name_note(self, sha256: str, source: str) -> Path:
+        """staging/<sha256>.name holding `source`, on disk before the store move."""
+        self.settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        note = self.settings.staging_dir / f"{sha256}.name"
+        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, source.encode("utf-8", "surrogateescape"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return note
 
     def _make_folders_private(self, relative: Path) -> None:
         """An inbox inside the data folder is private like the rest of it: subfolders that a
@@ -153,22 +211,30 @@ class Intake:
                 leftover.unlink(missing_ok=True)
 
     def recover_store(self) -> list[int]:
-        """Record files that reached the store without their row (a crash between move and commit)."""
+        """Record files that reached the store without their row (a kill between move and
+        commit), under the name their note kept; then drop the notes."""
         store = self.settings.store_dir
-        if not store.is_dir():
-            return []
+        notes = self.settings.staging_dir
         recovered = []
-        with self.sessions.begin() as session:
-            for path in sorted(store.glob("??/*")):
-                sha256 = path.stem
-                if len(sha256) != 64 or queries.find_image_by_sha256(session, sha256):
-                    continue
-                image = queries.add_image(session, sha256=sha256_of(path),
-                                          source=f"(recovered)/{path.name}",
-                                          size_bytes=path.stat().st_size, location=str(path),
-                                          received_at=utcnow())
-                recovered.append(image.id)
-                logger.warning("recovered %s from the store as image %d", path.name, image.id)
+        if store.is_dir():
+            with self.sessions.begin() as session:
+                for path in sorted(store.glob("??/*")):
+                    sha256 = path.stem
+                    if len(sha256) != 64 or queries.find_image_by_sha256(session, sha256):
+                        continue
+                    note = notes / f"{sha256}.name"
+                    try:
+                        source = note.read_bytes().decode("utf-8", "backslashreplace")
+                    except FileNotFoundError:  # moved by a version without notes
+                        source = f"(recovered)/{path.name}"
+                    image = queries.add_image(session, sha256=sha256_of(path), source=source,
+                                              size_bytes=path.stat().st_size, location=str(path),
+                                              received_at=utcnow())
+                    recovered.append(image.id)
+                    logger.warning("recovered %s from the store as image %d", source, image.id)
+        if notes.is_dir():
+            for note in notes.glob("*.name"):
+                note.unlink(missing_ok=True)
         return recovered
 
 
@@ -201,6 +267,12 @@ class Watcher:
         self.pending: dict[Path, _Pending] = {}
         self.batch: list[int] = []
         self.batch_started = 0.0
+        self.stop = threading.Event()
+        #: After a database or disk error no file is taken before `resume_at` (monotonic).
+        self.backoff = 0.0
+        self.resume_at = 0.0
+        #: When to look for committed rows that never reached the queue (broker was down).
+        self.resend_at: float | None = None
         # Close-after-write events exist only with inotify.
         self.fast = sys.platform.startswith("linux") and not polling
 
@@ -214,7 +286,12 @@ class Watcher:
         return PollingObserver(timeout=max(0.2, min(1.0, self.settings.stable_seconds / 2)))
 
     def run(self, stop: threading.Event) -> None:
-        """Scan, then follow events and rescan periodically; flushes the last batch on stop."""
+        """Scan, then follow events and rescan periodically; flushes the last batch on stop.
+
+        A database or disk error pauses the intake (files stay in the inbox) with a growing
+        backoff; nothing here ends the loop but `stop`.
+        """
+        self.stop = stop
         self.inbox.mkdir(parents=True, exist_ok=True)
         observer = self._observer()
         observer.schedule(_Forward(self.events), str(self.inbox), recursive=True)
@@ -222,14 +299,17 @@ class Watcher:
         logger.info("watching %s (%s)", self.inbox,
                     "close-after-write events" if self.fast else "polling for stable files")
         try:
-            self.intake.clear_staging()
-            self._enqueue_now(self.intake.recover_store())
+            while not stop.is_set() and not self.start_up():
+                stop.wait(self.backoff)
             self.rescan()
             next_rescan = time.monotonic() + self.settings.rescan_interval
             while not stop.is_set():
                 self.drain_events(timeout=TICK)
-                self.take_ready()
+                if time.monotonic() >= self.resume_at:
+                    self.take_ready()
                 self.flush_if_due()
+                if self.resend_at is not None and time.monotonic() >= self.resend_at:
+                    self.resend_unenqueued()
                 if time.monotonic() >= next_rescan:
                     self.rescan()
                     next_rescan = time.monotonic() + self.settings.rescan_interval
@@ -237,6 +317,40 @@ class Watcher:
             observer.stop()
             observer.join(timeout=5)
             self.flush()
+
+    def start_up(self) -> bool:
+        """Recover the store, then enqueue every committed row that never reached the queue
+        (a watcher killed between commit and send); False after a database or disk error."""
+        try:
+            self.intake.clear_staging()
+            recovered = self.intake.recover_store()
+        except (DBAPIError, OSError) as exc:
+            self._back_off(f"cannot recover the store: {exc}")
+            return False
+        self._enqueue_now(recovered)
+        self.resend_unenqueued()
+        return True
+
+    def resend_unenqueued(self) -> None:
+        """Enqueue the `queued` rows never handed to the queue (at start, and once the broker
+        answers again after a failed send), instead of waiting for the sweep."""
+        self.resend_at = None
+        try:
+            with self.sessions.begin() as session:
+                ids = queries.unenqueued_image_ids(session)
+        except DBAPIError as exc:
+            logger.warning("cannot look for images not yet enqueued: %s", exc)
+            self.resend_at = time.monotonic() + max(self.backoff, 2.0)
+            return
+        ids = [i for i in ids if i not in self.batch]
+        if ids:
+            logger.info("enqueueing %d image(s) recorded but never enqueued", len(ids))
+            self._enqueue_now(ids)
+
+    def _back_off(self, why: str) -> None:
+        self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2))
+        self.resume_at = time.monotonic() + self.backoff
+        logger.warning("%s; files stay in the inbox, trying again in %.1f s", why, self.backoff)
 
     def rescan(self) -> None:
         """Put every candidate file in the inbox under observation (taken once stable)."""
@@ -325,6 +439,8 @@ class Watcher:
         """Take every file that is complete (`now`: monotonic seconds); forget vanished ones."""
         now = time.monotonic() if now is None else now
         for path, entry in list(self.pending.items()):
+            if self.stop.is_set():
+                return  # stopping: what is left stays in the inbox for the next start
             ready = self._is_ready(path, entry, now)
             if ready is None:
                 del self.pending[path]
@@ -332,13 +448,25 @@ class Watcher:
                 del self.pending[path]
                 try:
                     image_id = self.intake.take(path)
+                except DBAPIError as exc:
+                    entry.ready = True  # complete: taken first when the database answers
+                    self.pending[path] = entry
+                    self._back_off(f"database error taking {path}: {exc.orig or exc}")
+                    return
                 except OSError as exc:
+                    if exc.errno in _DISK_ERRNOS:
+                        entry.ready = True
+                        self.pending[path] = entry
+                        self._back_off(f"disk error taking {path}: {exc}")
+                        return
+
                     logger.error("cannot take %s: %s", path, exc)
                     continue
                 except Exception:
                     # One file must never stop the intake of all the others.
                     logger.exception("cannot take %s", path)
                     continue
+                self.backoff = 0.0
                 if image_id is not None:
                     if not self.batch:
                         self.batch_started = now
@@ -359,12 +487,17 @@ class Watcher:
             self._enqueue_now(ids)
 
     def _enqueue_now(self, image_ids: list[int]) -> None:
-        """Send committed ids; if the broker is down the sweep re-enqueues them later."""
+        """Send committed ids; if the broker is down they are sent again once it answers."""
         for batch in chunks(image_ids, self.settings.batch.size):
             try:
                 self.send_batch(batch)
             except Exception as exc:  # the broker's errors vary by transport
-                logger.error("could not enqueue images %s (the sweep will): %s", batch, exc)
+                logger.error("could not enqueue images %s (retrying in a few seconds): %s",
+                             batch, exc)
+                self.resend_at = time.monotonic() + RESEND_INTERVAL
                 continue
-            with self.sessions.begin() as session:
-                queries.mark_enqueued(session, batch, utcnow())
+            try:
+                with self.sessions.begin() as session:
+                    queries.mark_enqueued(session, batch, utcnow())
+            except DBAPIError as exc:  # sent: at worst the sweep sends it once more
+                logger.warning("could not note images %s as enqueued: %s", batch, exc)

@@ -4,12 +4,13 @@ database; file-system events and the clock are handed in by the test, so nothing
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 from watchdog.events import (
     FileClosedEvent,
@@ -19,8 +20,9 @@ from watchdog.events import (
     FileOpenedEvent,
 )
 
+from db import queries
 from db.migrate import upgrade
-from db.schema import Duplicate, Image, ImageStatus
+from db.schema import Duplicate, Image, ImageStatus, utcnow
 from db.session import make_session_factory
 from melanoscreen.settings import BatchSettings, Settings
 from scheduler.watcher import Watcher
@@ -205,3 +207,87 @@ def test_when_the_broker_is_down_the_rows_wait_for_the_sweep(
     [image] = images(sessions)
     assert image.status is ImageStatus.QUEUED and image.enqueued_at is None
     assert watcher.batch == []
+
+
+def test_empty_and_truncated_files_are_never_duplicates_of_each_other(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings) -> None:
+    # What a full disk leaves: 100 empty files (failed writes) and 10 cut-off ones.
+    now = time.monotonic()
+    whole = synthetic_jpeg(11)
+    for i in range(100):
+        closed(watcher, write(settings.inbox_dir / f"empty-{i}.jpg", b""), now)
+    for i in range(10):
+        closed(watcher, write(settings.inbox_dir / f"cut-{i}.jpg", whole[: 200 + 50 * i]), now)
+    watcher.take_ready(now)
+    watcher.flush()
+    assert len(images(sessions)) == 10
+    with sessions.begin() as session:
+        assert list(session.scalars(select(Duplicate))) == []
+    assert sorted(p.name for p in settings.inbox_dir.iterdir()) == sorted(
+        f"empty-{i}.jpg" for i in range(100))
+    # Content written later is taken then.
+    path = write(settings.inbox_dir / "empty-0.jpg", whole)
+    closed(watcher, path, now + 1)
+    watcher.take_ready(now + 1)
+    assert [i.source for i in images(sessions)][-1] == "empty-0.jpg"
+
+
+def test_rows_the_broker_refused_are_sent_once_it_answers_again(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings,
+        queue: Queue) -> None:
+    queue.down = True
+    now = time.monotonic()
+    closed(watcher, write(settings.inbox_dir / "d.jpg", synthetic_jpeg(6)), now)
+    watcher.take_ready(now)
+    watcher.flush()
+    assert watcher.resend_at is not None
+    queue.down = False
+    watcher.resend_unenqueued()
+    [image] = images(sessions)
+    assert queue.batches == [[image.id]] and image.enqueued_at is not None
+    assert watcher.resend_at is None
+
+
+def test_at_start_rows_never_enqueued_are_sent_and_a_store_file_keeps_its_name(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings,
+        queue: Queue) -> None:
+    # A watcher killed between commit and send: the row is there, never enqueued.
+    with sessions.begin() as session:
+        committed = queries.add_image(session, sha256="a" * 64, source="clinic/x.jpg",
+                                      size_bytes=1, location="/nowhere", received_at=utcnow())
+    # A watcher killed between the store move and the commit: the note and the file.
+    content = synthetic_jpeg(7)
+    sha256 = hashlib.sha256(content).hexdigest()
+    watcher.intake.write_name_note(sha256, "clinic/patient 12.jpg")
+    write(watcher.intake.store_path(sha256, "patient 12.jpg"), content)
+    assert watcher.start_up()
+    rows = {image.source: image for image in images(sessions)}
+    assert set(rows) == {"clinic/x.jpg", "clinic/patient 12.jpg"}
+    assert sorted(i for batch in queue.batches for i in batch) == sorted(
+        [committed.id, rows["clinic/patient 12.jpg"].id])
+    assert not list(settings.staging_dir.glob("*.name"))
+
+
+def test_a_locked_database_pauses_the_intake_and_the_file_stays_in_the_inbox(
+        settings: Settings, sessions: sessionmaker[Session], queue: Queue) -> None:
+    # A short busy timeout stands in for the 60 s lock: the error is the same.
+    impatient = sessionmaker(create_engine(settings.database, connect_args={"timeout": 0.2}),
+                             expire_on_commit=False)
+    settings.inbox_dir.mkdir(parents=True)
+    watcher = Watcher(settings, impatient, queue.send)
+    watcher.fast = True
+    path = write(settings.inbox_dir / "locked.jpg", synthetic_jpeg(8))
+    locker = sqlite3.connect(settings.database.removeprefix("sqlite:///"))
+    locker.execute("BEGIN EXCLUSIVE")
+    now = time.monotonic()
+    closed(watcher, path, now)
+    watcher.take_ready(now)
+    assert path.exists() and watcher.resume_at > now and path in watcher.pending
+    assert not list(settings.store_dir.glob("??/*"))
+    locker.rollback()
+    locker.close()
+    watcher.take_ready(now + 1)
+    watcher.flush()
+    [image] = images(sessions)
+    assert image.source == "locked.jpg" and not path.exists() and watcher.backoff == 0.0
+    impatient.kw["bind"].dispose()
