@@ -65,15 +65,67 @@ def make_private(settings: Settings) -> None:
     """
     os.umask(0o077)
     data = settings.data_path
-    data.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(data.stat().st_mode) & 0o077:
-        for root, dirs, files in os.walk(data):
-            for name in (*dirs, *files):
-                entry = Path(root) / name
-                info = entry.lstat()
-                if not stat.S_ISLNK(info.st_mode):
-                    entry.chmod(stat.S_IMODE(info.st_mode) & 0o700)
-        data.chmod(0o700)
+    try:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(data.stat().st_mode) & 0o077:
+            for root, dirs, files in os.walk(data):
+                for name in (*dirs, *files):
+                    entry = Path(root) / name
+                    info = entry.lstat()
+                    if not stat.S_ISLNK(info.st_mode):
+                        entry.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+            data.chmod(0o700)
+    except OSError as exc:
+        fail(f"MELANOSCREEN_DATA_DIR: cannot use {data}: {exc.strerror or exc}")
+    if not os.access(data, os.W_OK | os.X_OK):
+        fail(f"MELANOSCREEN_DATA_DIR: {data} is not writable by this user")
+
+
+def existing_data_folder(settings: Settings) -> Path:
+    """The data folder that `status` and `results` read; one that is not there is never created
+    (run from the wrong folder, they would show an empty new database instead)."""
+    data = settings.data_path
+    if not data.is_dir():
+        fail(f"MELANOSCREEN_DATA_DIR: no data folder at {data} (run this where `melanoscreen up` "
+             "runs, or set MELANOSCREEN_DATA_DIR)")
+    if settings.database_url is None and not (data / "melanoscreen.db").is_file():
+        fail(f"MELANOSCREEN_DATA_DIR: {data} holds no database (melanoscreen.db); is it the "
+             "data folder of `melanoscreen up`?")
+    return data
+
+
+#: Held (flock) by the one process that owns a data folder: `up`, or a `watch` or `beat`
+#: started alone. It says who holds it, for the one line a second start prints.
+LOCK_FILE = "melanoscreen.lock"
+#: `up` tells its children its pid here: under `up`, whose lock covers them, they take none.
+SUPERVISOR_PID = "MELANOSCREEN_UP_PID"
+
+
+def hold_data_folder(settings: Settings, role: str) -> int | None:
+    """Take the data folder's exclusive lock for the life of this process (its descriptor is
+    returned, kept open); a second instance fails with one line naming the holder."""
+    import fcntl
+    from datetime import UTC, datetime
+
+    if os.environ.get(SUPERVISOR_PID) == str(os.getppid()):
+        return None  # a child of `up`, which holds the lock
+    data = settings.data_path
+    path = data / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        fail(f"MELANOSCREEN_DATA_DIR: cannot lock {path}: {exc.strerror or exc}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        fail(f"MELANOSCREEN_DATA_DIR: {data} is in use by {holder}; one instance per data "
+             "folder (stop that one first)")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"melanoscreen {role} (pid {os.getpid()}, started "
+                  f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC)\n".encode(), 0)
+    return fd
 
 
 def flower_password(settings: Settings) -> tuple[str, bool]:
@@ -97,5 +149,7 @@ def upgrade_schema(settings: Settings) -> None:
     try:
         upgrade(settings.database)
     except Exception as exc:
-        fail(f"MELANOSCREEN_DATABASE_URL: cannot open or upgrade the database: "
-             f"{str(exc).splitlines()[0]}")
+        # Name what the user set: the URL, or (by default) the data folder holding the file.
+        where = ("MELANOSCREEN_DATABASE_URL" if settings.database_url else
+                 f"MELANOSCREEN_DATA_DIR: {settings.data_path / 'melanoscreen.db'}")
+        fail(f"{where}: cannot open or upgrade the database: {str(exc).splitlines()[0]}")

@@ -22,8 +22,11 @@ import typer
 
 from melanoscreen.console import (
     BROKER_FILE,
+    SUPERVISOR_PID,
+    existing_data_folder,
     fail,
     flower_password,
+    hold_data_folder,
     known_broker,
     load_settings,
     make_private,
@@ -85,6 +88,8 @@ def watch(polling: Annotated[bool, typer.Option(
 
     settings = load_settings()
     producer = make_producer(_broker(settings), settings.visibility_timeout)
+    make_private(settings)
+    hold_data_folder(settings, "watch")  # its descriptor stays open: held while we live
     _prepare(settings)
     watcher = Watcher(settings, make_session_factory(settings.database),
                       lambda ids: send_screen_batch(producer, ids), polling=polling)
@@ -101,14 +106,25 @@ def worker(concurrency: Annotated[int | None, typer.Option(
 
     settings = load_settings()
     broker = _broker(settings)
+    _check_model(settings)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
     cores = os.cpu_count() or 1
     processes = concurrency or settings.worker_concurrency or max(1, cores // 2)
     runtime.configure(settings, intra_op_threads=max(1, cores // processes))
     app.conf.update(broker_options(broker, settings.visibility_timeout))
+    # Each pool process loads and warms the model before its first task (worker_process_init):
+    # give it time to, instead of Celery's 4 s before it replaces the process.
+    app.conf.worker_proc_alive_timeout = 180.0
     app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
                      "--events", f"--hostname={worker_node_name(os.getpid())}"])
+
+
+def _check_model(settings: Settings) -> None:
+    """MELANOSCREEN_MODEL must name a readable file (else images would wait, then fail)."""
+    model = settings.model
+    if model is not None and not (model.is_file() and os.access(model, os.R_OK)):
+        fail(f"MELANOSCREEN_MODEL: no readable model file at {model.absolute()}")
 
 
 def worker_node_name(pid: int) -> str:
@@ -122,6 +138,8 @@ def beat() -> None:
 
     settings = load_settings()
     broker = _broker(settings)
+    make_private(settings)
+    hold_data_folder(settings, "beat")  # its descriptor stays open: held while we live
     _prepare(settings)
     app = make_producer(broker, settings.visibility_timeout)
     app.conf.beat_schedule = beat_schedule(settings.sweep.interval)
@@ -132,15 +150,48 @@ def beat() -> None:
     app.Beat(schedule=str(schedule), loglevel="INFO").run()
 
 
+#: Tasks Flower keeps in memory (its default, 100,000, grew it ~0.45 MiB/min under load).
+FLOWER_MAX_TASKS = 2000
+
+
+def _check_flower(settings: Settings) -> None:
+    dashboard = settings.flower
+    if not dashboard.is_loopback and not (dashboard.user and dashboard.password):
+        fail(f"MELANOSCREEN_FLOWER_ADDRESS: {dashboard.address} is not loopback; set "
+             "MELANOSCREEN_FLOWER_USER and MELANOSCREEN_FLOWER_PASSWORD to expose Flower")
+
+
+def _check_port_free(setting: str, address: str, port: int) -> None:
+    """Fail naming `setting` when something else listens on (address, port) already."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            fail(f"{setting}: cannot listen on {address}:{port}: {exc.strerror or exc} "
+                 "(another program has it?)")
+
+
+def _check_broker(broker: str) -> None:
+    """MELANOSCREEN_BROKER_URL must answer (a Redis URL is pinged)."""
+    if not broker.startswith(("redis://", "rediss://", "unix://")):
+        return
+    import redis
+
+    try:
+        redis.Redis.from_url(broker, socket_connect_timeout=3, socket_timeout=3).ping()
+    except (redis.RedisError, OSError) as exc:
+        fail(f"MELANOSCREEN_BROKER_URL: the broker does not answer: {exc}")
+
+
 def flower() -> None:
     """Run Flower (the live dashboard) on the same broker, its pages and API behind basic auth."""
     settings = load_settings()
     broker = _broker(settings)
     make_private(settings)
     dashboard = settings.flower
-    if not dashboard.is_loopback and not (dashboard.user and dashboard.password):
-        fail(f"MELANOSCREEN_FLOWER_ADDRESS: {dashboard.address} is not loopback; set "
-             "MELANOSCREEN_FLOWER_USER and MELANOSCREEN_FLOWER_PASSWORD to expose Flower")
+    _check_flower(settings)
     password, generated = flower_password(settings)
     if generated:
         typer.echo(f"dashboard user {dashboard.login}, password {password} (shown once; kept in "
@@ -151,7 +202,9 @@ def flower() -> None:
     env["FLOWER_BASIC_AUTH"] = f"{dashboard.login}:{password}"
     env["CELERY_BROKER_URL"] = broker
     argv = [sys.executable, "-m", "celery", "flower", f"--address={dashboard.address}",
-            f"--port={dashboard.port}", "--persistent=False"]
+            f"--port={dashboard.port}", "--persistent=False",
+            # Flower keeps every task it has seen (about 1 KiB each): bounded, its memory is.
+            f"--max_tasks={FLOWER_MAX_TASKS}"]
     os.execve(sys.executable, argv, env)
 
 
@@ -177,10 +230,21 @@ def up() -> None:
     from melanoscreen.supervisor import Child, Supervisor, free_port, redis_argv, wait_for_redis
 
     settings = load_settings()
+    make_private(settings)
+    hold_data_folder(settings, "up")  # its descriptor stays open: held while we live
+    # An operator's mistake is one line before anything starts, not a child that keeps dying.
+    _check_model(settings)
+    _check_flower(settings)
+    _check_port_free("MELANOSCREEN_FLOWER_PORT", settings.flower.address, settings.flower.port)
+    _check_port_free("MELANOSCREEN_WEB_PORT", settings.web.address, settings.web.port)
+    if settings.redis_port and not settings.broker_url:
+        _check_port_free("MELANOSCREEN_REDIS_PORT", "127.0.0.1", settings.redis_port)
+    if settings.broker_url:
+        _check_broker(settings.broker_url)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
     data_dir = settings.data_path
-    env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir),
+    env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir), **{SUPERVISOR_PID: str(os.getpid())},
                MELANOSCREEN_INBOX=str(settings.inbox_dir),
                MELANOSCREEN_DATABASE_URL=settings.database)
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
@@ -208,8 +272,9 @@ def up() -> None:
     me = [sys.executable, "-m", "melanoscreen"]
     # The worker is asked through the broker whether it consumes: a worker told to stop
     # consuming (Flower's cancel-consumer) stays up doing nothing, and must be restarted.
-    children.append(Child("worker", [*me, "worker"], env, check=_consumes_the_queue(broker),
-                          check_interval=settings.worker_check_interval))
+    worker_child = Child("worker", [*me, "worker"], env, check=_consumes_the_queue(broker),
+                         check_interval=settings.worker_check_interval)
+    children.append(worker_child)
     children += [Child(name, [*me, name], env) for name in ("beat", "flower", "watch", "web")]
     # The review app's cookie key is made here, before its child starts (it is kept across starts).
     web_secret(settings)
@@ -222,11 +287,35 @@ def up() -> None:
         typer.echo(f"dashboard password: {flower_secret}  (shown once; kept in "
                    f"{settings.flower_password_file})")
     typer.echo(f"results:   melanoscreen results   (data in {data_dir})")
-    code = Supervisor(children).run(_stop_on_signals())
+    stop = _stop_on_signals()
+    threading.Thread(target=_say_ready, args=(settings, worker_child, broker, stop),
+                     daemon=True).start()
+    code = Supervisor(children).run(stop)
     if not settings.broker_url:
         broker_file.unlink(missing_ok=True)
     if code:
         fail("a service kept dying; see the log above")
+
+
+def _say_ready(settings: Settings, worker_child: Child, broker: str,
+               stop: threading.Event) -> None:
+    """Print "ready" once the worker consumes the queue with its model loaded (its pool
+    processes warm it before they start) and the broker answers; the database is checked."""
+    import time
+
+    check = _consumes_the_queue(broker)
+    started = time.monotonic()
+    while not stop.wait(0.5):
+        try:
+            if check(worker_child):
+                break
+        except Exception as exc:  # the broker's errors vary by transport
+            logger.debug("not ready yet: %s", exc)
+    else:
+        return
+    typer.echo(f"ready in {time.monotonic() - started:.0f} s: drop images into "
+               f"{settings.inbox_dir}; dashboard http://{settings.flower.address}:"
+               f"{settings.flower.port}; review {web_address(settings)}")
 
 
 def _queue_length(broker: str | None) -> int | None:
@@ -251,6 +340,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     from db.schema import ImageStatus, OutboxKind
     from db.session import make_session_factory
 
+    data_dir = existing_data_folder(settings)
     upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
         counts = queries.status_counts(session)
@@ -268,10 +358,11 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
         "counts": counts, "flagged": flagged, "queue_length": _queue_length(known_broker(settings)),
         "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
         "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients),
-        "out_of_scope": out_of_scope, "unreviewed_flagged": unreviewed}
+        "out_of_scope": out_of_scope, "unreviewed_flagged": unreviewed, "data_dir": str(data_dir)}
     if json_output:
         typer.echo(json.dumps(report))
         return
+    typer.echo(f"data folder: {data_dir}")
     for name in (status.value for status in ImageStatus):
         typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
     typer.echo(f"{'flagged':<10}{flagged:>8}  ({unreviewed} not reviewed)")
@@ -280,7 +371,7 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     queue = report["queue_length"]
     typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
     typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items())
-               + ("" if settings.alert.recipients else "  (no recipients configured)"))
+               + ("" if settings.alert.anyone else "  (no recipients configured)"))
     if last_digest is None:
         typer.echo("last digest: none yet")
     else:
@@ -310,6 +401,7 @@ def results(
     from db.session import make_session_factory
 
     when = _parse_since(since) if since else None
+    data_dir = existing_data_folder(settings)
     upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
         found = queries.results(session, since=when, flagged_only=flagged)
@@ -332,13 +424,17 @@ def results(
         for row in rows:
             # One cell for the latest review: its verdict (the JSON has the whole review).
             row["review"] = row["review"]["verdict"] if row["review"] else ""
+            row["model_versions"] = " ".join(row["model_versions"])
         writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
     else:
+        typer.echo(f"data folder: {data_dir}")  # the machine formats stay pure CSV and JSON
         typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
         for row in rows:
             p = row["melanoma_probability"]
             mark = ("  ALERT" if row["flagged"] else
                     "  OUT OF SCOPE (not like a dermoscopic image)" if row["out_of_scope"] else "")
+            if row["flag_changed"]:
+                mark += "  (flag changed by re-screen)"
             detail = printable(row["predicted_class"] or row["reason"] or "")
             typer.echo(f"{row['received_at'][:19]:<20} {row['status']:<10} {detail[:26]:<26} "
                        f"{p or '':>7}  {printable(row['source'])}{mark}")

@@ -116,6 +116,8 @@ class Child:
     checked_at: float = 0.0
     failed_checks: int = 0
     passed_once: bool = False
+    #: Set while a child that keeps dying waits out its backoff (monotonic seconds).
+    restart_at: float | None = None
 
     def start(self) -> None:
         """Start it in a new session (process group) of its own."""
@@ -154,26 +156,39 @@ class Child:
 
 
 class Supervisor:
-    """Starts children in order, restarts one that dies, stops all in reverse order."""
+    """Starts children in order, restarts one that dies, stops all in reverse order.
+
+    A child that keeps dying (a full disk, a database away) is never given up on: past
+    `max_restarts` in `window_seconds` each restart waits twice as long as the one before, up
+    to `max_backoff`, so it comes back by itself once the cause is gone.
+    """
 
     def __init__(self, children: list[Child], *, max_restarts: int = 5,
-                 window_seconds: float = 60.0, stop_timeout: float = 20.0) -> None:
+                 window_seconds: float = 60.0, stop_timeout: float = 20.0,
+                 backoff: float = 1.0, max_backoff: float = 60.0) -> None:
         self.children = children
         self.max_restarts = max_restarts
         self.window_seconds = window_seconds
         self.stop_timeout = stop_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
 
     def run(self, stop: threading.Event) -> int:
-        """Supervise until `stop` is set (0) or a child keeps dying (1)."""
+        """Supervise until `stop` is set; 0."""
         try:
             for child in self.children:
                 if child.process is None:
                     child.start()
-            while not stop.wait(0.5):
+            while not stop.wait(0.2):
                 for child in self.children:
                     assert child.process is not None
-                    code = child.process.poll()
                     now = time.monotonic()
+                    if child.restart_at is not None:
+                        if now >= child.restart_at:
+                            child.restart_at = None
+                            child.start()
+                        continue
+                    code = child.process.poll()
                     if code is None:
                         if not child.is_stuck(now):
                             continue
@@ -188,14 +203,18 @@ class Supervisor:
                         code = child.process.returncode
                     while child.restarts and now - child.restarts[0] > self.window_seconds:
                         child.restarts.popleft()
-                    if len(child.restarts) >= self.max_restarts:
-                        logger.error("%s keeps dying (exit %s, %d restarts in %.0f s): giving up",
-                                     child.name, code, len(child.restarts), self.window_seconds)
-                        return 1
-                    child.restarts.append(now)
-                    logger.warning("%s exited with %s; restarting", child.name, code)
                     child.signal_group(signal.SIGKILL)  # leftovers of its group, if any
-                    child.start()
+                    excess = len(child.restarts) - self.max_restarts
+                    child.restarts.append(now)
+                    if excess < 0:
+                        logger.warning("%s exited with %s; restarting", child.name, code)
+                        child.start()
+                        continue
+                    delay = min(self.max_backoff, self.backoff * 2 ** min(excess, 16))
+                    logger.error("%s keeps dying (exit %s, %d restarts in %.0f s); restarting "
+                                 "in %.0f s", child.name, code, len(child.restarts),
+                                 self.window_seconds, delay)
+                    child.restart_at = now + delay
             return 0
         finally:
             self.stop_all()

@@ -49,13 +49,25 @@ def test_a_child_that_dies_is_restarted_and_stop_ends_every_child(tmp_path: Path
         assert child.process is not None and child.process.returncode == -signal.SIGTERM
 
 
-def test_a_child_that_keeps_dying_makes_the_supervisor_give_up(tmp_path: Path) -> None:
+def test_a_child_that_keeps_dying_is_restarted_ever_more_slowly_and_never_given_up(
+        tmp_path: Path) -> None:
     crash = Child("crash", python("raise SystemExit(3)"))
     steady = Child("steady", SLEEPER)
-    supervisor = Supervisor([steady, crash], max_restarts=2, window_seconds=60)
-    assert supervisor.run(threading.Event()) == 1  # nobody set `stop`: it gave up by itself
-    assert len(crash.restarts) == 2
-    assert steady.process is not None and steady.process.returncode == -signal.SIGTERM
+    supervisor = Supervisor([steady, crash], max_restarts=2, window_seconds=60, backoff=0.3)
+    stop = threading.Event()
+    thread, result = run_in_thread(supervisor, stop)
+    try:
+        wait_until(lambda: len(crash.restarts) >= 5, timeout=30, interval=0.05,
+                   message="five restarts")
+        assert thread.is_alive()  # still supervising: a child's trouble never ends the service
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert result == [0]
+    gaps = [b - a for a, b in zip(list(crash.restarts), list(crash.restarts)[1:], strict=False)]
+    assert gaps[-1] > gaps[-2] > 0.25  # backing off: 0.3 s, 0.6 s, ...
+    assert steady.process is not None and not steady.restarts
+    assert steady.process.returncode == -signal.SIGTERM
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout(tmp_path: Path) -> None:

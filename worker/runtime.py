@@ -45,6 +45,18 @@ class WorkerProcess:
                             self._classifier.version, self.intra_op_threads)
             return self._classifier
 
+    def warm(self) -> None:
+        """Load the model and run one forward pass now, so the first image is screened as fast
+        as the next (loading and tracing take seconds); a failure shows at the first task."""
+        try:
+            import numpy as np
+
+            classifier = self.classifier()
+            height, width = classifier.input_size
+            classifier.predict_arrays_scoped(np.zeros((1, height, width, 3), dtype=np.float32))
+        except Exception:
+            logger.exception("process %d could not load the model at start", os.getpid())
+
     def gradcam_overlay(self, path: Path) -> bytes | None:
         """The Grad-CAM overlay (PNG) of a stored image by this process's model; None on failure."""
         try:
@@ -87,11 +99,13 @@ def configure(settings: Settings, intra_op_threads: int = 1) -> None:
 
 @worker_process_init.connect
 def _start_process(**_: Any) -> None:
-    """In each new pool process: fresh connections; nothing from the parent is reused."""
+    """In each new pool process: fresh connections (nothing from the parent is reused) and the
+    model, loaded and warmed before the process takes its first task."""
     global _process
     if _settings is not None:
         _process = WorkerProcess(_settings, make_session_factory(_settings.database),
                                  _intra_op_threads)
+        _process.warm()
 
 
 def process() -> WorkerProcess:

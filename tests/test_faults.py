@@ -1,0 +1,155 @@
+"""Faults and operator mistakes against the real `melanoscreen up` and its commands: one line
+naming the setting and a non-zero exit; a second `up` refused with the first untouched; no
+child left after kill -9 of `up`; "ready" only once the worker consumes with its model loaded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from melanoscreen.supervisor import free_port
+from tests.conftest import children_of, is_alive, synthetic_jpeg, wait_until
+from tests.test_up import _env, _status
+
+pytestmark = pytest.mark.slow
+
+
+def _melanoscreen(env: dict[str, str], cwd: Path, *args: str,
+                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "melanoscreen", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], setting: str) -> str:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"error: {setting}"), errors[0]
+    return errors[0]
+
+
+def test_each_operator_mistake_is_one_line_naming_the_setting(tmp_path: Path,
+                                                               tiny_model: Path) -> None:
+    data = tmp_path / "data"
+    # A model file that is not there: up refuses before starting anything.
+    result = _melanoscreen(_env(data, tmp_path / "missing.keras"), tmp_path, "up")
+    assert "missing.keras" in _one_error_line(result, "MELANOSCREEN_MODEL")
+    # A data folder on a read-only file system (root writes anywhere else).
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        readonly.chmod(0o500)
+        if os.access(readonly, os.W_OK):
+            pytest.skip("cannot mount a read-only tmpfs, and this user writes anywhere")
+    try:
+        result = _melanoscreen(_env(readonly / "data", tiny_model), tmp_path, "up")
+        assert "Read-only" in _one_error_line(result, "MELANOSCREEN_DATA_DIR") or not mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(readonly)], check=True)
+
+
+def test_a_busy_port_a_public_flower_or_a_dead_broker_is_one_line_too(
+        tmp_path: Path, tiny_model: Path) -> None:
+    data = tmp_path / "data"
+    # Flower's port held by another program: named, and up does not start.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _melanoscreen(_env(data, tiny_model, MELANOSCREEN_FLOWER_PORT=str(port)),
+                               tmp_path, "up")
+    assert str(port) in _one_error_line(result, "MELANOSCREEN_FLOWER_PORT")
+    assert "dashboard:" not in result.stdout  # no address of another program shown as ours
+    # Flower on a public address without a password: a mistake at start, not a child that dies.
+    result = _melanoscreen(_env(data, tiny_model, MELANOSCREEN_FLOWER_ADDRESS="0.0.0.0"),
+                           tmp_path, "up")
+    _one_error_line(result, "MELANOSCREEN_FLOWER_ADDRESS")
+    # A broker that does not answer.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    result = _melanoscreen(_env(data, tiny_model, MELANOSCREEN_BROKER_URL=dead), tmp_path, "up")
+    _one_error_line(result, "MELANOSCREEN_BROKER_URL")
+    # A data folder that is a file.
+    (tmp_path / "a-file").write_text("")
+    result = _melanoscreen(_env(tmp_path / "a-file", tiny_model), tmp_path, "up")
+    _one_error_line(result, "MELANOSCREEN_DATA_DIR")
+
+
+def test_status_and_results_refuse_a_folder_that_is_not_a_data_folder(
+        tmp_path: Path, tiny_model: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = _env(tmp_path / "nothing-here", tiny_model)
+    for command in (["status"], ["results"]):
+        _one_error_line(_melanoscreen(env, elsewhere, *command), "MELANOSCREEN_DATA_DIR")
+    assert not (tmp_path / "nothing-here").exists()
+    # A database that cannot be opened is blamed on the data folder when no URL was set.
+    data = tmp_path / "data"
+    (data / "melanoscreen.db").mkdir(parents=True)
+    line = _one_error_line(_melanoscreen(_env(data, tiny_model), tmp_path, "status"),
+                           "MELANOSCREEN_DATA_DIR")
+    assert "MELANOSCREEN_DATABASE_URL" not in line
+
+
+def _start_up(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "melanoscreen", "up"], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_a_second_up_is_refused_and_kill_9_of_up_leaves_no_child_taking_files(
+        tmp_path: Path, tiny_model: Path) -> None:
+    data = tmp_path / "data"
+    env = _env(data, tiny_model)
+    log = tmp_path / "up.log"
+    up = _start_up(env, tmp_path, log)
+    try:
+        wait_until(lambda: "ready in" in log.read_text(), timeout=180,
+                   message=f"ready\n{log.read_text()[-3000:]}")
+        started = time.monotonic()
+        (data / "inbox" / "first.jpg").write_bytes(synthetic_jpeg(31_000))
+        wait_until(lambda: _status(data) == ["screened"], timeout=60, message="first image")
+        # The model was warmed before "ready": the first image is not seconds slower.
+        assert time.monotonic() - started < 5
+        broker_url = (data / "broker.url").read_text()
+        family = children_of(up.pid)
+        second = _melanoscreen(dict(env, MELANOSCREEN_FLOWER_PORT=str(free_port()),
+                                    MELANOSCREEN_WEB_PORT=str(free_port())), tmp_path, "up")
+        line = _one_error_line(second, "MELANOSCREEN_DATA_DIR")
+        assert f"pid {up.pid}" in line and "in use" in line
+        # The first is untouched: same children, its broker file, still screening.
+        assert up.poll() is None and (data / "broker.url").read_text() == broker_url
+        assert all(is_alive(pid) for pid in family)
+        (data / "inbox" / "second.jpg").write_bytes(synthetic_jpeg(31_001))
+        wait_until(lambda: _status(data) == ["screened", "screened"], timeout=60,
+                   message="second image after the refused start")
+        # kill -9 of up: every child goes with it (no orphan watcher keeps taking files).
+        up.send_signal(signal.SIGKILL)
+        up.wait()
+        wait_until(lambda: not [pid for pid in family if is_alive(pid)], timeout=30,
+                   message="every child gone after kill -9 of up")
+        (data / "inbox" / "third.jpg").write_bytes(synthetic_jpeg(31_002))
+        time.sleep(3)
+        assert (data / "inbox" / "third.jpg").exists()
+        # A fresh up takes the folder and the file that waited.
+        up = _start_up(env, tmp_path, tmp_path / "up2.log")
+        wait_until(lambda: sorted(_status(data)) == ["screened"] * 3, timeout=120,
+                   message="the waiting file, after a fresh up")
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
