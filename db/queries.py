@@ -140,12 +140,15 @@ def release_claims(session: Session, image_ids: Sequence[int], *, token: str) ->
         )
 
 
-def stale_image_ids(session: Session, *, before: datetime, limit: int = 10_000) -> list[int]:
-    """Images still `queued` or `screening` whose last hand-over or claim is older than `before`."""
+def stale_image_ids(session: Session, *, before: datetime, lease_before: datetime | None = None,
+                    limit: int = 10_000) -> list[int]:
+    """Images still `queued` whose hand-over is older than `before`, or `screening` whose claim
+    is older than `lease_before` (its lease ran out: the worker died), else `before`."""
     last_touch = func.coalesce(Image.claimed_at, Image.enqueued_at, Image.received_at)
     queued = and_(Image.status == ImageStatus.QUEUED,
                   func.coalesce(Image.enqueued_at, Image.received_at) < before)
-    screening = and_(Image.status == ImageStatus.SCREENING, last_touch < before)
+    screening = and_(Image.status == ImageStatus.SCREENING,
+                     last_touch < (before if lease_before is None else lease_before))
     return list(session.scalars(
         select(Image.id).where(or_(queued, screening)).order_by(Image.id).limit(limit)
     ))

@@ -185,10 +185,13 @@ class BatchSettings(BaseModel):
 
 class SweepSettings(BaseModel):
     """`MELANOSCREEN_SWEEP_*`: the sweep runs every `interval` seconds and re-enqueues work left
-    unfinished for longer than `limit` seconds."""
+    unfinished for longer than `limit` seconds; a worker's claim on a batch lasts `lease`
+    seconds (about twice the longest batch), so a dead worker's batch is taken again within
+    `lease + interval`, whatever the broker's visibility timeout."""
 
-    interval: float = Field(default=60.0, gt=0.0)
+    interval: float = Field(default=15.0, gt=0.0)
     limit: float = Field(default=600.0, gt=0.0)
+    lease: float = Field(default=40.0, gt=0.0)
 
 
 class Settings(BaseSettings):

@@ -119,6 +119,28 @@ def test_the_sweep_finds_only_work_left_too_long(sessions: sessionmaker[Session]
         assert queries.stale_image_ids(session, before=now - timedelta(minutes=10)) == [old]
 
 
+def test_a_dead_workers_claim_is_stale_once_its_lease_runs_out_whatever_the_limit(
+        sessions: sessionmaker[Session]) -> None:
+    now = utcnow()
+    with sessions.begin() as session:
+        dead = _image(session, sha="d" * 64, source="dead.jpg")
+        alive = _image(session, sha="e" * 64, source="alive.jpg")
+        waiting = _image(session, sha="f" * 64, source="waiting.jpg")
+        queries.mark_enqueued(session, [dead, alive, waiting], now - timedelta(minutes=2))
+        queries.claim_images(session, [dead], token="dead", now=now - timedelta(seconds=50),
+                             stale_before=now, max_attempts=5)
+        queries.claim_images(session, [alive], token="alive", now=now - timedelta(seconds=5),
+                             stale_before=now, max_attempts=5)
+    with sessions.begin() as session:
+        # Limit 10 min, lease 40 s: only the claim 50 s old is lost work.
+        assert queries.stale_image_ids(session, before=now - timedelta(minutes=10),
+                                       lease_before=now - timedelta(seconds=40)) == [dead]
+        # Another worker takes it over; the live claim stays with its holder.
+        taken = queries.claim_images(session, [dead, alive], token="next", now=now,
+                                     stale_before=now - timedelta(seconds=40), max_attempts=5)
+        assert [image.id for image in taken] == [dead]
+
+
 def test_images_past_their_attempts_become_failed(sessions: sessionmaker[Session]) -> None:
     now = utcnow()
     with sessions.begin() as session:

@@ -65,7 +65,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     with sessions.begin() as session:
         claimed = queries.claim_images(
             session, image_ids, token=token, now=now,
-            stale_before=now - timedelta(seconds=settings.sweep.limit),
+            stale_before=now - timedelta(seconds=settings.sweep.lease),
             max_attempts=settings.max_attempts)
         work = [(image.id, Path(image.location)) for image in claimed]
         sources = {image.id: image.source for image in claimed}
@@ -166,10 +166,13 @@ def write_alerts(session: Session, flagged: list[tuple[int, int, float]], source
 
 
 def sweep_stale(sessions: sessionmaker[Session], *, stale_after: float,
-                batch_size: int) -> list[list[int]]:
-    """Ids of images left `queued`/`screening` too long, in batches, marked as re-enqueued now."""
+                batch_size: int, lease: float | None = None) -> list[list[int]]:
+    """Ids of images left `queued` too long or `screening` past their claim's `lease`, in
+    batches, marked as re-enqueued now."""
     now = utcnow()
     with sessions.begin() as session:
-        ids = queries.stale_image_ids(session, before=now - timedelta(seconds=stale_after))
+        ids = queries.stale_image_ids(
+            session, before=now - timedelta(seconds=stale_after),
+            lease_before=None if lease is None else now - timedelta(seconds=lease))
         queries.mark_enqueued(session, ids, now)
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

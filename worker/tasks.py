@@ -42,7 +42,8 @@ def sweep() -> int:
     here = runtime.process()
     limit = here.settings.sweep.limit
     batches = screening.sweep_stale(here.sessions, stale_after=limit,
-                                    batch_size=here.settings.batch.size)
+                                    batch_size=here.settings.batch.size,
+                                    lease=here.settings.sweep.lease)
     for batch in batches:
         screen_batch.apply_async(args=[batch])
     count = sum(len(b) for b in batches)
