@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -43,6 +43,8 @@ def _digest_day(settings: Settings, value: str | None) -> date:
 def digest(
     day: Annotated[str | None, typer.Option("--date", help="The digest's date, YYYY-MM-DD "
                                             "(default: the latest one due).")] = None,
+    today: Annotated[bool, typer.Option("--today", help="The period running now, so far (the "
+                                        "digest it will become; shown, not sent).")] = False,
     send: Annotated[bool, typer.Option("--send", help="Send it now to "
                                        "MELANOSCREEN_ALERT_RECIPIENTS (once per date).")] = False,
     preview: Annotated[Path | None, typer.Option("--preview", help="Write it as a standalone "
@@ -51,12 +53,14 @@ def digest(
     """Print the digest of a day, write it as HTML (--preview FILE.html), or send it (--send)."""
     if send and preview is not None:
         fail("--send and --preview exclude each other")
+    if today and (send or day is not None):
+        fail("--today: the period so far can be shown or previewed, not sent or given a --date")
     settings = load_settings()
     from db.session import make_session_factory
     from worker.digests import build_digest_content
     from worker.messages import render_digest_html, render_digest_text
 
-    when = _digest_day(settings, day)
+    when = _digest_day(settings, day) + timedelta(days=1 if today else 0)
     upgrade_schema(settings)
     sessions = make_session_factory(settings.database)
     if not send:

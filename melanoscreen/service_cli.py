@@ -58,6 +58,8 @@ def _prepare(settings: Settings) -> None:
     if settings.store_dir.is_relative_to(settings.inbox_dir):
         fail("MELANOSCREEN_INBOX: must not contain the data folder's store")
     upgrade_schema(settings)
+    if not settings.first_start_file.exists():
+        write_private(settings.first_start_file, datetime.now(UTC).isoformat() + "\n")
 
 
 def warn_if_nobody_is_told(settings: Settings) -> None:

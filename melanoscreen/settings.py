@@ -273,6 +273,11 @@ class Settings(BaseSettings):
         return self.data_path / "incoming"
 
     @property
+    def first_start_file(self) -> Path:
+        """When the service first started on this data folder (no digest for days before it)."""
+        return self.data_path / "first-start"
+
+    @property
     def flower_password_file(self) -> Path:
         """Flower's generated password (0600), when MELANOSCREEN_FLOWER_PASSWORD is not set."""
         return self.data_path / "flower.password"

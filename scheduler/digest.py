@@ -31,13 +31,22 @@ def digest_period(day: date, digest_time: time, tz: ZoneInfo) -> tuple[datetime,
     return _instant(day - timedelta(days=1), digest_time, tz), _instant(day, digest_time, tz)
 
 
-def digest_due_dates(last_sent: date | None, now: datetime, digest_time: time, tz: ZoneInfo) -> list[date]:
+def digest_due_dates(last_sent: date | None, now: datetime, digest_time: time, tz: ZoneInfo,
+                     *, first_start: datetime | None = None) -> list[date]:
     """The digest dates owed at `now`, oldest first: missed days are caught up, none is doubled.
 
     Works on local calendar dates, so a 23- or 25-hour day neither skips nor repeats a digest.
     With nothing sent yet, only the latest due digest is owed; after a long outage, at most the
-    last `MAX_CATCH_UP_DAYS`.
+    last `MAX_CATCH_UP_DAYS`. With `first_start`, none for a window that ended before it (a
+    new install does not mail an empty digest of the day before it existed).
     """
+    owed = _due_dates(last_sent, now, digest_time, tz)
+    if first_start is None:
+        return owed
+    return [day for day in owed if digest_period(day, digest_time, tz)[1] > first_start]
+
+
+def _due_dates(last_sent: date | None, now: datetime, digest_time: time, tz: ZoneInfo) -> list[date]:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     today = now.astimezone(tz).date()

@@ -349,3 +349,15 @@ def test_a_digest_row_just_above_its_threshold_shows_the_digits_that_tell_them_a
     text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     assert "0.05004  close.jpg" in text and "Alert threshold: 0.05" in text
     assert ">0.05004</td>" in page
+
+
+def test_no_digest_is_owed_for_a_window_that_ended_before_the_first_start() -> None:
+    tz = ZoneInfo("Europe/Berlin")
+    now = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+    # Installed this morning after 07:00: the digest of the 20th covers the 19th, before us.
+    installed = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    assert digest_due_dates(None, now, time(7, 0), tz, first_start=installed) == []
+    # Installed yesterday evening: the window of the 20th saw the service run; it is owed.
+    installed = datetime(2026, 11, 19, 18, 0, tzinfo=UTC)
+    assert digest_due_dates(None, now, time(7, 0), tz, first_start=installed) == [date(2026, 11, 20)]
+    assert digest_due_dates(None, now, time(7, 0), tz) == [date(2026, 11, 20)]

@@ -309,3 +309,17 @@ def test_out_of_scope_images_are_listed_apart_and_the_threshold_says_what_it_mea
     assert "0.950" not in text  # its scores mean nothing: not shown as a melanoma probability
     assert ("Alert threshold: 0.30\nAt this threshold the model caught 95% of melanomas in "
             "validation (images it had not been trained on).") in text.replace("\r\n", "\n")
+
+
+def test_digest_today_shows_the_period_so_far_and_is_never_sent(
+        sessions: sessionmaker[Session], database: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOSCREEN_")}
+    env.update(MELANOSCREEN_DATA_DIR=str(tmp_path / "data"), MELANOSCREEN_DATABASE_URL=database,
+               MELANOSCREEN_TIMEZONE="Europe/Berlin", MELANOSCREEN_DIGEST_TIME="07:00")
+    now = datetime.now(ZoneInfo("Europe/Berlin"))
+    running = now.date() + timedelta(days=1 if now.time() >= time(7, 0) else 0)
+    shown = _cli(env, "digest", "--today")
+    assert shown.returncode == 0, shown.stderr
+    assert f"digest {running.isoformat()}" in shown.stdout
+    refused = _cli(env, "digest", "--today", "--send")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: --today")

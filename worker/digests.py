@@ -157,6 +157,15 @@ def _routed_to(settings: Settings, route: str) -> Callable[[str], bool]:
     return lambda source: settings.alert.route_for(source) == route
 
 
+def first_start(settings: Settings) -> datetime | None:
+    """When the service first started on this data folder (`first-start`, written by the first
+    start), so no digest is owed for a window before it; None where it is not recorded."""
+    try:
+        return datetime.fromisoformat(settings.first_start_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def queue_due_digests(sessions: sessionmaker[Session], settings: Settings, now: datetime,
                       enqueue: Callable[[int], None]) -> list[date]:
     """Write every digest owed at `now` and hand each outbox row to `enqueue` after its commit."""
@@ -166,7 +175,8 @@ def queue_due_digests(sessions: sessionmaker[Session], settings: Settings, now: 
         last = outbox.last_digest(session)
         last_day = last.day if last else None
     written = []
-    for day in digest_due_dates(last_day, now, settings.digest.time, ZoneInfo(settings.timezone)):
+    for day in digest_due_dates(last_day, now, settings.digest.time, ZoneInfo(settings.timezone),
+                                first_start=first_start(settings)):
         ids = take_and_write_digest(sessions, settings, day, now)
         if ids is None:
             continue
