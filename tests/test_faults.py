@@ -153,3 +153,60 @@ def test_a_second_up_is_refused_and_kill_9_of_up_leaves_no_child_taking_files(
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
+
+
+def _child(up_pid: int, command: str) -> int:
+    """The pid of up's direct child running `melanoscreen <command>`."""
+    for pid in children_of(up_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if parent == up_pid and command.encode() in argv:
+            return pid
+    raise AssertionError(f"no {command} child")
+
+
+def _sources(data: Path) -> dict[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(data / "melanoscreen.db") as connection:
+        return dict(connection.execute("SELECT source, status FROM images").fetchall())
+
+
+def test_kill_9_of_the_worker_or_the_watcher_mid_burst_loses_no_image_and_no_name(
+        tmp_path: Path, tiny_model: Path) -> None:
+    data = tmp_path / "data"
+    env = _env(data, tiny_model, MELANOSCREEN_BATCH_SIZE="4", MELANOSCREEN_SWEEP_INTERVAL="2",
+               MELANOSCREEN_SWEEP_LEASE="10")
+    log = tmp_path / "up.log"
+    up = _start_up(env, tmp_path, log)
+    try:
+        wait_until(lambda: "ready in" in log.read_text(), timeout=180, message="ready")
+        inbox = data / "inbox"
+        for victim, first in (("worker", 0), ("watch", 100)):
+            names = [f"{victim}/{n:03d}.jpg" for n in range(first, first + 60)]
+            (inbox / victim).mkdir()
+            for number, name in enumerate(names):
+                (inbox / name).write_bytes(synthetic_jpeg(40_000 + first + number, (256, 256)))
+                if number == 20:
+                    os.kill(_child(up.pid, victim), signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(lambda names=names: all(_sources(data).get(n) == "screened" for n in names),
+                       timeout=120, interval=0.5,
+                       message=f"every image screened after kill -9 of the {victim}\n"
+                               f"{log.read_text()[-3000:]}")
+            assert time.monotonic() - killed < 120
+        sources = _sources(data)
+        assert not [s for s in sources if s.startswith("(recovered)")]
+        assert set(sources) == {f"{v}/{n:03d}.jpg" for v, f in (("worker", 0), ("watch", 100))
+                                for n in range(f, f + 60)}
+        assert set(sources.values()) == {"screened"}
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
