@@ -246,6 +246,8 @@ def test_beat_sends_the_owed_digest_at_start_and_a_restart_does_not_repeat_it(
             return [m for m in mail.handler.messages
                     if str(m.message["Subject"]).startswith("MelanoScreen digest")]
 
+    # A service that has run for days (a new install owes no digest of the day before it).
+    (alert_service.data_dir / "first-start").write_text("2020-01-01T00:00:00+00:00\n")
     alert_service.start("beat")
     try:
         wait_until(lambda: len(digests()) >= 2, timeout=90, message="the digest")

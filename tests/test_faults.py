@@ -210,3 +210,64 @@ def test_kill_9_of_the_worker_or_the_watcher_mid_burst_loses_no_image_and_no_nam
         except subprocess.TimeoutExpired:
             up.kill()
             up.wait()
+
+
+def test_a_full_data_folder_pauses_the_service_and_it_resumes_by_itself_when_freed(
+        tmp_path: Path, tiny_model: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(data)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    log = tmp_path / "up.log"
+    up = _start_up(_env(data, tiny_model), tmp_path, log)
+    try:
+        wait_until(lambda: "ready in" in log.read_text(), timeout=180, message="ready")
+        inbox = data / "inbox"
+        # Complete files kept under hidden names (ignored) while there is room.
+        ready = {f"full-{n:02d}.jpg": synthetic_jpeg(50_000 + n, (128, 128)) for n in range(10)}
+        for name, content in ready.items():
+            (inbox / f".{name}").write_bytes(content)
+        filler = data / "filler"
+        with open(filler, "wb") as out:
+            try:
+                while True:
+                    out.write(b"\0" * (1 << 20))
+                    out.flush()
+            except OSError:
+                pass
+        # The disk is full: renamed into place they are complete but cannot be recorded; and
+        # drops written now fail and leave empty or cut-off files.
+        for name in ready:
+            (inbox / f".{name}").rename(inbox / name)
+        failed = []
+        for n in range(20):
+            try:
+                (inbox / f"late-{n:02d}.jpg").write_bytes(synthetic_jpeg(60_000 + n, (128, 128)))
+            except OSError:
+                failed.append(f"late-{n:02d}.jpg")
+        time.sleep(8)
+        assert up.poll() is None
+        assert all((inbox / name).exists() for name in ready)  # left in the inbox
+        # Space comes back; nothing is restarted by hand.
+        filler.unlink()
+        for name in failed:
+            (inbox / name).write_bytes(synthetic_jpeg(60_000 + int(name[5:7]), (128, 128)))
+        expected = set(ready) | {f"late-{n:02d}.jpg" for n in range(20)}
+        wait_until(lambda: {s for s, st in _sources(data).items() if st == "screened"} == expected,
+                   timeout=120, interval=0.5,
+                   message=f"every complete file screened after space came back\n"
+                           f"{log.read_text()[-3000:]}")
+        assert up.poll() is None  # nothing given up: up and its children carried on
+        import sqlite3
+
+        with sqlite3.connect(data / "melanoscreen.db") as connection:
+            assert connection.execute("SELECT count(*) FROM duplicates").fetchone()[0] == 0
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+        subprocess.run(["umount", "-l", str(data)], check=False)
