@@ -24,11 +24,12 @@ from db.schema import (
 
 
 def add_message(session: Session, *, kind: OutboxKind, recipient: str, message_id: str, subject: str,
-                now: datetime, raw: bytes | None = None, digest_date: date | None = None) -> int:
+                now: datetime, raw: bytes | None = None, digest_date: date | None = None,
+                label: str | None = None) -> int:
     """A new `pending` outbox row; flushed, so it has its id."""
     row = OutboxMessage(kind=kind, recipient=recipient, message_id=message_id, subject=subject,
                         status=OutboxStatus.PENDING, attempts=0, raw=raw, digest_date=digest_date,
-                        created_at=now, enqueued_at=now)
+                        created_at=now, enqueued_at=now, label=label)
     session.add(row)
     session.flush()
     return row.id
@@ -178,6 +179,11 @@ class AlertItem:
     model_version: str
     threshold: float
     sha256: str = ""
+
+
+def alert_label(session: Session, outbox_id: int) -> str | None:
+    """Why an alert message was sent beside the first ('re-screen', 'reminder'), if it was."""
+    return session.scalar(select(OutboxMessage.label).where(OutboxMessage.id == outbox_id))
 
 
 def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:

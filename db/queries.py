@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.clinics import flag_history
 from db.schema import Duplicate, Image, ImageStatus, Prediction, Review, User
 
 
@@ -198,6 +199,10 @@ class ResultRow:
     review: dict[str, Any] | None = None
     #: The threshold the prediction was judged against: for writing p (not an output column).
     threshold: float | None = None
+    #: Every model version that screened the image, oldest first (one prediction each), and
+    #: whether the latest one's flag differs from the one before it (a re-screen changed it).
+    model_versions: tuple[str, ...] = ()
+    flag_changed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values; times in ISO 8601."""
@@ -208,7 +213,8 @@ class ResultRow:
             "predicted_class": self.predicted_class,
             "melanoma_probability": self.melanoma_probability, "flagged": self.flagged,
             "model_version": self.model_version, "out_of_scope": self.out_of_scope,
-            "review": self.review,
+            "review": self.review, "model_versions": list(self.model_versions),
+            "flag_changed": self.flag_changed,
         }
 
 
@@ -230,12 +236,16 @@ def results(session: Session, *, since: datetime | None = None,
         query = query.where(Prediction.flagged.is_(True))
     found = list(session.execute(query))
     reviews = latest_review_summaries(session, [image.id for image, _ in found])
-    return [result_row(image, prediction, reviews.get(image.id)) for image, prediction in found]
+    history = flag_history(session, [image.id for image, _ in found])
+    return [result_row(image, prediction, reviews.get(image.id), history.get(image.id, []))
+            for image, prediction in found]
 
 
 def result_row(image: Image, prediction: Prediction | None,
-               review: dict[str, Any] | None = None) -> ResultRow:
-    """An image, its latest prediction and latest review (a summary) as one results row."""
+               review: dict[str, Any] | None = None,
+               history: Sequence[tuple[str, bool]] = ()) -> ResultRow:
+    """An image, its latest prediction and latest review (a summary) as one results row;
+    `history`: (model version, flagged) of its predictions, oldest first."""
     return ResultRow(
         sha256=image.sha256, source=image.source, status=image.status, reason=image.reason,
         received_at=image.received_at, screened_at=image.screened_at,
@@ -246,6 +256,8 @@ def result_row(image: Image, prediction: Prediction | None,
         out_of_scope=prediction.out_of_scope if prediction else None,
         review=review,
         threshold=prediction.threshold if prediction else None,
+        model_versions=tuple(version for version, _ in history),
+        flag_changed=len(history) > 1 and history[-1][1] != history[-2][1],
     )
 
 

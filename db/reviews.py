@@ -202,6 +202,8 @@ class WorklistFilter:
     received_before: datetime | None = None
     clinic: str | None = None  # an inbox subfolder: sources under "clinic/"
     search: str | None = None  # a part of the source name
+    #: Sources starting with any of these (a reviewer's clinics, as in MELANOSCREEN_ALERT_ROUTES).
+    prefixes: tuple[str, ...] = ()
 
 
 def _escape_like(text: str) -> str:
@@ -226,6 +228,9 @@ def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
     if where.search:
         query = query.where(Image.source.like("%" + _escape_like(where.search) + "%",
                                               escape="\\"))
+    if where.prefixes:
+        query = query.where(or_(*(Image.source.like(_escape_like(p) + "%", escape="\\")
+                                  for p in where.prefixes)))
     return query
 
 

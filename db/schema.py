@@ -151,6 +151,8 @@ class Image(Base):
     reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None, index=True)
     #: flagged and not reviewed since it was last screened: the worklist's first group.
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: When the one reminder about this flagged, unreviewed image was written (revision 0005).
+    escalated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
     duplicates: Mapped[list[Duplicate]] = relationship(back_populates="image")
@@ -220,6 +222,9 @@ class OutboxMessage(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     raw: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # RFC 5322 bytes
     digest_date: Mapped[date | None] = mapped_column(Date, default=None)
+    #: Why an alert is sent beside the first one: 're-screen' (a new model's new flag) or
+    #: 'reminder' (still unreviewed); None: a first alert (revision 0005).
+    label: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
@@ -279,6 +284,8 @@ class User(Base):
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Source prefixes (clinics) the worklist shows by default, one per line; '' = every image.
+    prefixes: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class Review(Base):

@@ -17,6 +17,7 @@ SCREEN_BATCH = "worker.tasks.screen_batch"
 SWEEP = "worker.tasks.sweep"
 DELIVER_MESSAGE = "worker.tasks.deliver_message"
 QUEUE_DIGESTS = "worker.tasks.queue_digests"
+ESCALATE = "worker.tasks.escalate"
 #: The one queue every task goes to (Celery's default name).
 QUEUE = "celery"
 #: How often beat asks whether a digest is owed (seconds); the job decides what is owed.

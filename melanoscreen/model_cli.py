@@ -30,7 +30,8 @@ def _load_classifier(model: Path | None) -> Classifier:
 
 
 def train(
-    data: Annotated[Path, typer.Option(help="Folder with one sub-folder of images per class.")],
+    data: Annotated[list[Path], typer.Option(help="Folder with one sub-folder of images per "
+                                             "class; repeat it to train on several at once.")],
     out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
     arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet2 (the shipped "
                                       "v2), melanonet (v1) or seed.")] = "melanonet2",
@@ -47,6 +48,9 @@ def train(
     calibrate_from: Annotated[Path | None, typer.Option(
         help="Train nothing: calibrate this single trained model on its card's validation split "
              "(temperature, same-source threshold, scope) and write it to OUT.")] = None,
+    suspected_as_melanoma: Annotated[bool, typer.Option(
+        "--suspected-as-melanoma", help="Count an exported melanoma-suspected/ folder (refer "
+        "without a diagnosis) as melanoma; by default it is skipped.")] = False,
 ) -> None:
     """Train k members from scratch, calibrate out of fold, write the ensemble and its card."""
     from model.train import TrainConfig, recalibrate
@@ -54,7 +58,9 @@ def train(
 
     if calibrate_from is not None:
         try:
-            card = recalibrate(calibrate_from, data, out, target_sensitivity=target_sensitivity,
+            if len(data) != 1:
+                fail("--calibrate-from takes one --data folder")
+            card = recalibrate(calibrate_from, data[0], out, target_sensitivity=target_sensitivity,
                                seed=seed, report=lambda line: typer.echo(line, err=True))
         except (FileNotFoundError, ValueError) as exc:
             fail(str(exc))
@@ -63,7 +69,8 @@ def train(
         return
 
     config = TrainConfig(arch=arch, epochs=epochs, folds=folds, seed=seed, batch_size=batch_size,
-                         target_sensitivity=target_sensitivity)
+                         target_sensitivity=target_sensitivity,
+                         suspected_as_melanoma=suspected_as_melanoma)
     try:
         card = run_training(data, out, config, resume=resume,
                             report=lambda line: typer.echo(line, err=True))

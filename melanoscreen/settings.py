@@ -218,6 +218,11 @@ class Settings(BaseSettings):
     #: The review app's address as emails should link to it (e.g. https://melanoscreen.clinic.example).
     public_url: str | None = None
 
+    #: Hours after screening before a flagged image still unreviewed sends one reminder alert
+    #: (to its recipients and MELANOSCREEN_ESCALATE_TO); 0: never.
+    escalate_after: float = Field(default=24.0, ge=0.0)
+    escalate_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     #: Screening attempts before an image is marked `failed`.
     max_attempts: int = Field(default=5, ge=1)
     #: The watcher's full rescan of the inbox (seconds), and how long a file's size and mtime
@@ -232,6 +237,11 @@ class Settings(BaseSettings):
     #: How often (seconds) `up` asks its worker, through the broker, which queues it consumes;
     #: a worker that does not answer or consumes nothing twice in a row is restarted.
     worker_check_interval: float = Field(default=30.0, gt=0.0)
+
+    @field_validator("escalate_to", mode="before")
+    @classmethod
+    def _split_escalate_to(cls, value: object) -> list[str]:
+        return AlertSettings._split_recipients(value)
 
     @field_validator("timezone")
     @classmethod

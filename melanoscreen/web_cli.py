@@ -119,7 +119,9 @@ def users_list() -> None:
             state = "active" if user.active else "disabled"
             if reviews.is_locked(user, now):
                 state += ", locked"
-            typer.echo(f"{user.name:<20} {user.email:<32} {user.role.value:<9} {state}")
+            clinics = " ".join(user.prefixes.split("\n")) if user.prefixes else ""
+            typer.echo(f"{user.name:<20} {user.email:<32} {user.role.value:<9} {state}"
+                       + (f"  {clinics}" if clinics else ""))
 
 
 def _change(name: str, action: str, **values: object) -> None:
@@ -153,6 +155,18 @@ def users_set_password(name: str, password_stdin: Annotated[bool, typer.Option(
     _change(name, "user_set_password", password_hash=hash_password(password), failed_logins=0,
             locked_until=None)
     typer.echo(f"password set for {name}")
+
+
+@users_app.command("set-prefixes")
+def users_set_prefixes(name: str, prefixes: Annotated[list[str] | None, typer.Argument(
+        help="Source prefixes, as in MELANOSCREEN_ALERT_ROUTES (clinic-a/); none: every image.")]
+        = None) -> None:
+    """Give a reviewer their clinics: their worklist shows images under these prefixes by default."""
+    given = [p.strip() for p in prefixes or [] if p.strip()]
+    if any("\n" in p for p in given):
+        fail("a prefix is one line")
+    _change(name, "user_set_prefixes", prefixes="\n".join(dict.fromkeys(given)))
+    typer.echo(f"{name}'s worklist shows " + (", ".join(given) if given else "every image"))
 
 
 def register(app: typer.Typer) -> None:

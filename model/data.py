@@ -6,6 +6,7 @@ import hashlib
 import random
 import re
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,16 +122,20 @@ def batch_of(name: str | Path) -> str:
     return f"{ISIC_ARCHIVE}-early" if number in ARCHIVE_EARLY_IDS else f"{ISIC_ARCHIVE}-later"
 
 
-def scan_folder(root: Path, classes: tuple[str, ...] = ISIC_CLASSES) -> LabelledSet:
+def scan_folder(root: Path, classes: tuple[str, ...] = ISIC_CLASSES,
+                aliases: Mapping[str, str] | None = None) -> LabelledSet:
     """Read a folder-per-class set; keep one copy of duplicates and drop conflicting labels.
 
-    Folders whose name is not one of `classes` are reported and skipped; a set lacking some
+    Folders whose name is not one of `classes` (nor a key of `aliases`, folder name -> class
+    name, e.g. melanoma-suspected -> melanoma) are reported and skipped; a set lacking some
     classes is fine (it still evaluates).
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such data folder: {root}")
     index = {name: i for i, name in enumerate(classes)}
+    index.update({folder: index[name] for folder, name in (aliases or {}).items()
+                  if name in index})
     by_hash: dict[str, list[tuple[Path, int]]] = defaultdict(list)
     unknown: list[str] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -156,6 +161,33 @@ def scan_folder(root: Path, classes: tuple[str, ...] = ISIC_CLASSES) -> Labelled
             dropped.append(Dropped(path, f"exact duplicate of {keep[0].relative_to(root)}"))
     samples.sort(key=lambda s: str(s.path))
     return LabelledSet(root, classes, samples, dropped, unknown)
+
+
+def merge_sets(sets: Sequence[LabelledSet]) -> LabelledSet:
+    """Several labelled sets as one (rooted at the first): an image in more than one keeps its
+    first copy, or is dropped everywhere when the sets label it differently."""
+    if not sets:
+        raise ValueError("no data folder given")
+    classes = sets[0].classes
+    if any(s.classes != classes for s in sets):
+        raise ValueError("the data folders do not share one class list")
+    by_hash: dict[str, list[Sample]] = defaultdict(list)
+    for labelled in sets:
+        for sample in labelled.samples:
+            by_hash[sample.sha256].append(sample)
+    samples: list[Sample] = []
+    dropped = [item for labelled in sets for item in labelled.dropped]
+    for copies in by_hash.values():
+        if len({s.label for s in copies}) > 1:
+            names = ", ".join(sorted({classes[s.label] for s in copies}))
+            dropped += [Dropped(s.path, f"identical content under different labels ({names})")
+                        for s in copies]
+            continue
+        samples.append(copies[0])
+        dropped += [Dropped(s.path, f"exact duplicate of {copies[0].path}") for s in copies[1:]]
+    samples.sort(key=lambda s: str(s.path))
+    unknown = sorted({name for labelled in sets for name in labelled.unknown_folders})
+    return LabelledSet(sets[0].root, classes, samples, dropped, unknown)
 
 
 def stratified_folds(samples: list[Sample], k: int, seed: int) -> list[int]:

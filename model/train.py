@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from model.data import (
     LabelledSet,
     Sample,
     batch_of,
+    merge_sets,
     scan_folder,
     source_of,
     stratified_folds,
@@ -64,6 +65,9 @@ class TrainConfig:
     #: Images are decoded this much larger than the input, so random crops keep detail.
     load_scale: float = 1.125
     source_balanced: bool = True
+    #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
+    #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
+    suspected_as_melanoma: bool = False
 
 
 @dataclass
@@ -77,6 +81,28 @@ class Prepared:
     labels: np.ndarray
     folds: np.ndarray
     sources: list[str]
+    #: Each data folder as scanned alone (the card records their counts and fingerprints).
+    folders: tuple[LabelledSet, ...] = ()
+
+
+#: The folder `melanoscreen export` writes a `refer` verdict without a diagnosis to.
+SUSPECTED_FOLDER = "melanoma-suspected"
+
+
+def scan_data(data_dirs: Path | Sequence[Path],
+              suspected_as_melanoma: bool = False) -> tuple[LabelledSet, tuple[LabelledSet, ...]]:
+    """Scan one or several folder-per-class sets; (all of them as one set, each alone)."""
+    dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
+    aliases = {SUSPECTED_FOLDER: MELANOMA} if suspected_as_melanoma else None
+    folders = tuple(scan_folder(d, aliases=aliases) for d in dirs)
+    return merge_sets(folders), folders
+
+
+def folder_summaries(folders: Sequence[LabelledSet]) -> list[dict[str, Any]]:
+    """What the card records of each data folder: name, fingerprint, counts."""
+    return [{"folder": labelled.root.name, "fingerprint": labelled.fingerprint(),
+             "unique_images": len(labelled.samples), "dropped": len(labelled.dropped),
+             "class_counts": labelled.counts()} for labelled in folders]
 
 
 def load_images(samples: list[Sample], size: tuple[int, int],
@@ -95,13 +121,17 @@ def load_images(samples: list[Sample], size: tuple[int, int],
     return stacked, kept
 
 
-def prepare(data_dir: Path, config: TrainConfig, report: Reporter) -> Prepared:
-    """Scan, de-duplicate, assign folds, and decode every image at load and input size."""
-    dataset = scan_folder(Path(data_dir))
+def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Reporter) -> Prepared:
+    """Scan (one folder or several, de-duplicated across them), assign folds, and decode every
+    image at load and input size."""
+    dataset, folders = scan_data(data_dir, config.suspected_as_melanoma)
     for folder in dataset.unknown_folders:
         report(f"skipped folder {folder!r}: not one of the model's classes")
     for item in dataset.dropped:
-        report(f"dropped {item.path.relative_to(dataset.root)}: {item.reason}")
+        report(f"dropped {item.path}: {item.reason}")
+    for labelled in folders:
+        report(f"{labelled.root}: {len(labelled.samples)} images, fingerprint "
+               f"{labelled.fingerprint()[:12]}")
     height, width = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
     load = (round(height * config.load_scale), round(width * config.load_scale))
     loaded, samples = load_images(dataset.samples, load, report)
@@ -116,7 +146,7 @@ def prepare(data_dir: Path, config: TrainConfig, report: Reporter) -> Prepared:
     report(f"{len(samples)} unique images after dropping {len(dataset.dropped)}; "
            f"{config.folds} folds of ~{len(samples) // config.folds}")
     return Prepared(dataset, samples, loaded, inputs, labels, folds,
-                    [source_of(s.path) for s in samples])
+                    [source_of(s.path) for s in samples], folders)
 
 
 def sample_weights(labels: np.ndarray, sources: list[str], num_classes: int) -> np.ndarray:
@@ -303,7 +333,7 @@ def assemble(member_paths: list[Path], temperature: float, images: np.ndarray) -
     return ensemble, scope_threshold(np.asarray(distances))
 
 
-def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True,
+def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, resume: bool = True,
           report: Reporter = logger.info) -> ModelCard:
     """Train `config.folds` members, calibrate on their out-of-fold predictions, write the ensemble.
 
@@ -361,7 +391,7 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
         out_of_scope_distance=scope_distance,
         trained_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         training_set={
-            "folder": str(Path(data_dir).name),
+            "folder": "+".join(labelled.root.name for labelled in prepared.folders),
             "fingerprint": prepared.dataset.fingerprint(),
             "unique_images": len(prepared.samples),
             "dropped": len(prepared.dataset.dropped),
@@ -369,6 +399,8 @@ def train(data_dir: Path, out: Path, config: TrainConfig, *, resume: bool = True
             "fold_sha256": {s.sha256: int(f) for s, f in zip(prepared.samples, prepared.folds,
                                                             strict=True)},
             "class_counts": prepared.dataset.counts(),
+            # Each --data folder alone: its fingerprint and counts before merging.
+            "sources": folder_summaries(prepared.folders),
         },
         training={**{k_: (list(v) if isinstance(v, tuple) else v)
                      for k_, v in asdict(config).items()},

@@ -12,6 +12,7 @@ from melanoscreen.celeryconfig import (
     CONTRACT,
     DELIVER_MESSAGE,
     DIGEST_CHECK_INTERVAL,
+    ESCALATE,
     QUEUE_DIGESTS,
     SCREEN_BATCH,
     SWEEP,
@@ -58,4 +59,6 @@ def beat_schedule(sweep_interval: float,
         # Every minute, not once a day: the job sends only what is owed (a unique row per date),
         # so a beat restart, two beats or a DST change neither skip nor double a digest.
         "digest": {"task": QUEUE_DIGESTS, "schedule": timedelta(seconds=digest_interval)},
+        # Reminders about unreviewed flagged images: each image's is taken once, by an UPDATE.
+        "escalate": {"task": ESCALATE, "schedule": timedelta(seconds=digest_interval)},
     }

@@ -43,7 +43,7 @@ def _read(path: Path) -> bytes | None:
 def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, recipient: str,
                           sender: str, timezone: str, overlay: Overlay | None,
                           threshold_meaning: str | None = None,
-                          public_url: str | None = None) -> ComposedMessage:
+                          public_url: str | None = None, label: str | None = None) -> ComposedMessage:
     """The alert email for these flagged images, composed once: every attempt sends its bytes."""
     images = []
     for item in items:
@@ -56,7 +56,7 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
             url=case_url(public_url, item.sha256) if item.sha256 else None))
     content = AlertContent(images=images, model_version=items[0].model_version,
                            threshold=items[0].threshold, timezone=timezone,
-                           threshold_meaning=threshold_meaning)
+                           threshold_meaning=threshold_meaning, label=label)
     return compose_alert(content, message_id=message_id, sender=sender, recipient=recipient)
 
 
@@ -68,6 +68,7 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
         claimed = outbox.claim_message(session, outbox_id, token=token, now=now,
                                        stale_before=now - timedelta(seconds=settings.sweep.limit))
         items = outbox.alert_items(session, outbox_id) if claimed and claimed.raw is None else []
+        label = outbox.alert_label(session, outbox_id) if items else None
     if claimed is None:
         # Sent, failed, or held by another delivery: nothing to do, and nothing is sent.
         logger.info("outbox %d: not pending (already sent, failed or in hand); nothing sent",
@@ -84,7 +85,7 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
                                     threshold_meaning=threshold_sentence(
                                         settings.model, items[0].threshold,
                                         items[0].model_version),
-                                    public_url=settings.public_url).raw
+                                    public_url=settings.public_url, label=label).raw
         with sessions.begin() as session:
             outbox.store_raw(session, claimed.id, token=token, raw=raw)
 

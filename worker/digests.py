@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import outbox, reviews
+from db import clinics, outbox, reviews
 from db.schema import ImageStatus, OutboxKind
 from melanoscreen.settings import Settings
 from scheduler.digest import digest_due_dates, digest_period
@@ -28,6 +28,7 @@ from worker.messages import (
     DigestContent,
     DigestImage,
     FileProblem,
+    LostFlag,
     OutOfScopeImage,
     UndeliveredAlert,
     UnreviewedImage,
@@ -92,6 +93,12 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         for row in outbox.undelivered_alerts(session, start, end)
         if recipients is None or row.recipient in recipients
     ]
+    lost_flags = [
+        LostFlag(source=image.source, melanoma_probability=now.melanoma_probability,
+                 model_version=now.model_version, earlier_probability=then.melanoma_probability,
+                 earlier_version=then.model_version, url=case_url(public_url, image.sha256))
+        for image, now, then in clinics.lost_flags_in_period(session, start, end)
+        if ours(image.source)]
     latest = outbox.latest_prediction_before(session, end)
     return DigestContent(
         day=day, period_start=start, period_end=end, timezone=timezone,
@@ -106,6 +113,7 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         threshold_meaning=threshold_sentence(model_path, latest.threshold, latest.model_version)
         if latest else None,
         unreviewed_images=unreviewed,
+        lost_flags=lost_flags,
     )
 
 

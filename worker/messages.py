@@ -228,23 +228,29 @@ class AlertContent:
     #: What the threshold means ("at this threshold the model caught 95% of melanomas in
     #: validation ..."), or that the clinic set it; None: nothing is said.
     threshold_meaning: str | None = None
+    #: 're-screen' (a new model version flags what the old did not) or 'reminder' (still
+    #: unreviewed): shown in the subject and at the top; None: a first alert.
+    label: str | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
             raise ValueError("an alert needs at least one flagged image")
 
 
-def alert_subject(flagged: Sequence[tuple[str, float]], threshold: float | None = None) -> str:
+def alert_subject(flagged: Sequence[tuple[str, float]], threshold: float | None = None,
+                  label: str | None = None) -> str:
     """The subject line from (source, melanoma probability) pairs: the highest and how many;
-    p is written with enough digits that it never reads like the threshold."""
+    p is written with enough digits that it never reads like the threshold; a label
+    ('re-screen', 'reminder') goes first in brackets."""
     if not flagged:
         raise ValueError("an alert needs at least one flagged image")
     source, p = max(flagged, key=lambda pair: pair[1])
     name = clean_header_text(source)
     written = probability_text(p, threshold)
+    mark = f"[{label}] " if label else ""
     if len(flagged) == 1:
-        return f"Melanoma suspected (p={written}): {name}"
-    return (f"Melanoma suspected in {len(flagged)} images (highest p={written}): {name} and "
+        return f"{mark}Melanoma suspected (p={written}): {name}"
+    return (f"{mark}Melanoma suspected in {len(flagged)} images (highest p={written}): {name} and "
             f"{len(flagged) - 1} more")
 
 
@@ -273,7 +279,8 @@ def compose_alert(alert: AlertContent, *, message_id: str, sender: str,
         })
     context = {"alert": alert, "rows": rows}
     return _assemble(
-        subject=alert_subject([(i.source, i.melanoma_probability) for i in ranked], alert.threshold),
+        subject=alert_subject([(i.source, i.melanoma_probability) for i in ranked], alert.threshold,
+                              alert.label),
         message_id=message_id, sender=sender, recipient=recipient,
         text=_render("alert.txt", **context), html=_render("alert.html", **context),
         images=images, headers={"Importance": "high"})
@@ -331,6 +338,18 @@ class UndeliveredAlert:
 
 
 @dataclass(frozen=True)
+class LostFlag:
+    """An image the version before flagged and a re-screen with a newer one does not."""
+
+    source: str
+    melanoma_probability: float  # the new version's
+    model_version: str
+    earlier_probability: float
+    earlier_version: str
+    url: str | None = None  # its case page, when MELANOSCREEN_PUBLIC_URL is set
+
+
+@dataclass(frozen=True)
 class DigestContent:
     """Everything one digest says, for the window [period_start, period_end)."""
 
@@ -352,6 +371,8 @@ class DigestContent:
     threshold_meaning: str | None = None  # as in `AlertContent`
     #: Flagged images still unreviewed 24 h after they were screened (any day), listed at the top.
     unreviewed_images: Sequence[UnreviewedImage] = ()
+    #: Images a re-screen in this period no longer flags though the version before did.
+    lost_flags: Sequence[LostFlag] = ()
 
 
 def digest_subject(content: DigestContent) -> str:

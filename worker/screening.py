@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import outbox, queries
-from db.schema import OutboxKind, utcnow
+from db import clinics, outbox, queries
+from db.schema import OutboxKind, Prediction, utcnow
 from melanoscreen.settings import Settings
 from worker.messages import alert_subject, new_alert_key, recipient_message_id
 
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from model.inference import Classifier
 
 logger = logging.getLogger(__name__)
+
+#: The label of an alert raised by a re-screen (its subject starts with "[re-screen]").
+RESCREEN = "re-screen"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,16 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
 
     try:
         classifier = load_classifier()
+        with sessions.begin() as session:
+            # A re-screen queued for a version that already screened the image (another worker's
+            # model, a second `rescreen`): one prediction per image and version, so nothing new.
+            done = clinics.predicted_by(session, [i for i, _ in work], classifier.version)
+            for image_id in done:
+                clinics.finish_unchanged(session, image_id, token=token)
+        work = [(image_id, path) for image_id, path in work if image_id not in done]
+        skipped += len(done)
+        if not work:
+            return BatchOutcome(skipped=skipped)
         started = time.perf_counter()
         answers = classifier.predict([path for _, path in work], batch_size=max(len(work), 1))
         per_image = (time.perf_counter() - started) / len(work)
@@ -95,6 +108,8 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
 
     screened = rejected = 0
     flagged: list[tuple[int, int, float]] = []  # (image id, prediction id, melanoma probability)
+    new_flags: list[tuple[int, int, float]] = []  # flagged by this version, not by the one before
+    predictions: list[Prediction] = []
     alerts: list[int] = []
     out_of_scope: list[int] = []
     finished = utcnow()
@@ -112,27 +127,55 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
                 predicted_class=answer.predicted_class, threshold=threshold, seconds=per_image,
                 out_of_scope=answer.out_of_scope, scope_distance=answer.scope_distance)
             screened += prediction is not None
+            if prediction is not None:
+                predictions.append(prediction)
             if prediction is not None and prediction.out_of_scope:
                 out_of_scope.append(image_id)
                 logger.warning("image %d is not like a dermoscopic image (scope distance %.3g): "
                                "recorded, not alerted", image_id, answer.scope_distance)
-            if prediction is not None and prediction.flagged:
-                flagged.append((image_id, prediction.id, prediction.melanoma_probability))
+        flagged, new_flags = _first_and_new_flags(session, predictions)
         # Same transaction as the predictions: a flag is never stored without its alert.
         alerts, untold = write_routed_alerts(session, flagged, sources, settings=settings,
                                              threshold=threshold)
+        rescreen_alerts, untold_again = write_routed_alerts(
+            session, new_flags, sources, settings=settings, threshold=threshold, label=RESCREEN)
+        alerts += rescreen_alerts
+        untold += untold_again
     if untold:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
                        untold)
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
-                        flagged=tuple(image_id for image_id, _, _ in flagged),
+                        flagged=tuple(p.image_id for p in predictions if p.flagged),
                         alerts=tuple(alerts), out_of_scope=tuple(out_of_scope))
+
+
+def _first_and_new_flags(session: Session, predictions: list[Prediction]
+                         ) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """The flagged among new predictions: (first screens, re-screens whose flag is new), each as
+    (image id, prediction id, melanoma probability). A re-screen that keeps the flag alerts no
+    one again and keeps the image's review; one that loses it goes to the next digest."""
+    before = clinics.previous_predictions(session, predictions)
+    first: list[tuple[int, int, float]] = []
+    new: list[tuple[int, int, float]] = []
+    for prediction in predictions:
+        item = (prediction.image_id, prediction.id, prediction.melanoma_probability)
+        earlier = before.get(prediction.image_id)
+        if earlier is None:
+            if prediction.flagged:
+                first.append(item)
+        elif prediction.flagged and not earlier.flagged:
+            new.append(item)
+            clinics.reopen_escalation(session, prediction.image_id)
+        elif prediction.flagged == earlier.flagged:
+            clinics.keep_review_state(session, prediction.image_id)
+    return first, new
 
 
 def write_routed_alerts(session: Session, flagged: list[tuple[int, int, float]],
                         sources: dict[int, str], *, settings: Settings,
-                        threshold: float | None = None) -> tuple[list[int], int]:
+                        threshold: float | None = None,
+                        label: str | None = None) -> tuple[list[int], int]:
     """One alert per route among the flagged images (MELANOSCREEN_ALERT_ROUTES, longest prefix
     wins; no route: the global recipients), each to its recipients; (outbox ids, images untold)."""
     groups: dict[str | None, list[tuple[int, int, float]]] = {}
@@ -145,21 +188,24 @@ def write_routed_alerts(session: Session, flagged: list[tuple[int, int, float]],
         if not recipients:
             untold += len(items)
             continue
-        ids += write_alerts(session, items, sources, recipients=recipients, threshold=threshold)
+        ids += write_alerts(session, items, sources, recipients=recipients, threshold=threshold,
+                            label=label)
     return ids, untold
 
 
 def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
-                 *, recipients: list[str], threshold: float | None = None) -> list[int]:
-    """One alert outbox row per recipient for the flagged images of one batch; their ids."""
+                 *, recipients: list[str], threshold: float | None = None,
+                 label: str | None = None) -> list[int]:
+    """One alert outbox row per recipient for the flagged images of one batch; their ids.
+    A `label` ('re-screen', 'reminder') marks an alert sent beside the first."""
     key = new_alert_key()
-    subject = alert_subject([(sources[i], p) for i, _, p in flagged], threshold)
+    subject = alert_subject([(sources[i], p) for i, _, p in flagged], threshold, label)
     now = utcnow()
     ids = []
-    for recipient in recipients:
+    for recipient in dict.fromkeys(recipients):
         outbox_id = outbox.add_message(session, kind=OutboxKind.ALERT, recipient=recipient,
                                        message_id=recipient_message_id(key, recipient),
-                                       subject=subject, now=now)
+                                       subject=subject, now=now, label=label)
         outbox.link_alert_images(session, outbox_id, [(i, pid) for i, pid, _ in flagged])
         ids.append(outbox_id)
     return ids

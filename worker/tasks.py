@@ -12,8 +12,8 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from db.schema import utcnow
-from melanoscreen.celeryconfig import DELIVER_MESSAGE, QUEUE_DIGESTS, SCREEN_BATCH, SWEEP
-from worker import delivery, digests, runtime, screening
+from melanoscreen.celeryconfig import DELIVER_MESSAGE, ESCALATE, QUEUE_DIGESTS, SCREEN_BATCH, SWEEP
+from worker import delivery, digests, escalation, runtime, screening
 from worker.celery_app import app
 
 logger = logging.getLogger(__name__)
@@ -78,3 +78,14 @@ def queue_digests() -> list[str]:
     days = digests.queue_due_digests(here.sessions, here.settings, utcnow(),
                                      lambda outbox_id: deliver_message.apply_async(args=[outbox_id]))
     return [day.isoformat() for day in days]
+
+
+@app.task(name=ESCALATE, autoretry_for=(OperationalError,), retry_backoff=True,
+          retry_jitter=True, max_retries=3)
+def escalate() -> int:
+    """Write the reminders owed now (one per unreviewed flagged image, ever) and enqueue them."""
+    here = runtime.process()
+    images = escalation.queue_due_escalations(
+        here.sessions, here.settings, utcnow(),
+        lambda outbox_id: deliver_message.apply_async(args=[outbox_id]))
+    return len(images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -9,7 +10,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from db import reviews
+from db import clinics, reviews
 from db.schema import ImageStatus, Verdict
 from web import files
 from web.deps import CurrentUser, DbSession, config, now
@@ -61,11 +62,17 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
     except ValueError:
         page = 1
     where = parse_filter(params)
+    # A reviewer given clinics (`users set-prefixes`) sees theirs unless they pick one or all.
+    mine = tuple(p for p in user.prefixes.split("\n") if p)
+    if mine and not where.clinic and params.get("all") != "1":
+        where = replace(where, prefixes=mine)
     rows = reviews.worklist(session, where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     total = reviews.worklist_count(session, where)
     ids = [image.id for image in rows]
     predictions = reviews.latest_predictions(session, ids)
     latest = reviews.latest_reviews(session, ids)
+    changed = {image_id for image_id, history in clinics.flag_history(session, ids).items()
+               if len(history) > 1 and history[-1][1] != history[-2][1]}
 
     def page_link(number: int) -> str:
         return "/?" + urlencode({**params, "page": number})
@@ -73,7 +80,8 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return request.app.state.templates.TemplateResponse(request, "worklist.html", {
         "user": user, "rows": rows, "predictions": predictions, "reviews": latest, "total": total,
-        "page": page, "pages": pages, "params": params,
+        "page": page, "pages": pages, "params": params, "changed": changed,
+        "my_clinics": where.prefixes, "all_link": "/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
         "next": page_link(page + 1) if page < pages else None,
         "statuses": [s.value for s in ImageStatus], "clinics": reviews.clinics(session),
