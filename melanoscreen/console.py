@@ -94,23 +94,28 @@ def existing_data_folder(settings: Settings) -> Path:
     return data
 
 
-#: Held (flock) by the one process that owns a data folder: `up`, or a `watch` or `beat`
-#: started alone. It says who holds it, for the one line a second start prints.
-LOCK_FILE = "melanoscreen.lock"
+#: Held (flock) by the one watcher and the one beat of a data folder (`up` holds both for its
+#: children): two watchers would race for files, two beats double the schedule. Each says who
+#: holds it, for the one line a second start prints.
+LOCK_FILES = {"watch": "watch.lock", "beat": "beat.lock"}
 #: `up` tells its children its pid here: under `up`, whose lock covers them, they take none.
 SUPERVISOR_PID = "MELANOSCREEN_UP_PID"
 
 
-def hold_data_folder(settings: Settings, role: str) -> int | None:
-    """Take the data folder's exclusive lock for the life of this process (its descriptor is
-    returned, kept open); a second instance fails with one line naming the holder."""
+def hold_data_folder(settings: Settings, role: str) -> None:
+    """Take the data folder's locks of `role` (`up`: the watcher's and beat's) for the life of
+    this process (the descriptors stay open); a second one fails with one line naming the holder."""
+    if os.environ.get(SUPERVISOR_PID) == str(os.getppid()):
+        return  # a child of `up`, which holds the locks
+    for part in (("watch", "beat") if role == "up" else (role,)):
+        _hold(settings.data_path, LOCK_FILES[part], role)
+
+
+def _hold(data: Path, name: str, role: str) -> int:
     import fcntl
     from datetime import UTC, datetime
 
-    if os.environ.get(SUPERVISOR_PID) == str(os.getppid()):
-        return None  # a child of `up`, which holds the lock
-    data = settings.data_path
-    path = data / LOCK_FILE
+    path = data / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
