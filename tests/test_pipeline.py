@@ -91,18 +91,20 @@ def test_unreadable_files_are_rejected_with_reasons_and_quarantined(service: Ser
     good = synthetic_jpeg(4000)
     bad = {
         "corrupt.jpg": good[: len(good) // 2],
-        "empty.jpg": b"",
         "notes.jpg": b"this is a text file, not an image\n",
         "bomb.png": _bomb_png(),
     }
     service.drop("mixed/a-good.jpg", good)
     for name, content in bad.items():
         service.drop(f"mixed/{name}", content)
+    # An empty file is not content (a failed write): it waits in the inbox, with no row.
+    service.drop("mixed/empty.jpg", b"")
     service.drop("mixed/z-good.jpg", synthetic_jpeg(4001))
-    rows = {r.source: r for r in service.wait_finished("mixed/", 6)}
+    rows = {r.source: r for r in service.wait_finished("mixed/", 5)}
+    assert "mixed/empty.jpg" not in rows and (service.inbox / "mixed" / "empty.jpg").exists()
     assert rows["mixed/a-good.jpg"].status == "screened"
     assert rows["mixed/z-good.jpg"].status == "screened"
-    expected_reason = {"corrupt.jpg": "truncated", "empty.jpg": "empty", "notes.jpg": "not an image",
+    expected_reason = {"corrupt.jpg": "truncated", "notes.jpg": "not an image",
                        "bomb.png": "decompression bomb"}
     for name, fragment in expected_reason.items():
         row = rows[f"mixed/{name}"]
