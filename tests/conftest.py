@@ -146,6 +146,18 @@ def wait_until(condition: Callable[[], Any], timeout: float = 90.0, interval: fl
         time.sleep(interval)
 
 
+def stop_gracefully(process: subprocess.Popen[Any], timeout: float = 90.0) -> None:
+    """SIGTERM a process (e.g. `up`) and wait for it; SIGKILL it if it is not gone in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def children_of(pid: int) -> list[int]:
     """All descendants of `pid` (Linux /proc)."""
     parents: dict[int, list[int]] = {}

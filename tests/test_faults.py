@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from melanoscreen.supervisor import free_port
-from tests.conftest import children_of, is_alive, synthetic_jpeg, wait_until
+from tests.conftest import children_of, is_alive, stop_gracefully, synthetic_jpeg, wait_until
 from tests.test_up import _env, _status
 
 pytestmark = pytest.mark.slow
@@ -146,13 +146,7 @@ def test_a_second_up_is_refused_and_kill_9_of_up_leaves_no_child_taking_files(
         wait_until(lambda: sorted(_status(data)) == ["screened"] * 3, timeout=120,
                    message="the waiting file, after a fresh up")
     finally:
-        if up.poll() is None:
-            up.send_signal(signal.SIGTERM)
-            try:
-                up.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait()
+        stop_gracefully(up)
 
 
 def _child(up_pid: int, command: str) -> int:
@@ -204,12 +198,7 @@ def test_kill_9_of_the_worker_or_the_watcher_mid_burst_loses_no_image_and_no_nam
                                 for n in range(f, f + 60)}
         assert set(sources.values()) == {"screened"}
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
+        stop_gracefully(up)
 
 
 def test_a_full_data_folder_pauses_the_service_and_it_resumes_by_itself_when_freed(
@@ -264,10 +253,5 @@ def test_a_full_data_folder_pauses_the_service_and_it_resumes_by_itself_when_fre
         with sqlite3.connect(data / "melanoscreen.db") as connection:
             assert connection.execute("SELECT count(*) FROM duplicates").fetchone()[0] == 0
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait()
+        stop_gracefully(up)
         subprocess.run(["umount", "-l", str(data)], check=False)

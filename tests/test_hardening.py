@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -37,7 +36,7 @@ from sqlalchemy import create_engine, text
 
 from melanoscreen.supervisor import free_port
 from scheduler.files import ReplacedWhileReading, open_inbox_file
-from tests.conftest import children_of, synthetic_jpeg, wait_until
+from tests.conftest import children_of, stop_gracefully, synthetic_jpeg, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -138,12 +137,7 @@ def up(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[U
                    timeout=60, message="up started")
         yield running
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_gracefully(process)
 
 
 # ---- 1 (critical) and 7: the broker answers nobody else; no secret in any argv --------------
