@@ -33,11 +33,21 @@ def train(
     data: Annotated[list[Path], typer.Option(help="Folder with one sub-folder of images per "
                                              "class; repeat it to train on several at once.")],
     out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
-    arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet2 (the shipped "
-                                      "v2), melanonet (v1) or seed.")] = "melanonet2",
+    arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet-cc (v2: v1's "
+                                      "widths behind colour constancy), melanonet2, melanonet "
+                                      "(v1) or seed.")] = "melanonet2",
+    augmentation: Annotated[str, typer.Option(help="heavy (erases acquisition cues: colour "
+                                              "casts, blur, JPEG, vignettes, hairs) or mild "
+                                              "(v1's: geometry, brightness, contrast).")] = "heavy",
     epochs: Annotated[int, typer.Option(min=1)] = 60,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds: one member per fold, "
                                        "every image held out once.")] = 3,
+    members: Annotated[int, typer.Option(min=0, help="Train only the first N folds' members "
+                                         "(0: one per fold); with 1, a single network "
+                                         "calibrated on its held-out fold.")] = 0,
+    hold_out_chunk: Annotated[bool, typer.Option(
+        "--hold-out-chunk", help="Hold the older archive's first 200 ids out whole in fold 0 "
+        "(a stretch of acquisition the first member never sees).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split, weights and augmentation.")] = 1337,
     target_sensitivity: Annotated[
         float, typer.Option(min=0.5, max=1.0, help="Out-of-fold same-source melanoma "
@@ -68,8 +78,13 @@ def train(
                    f"temperature {card.temperature:.3f}")
         return
 
+    from model.augment import AUGMENTATIONS
+
+    if augmentation not in AUGMENTATIONS:
+        fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
     config = TrainConfig(arch=arch, epochs=epochs, folds=folds, seed=seed, batch_size=batch_size,
-                         target_sensitivity=target_sensitivity,
+                         augmentation=augmentation, members=members,
+                         hold_out_chunk=hold_out_chunk, target_sensitivity=target_sensitivity,
                          suspected_as_melanoma=suspected_as_melanoma)
     try:
         card = run_training(data, out, config, resume=resume,

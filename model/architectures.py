@@ -89,6 +89,11 @@ def build_melanonet2(input_shape: tuple[int, int, int], num_classes: int, *,
                            colour_constancy=True)
 
 
+def build_melanonet_cc(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """MelanoNet v1's widths behind Shades of Gray colour constancy (0.75 M parameters)."""
+    return build_melanonet(input_shape, num_classes, colour_constancy=True)
+
+
 def scope_features(network: keras.Model) -> keras.Model:
     """The features the scope distance measures: each block's activations, averaged over space.
 
@@ -150,12 +155,15 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "seed": build_seed,
     "melanonet": build_melanonet,
     "melanonet2": build_melanonet2,
+    "melanonet-cc": build_melanonet_cc,
 }
 #: Input size (height, width) each architecture trains at by default.
 DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {
-    "seed": (180, 180), "melanonet": (160, 160), "melanonet2": (160, 160)}
+    "seed": (180, 180), "melanonet": (160, 160), "melanonet2": (160, 160),
+    "melanonet-cc": (160, 160)}
 #: The layer Grad-CAM reads, per architecture (others: their last Conv2D).
-GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu", "melanonet2": "last_relu"}
+GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu", "melanonet2": "last_relu",
+                                 "melanonet-cc": "last_relu"}
 
 
 def count_flops(model: keras.Model) -> int:

@@ -154,3 +154,22 @@ def augment_batch(images: Any, seed: Any, out_size: tuple[int, int]) -> Any:
     x = random_blur_and_noise(x, seeds[3])
     x = random_jpeg(x, seeds[4])
     return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def mild_augment_batch(images: Any, seed: Any, out_size: tuple[int, int]) -> Any:
+    """v1's augmentation: any rotation, flips, zoom of +-15 %, brightness +-15 % and contrast
+    +-20 % (about the image's mean, so saturation moves with it); no colour cast, no hue change.
+
+    Output (batch, *out_size, 3), values 0..255.
+    """
+    batch = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    x = random_geometry(images, seeds[0], out_size, scale=(0.85, 1.0), aspect=(0.92, 1.08))
+    x = x * _uniform(seeds[1], [batch, 1, 1, 1], 0.85, 1.15)
+    mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * _uniform(seeds[2], [batch, 1, 1, 1], 0.8, 1.2) + mean
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
+#: The augmentations `TrainConfig.augmentation` names.
+AUGMENTATIONS = {"heavy": augment_batch, "mild": mild_augment_batch}

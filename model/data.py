@@ -113,6 +113,19 @@ def source_of(name: str | Path) -> str:
 ARCHIVE_EARLY_IDS = range(0, 2000)
 
 
+#: The early batch's first 200 ids, one stretch of acquisition (here: nevi below 100, melanomas
+#: from 100). Training can hold it out whole (`TrainConfig.hold_out_chunk`): a model that never
+#: saw any of it is measured there as on a new camera, where neither the batch nor the chunk
+#: gives the answer away.
+FIRST_CHUNK_IDS = range(0, 200)
+
+
+def in_first_chunk(name: str | Path) -> bool:
+    """Whether an image's ISIC id lies in `FIRST_CHUNK_IDS`; False without an id."""
+    number = _isic_id(name)
+    return number is not None and number in FIRST_CHUNK_IDS
+
+
 def batch_of(name: str | Path) -> str:
     """`source_of`, with the older archive split into its early and later batch."""
     source = source_of(name)

@@ -30,6 +30,7 @@ from model.data import (
     LabelledSet,
     Sample,
     batch_of,
+    in_first_chunk,
     merge_sets,
     scan_folder,
     source_of,
@@ -65,6 +66,14 @@ class TrainConfig:
     #: Images are decoded this much larger than the input, so random crops keep detail.
     load_scale: float = 1.125
     source_balanced: bool = True
+    #: "heavy" erases acquisition cues (colour casts, blur, JPEG, vignettes, hairs); "mild" is
+    #: v1's (geometry, brightness and contrast only; the lesion's colours are kept).
+    augmentation: str = "heavy"
+    #: Train only the first `members` folds' members (0: one per fold); calibration and the
+    #: figures then use those folds' held-out images only.
+    members: int = 0
+    #: Put the early batch's first chunk of ids (`model.data.FIRST_CHUNK_IDS`) in fold 0 whole.
+    hold_out_chunk: bool = False
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
@@ -138,6 +147,8 @@ def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Report
     inputs, _ = load_images(samples, (height, width), report)
     labels = np.asarray([s.label for s in samples], np.int32)
     folds = np.asarray(stratified_folds(samples, config.folds, config.seed), np.int32)
+    if config.hold_out_chunk:
+        folds[[in_first_chunk(s.path) for s in samples]] = 0
     if MELANOMA in dataset.classes:
         m = dataset.classes.index(MELANOMA)
         for fold in range(config.folds):
@@ -197,8 +208,9 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
                    num_classes: int, seed: int) -> Any:
     import tensorflow as tf
 
-    from model.augment import augment_batch
+    from model.augment import AUGMENTATIONS
 
+    augment_batch = AUGMENTATIONS[config.augmentation]
     size = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
     images = tf.data.Dataset.from_tensor_slices((x, y, w))
     seeds = tf.data.Dataset.random(seed=seed).batch(2)  # one stateless seed per batch
@@ -290,9 +302,13 @@ def calibrate(held_out: np.ndarray, labels: np.ndarray, sources: list[str], batc
 
 def held_out_figures(before: np.ndarray, after: np.ndarray, labels: np.ndarray, sources: list[str],
                      batches: list[str], classes: list[str], threshold: float,
-                     seed: int) -> dict[str, Any]:
+                     seed: int, chunk: np.ndarray | None = None) -> dict[str, Any]:
     """The card's figures on held-out predictions: the contract's, by source, same source and
-    same batch with intervals, and the calibration error before and after the temperature."""
+    same batch with intervals, and the calibration error before and after the temperature.
+
+    With `chunk` (bool per image: in the first chunk, held out whole) also the melanoma figures
+    within that chunk, `melanoma_unseen_chunk`.
+    """
     figures = evaluate_predictions(after, labels, classes, threshold)
     figures["by_source"] = by_source_figures(after, labels, sources, classes)
     figures["melanoma_same_source"] = melanoma_same_source(
@@ -301,6 +317,11 @@ def held_out_figures(before: np.ndarray, after: np.ndarray, labels: np.ndarray, 
         after, labels, batches, classes, threshold, min_benign=10, seed=seed)
     figures["expected_calibration_error_before_temperature"] = evaluate_predictions(
         before, labels, classes, threshold)["expected_calibration_error"]
+    if chunk is not None and np.asarray(chunk).any():
+        inside = np.asarray(chunk, bool)
+        figures["melanoma_unseen_chunk"] = melanoma_same_source(
+            after[inside], np.asarray(labels)[inside], ["first-chunk"] * int(inside.sum()),
+            classes, threshold, seed=seed)
     return figures
 
 
@@ -358,22 +379,29 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     prepared = prepare(data_dir, config, report)
     classes = list(prepared.dataset.classes)
     oof = np.zeros((len(prepared.samples), len(classes)), np.float32)
+    trained = range(min(config.members, config.folds) or config.folds)
     members = []
-    for fold in range(config.folds):
+    for fold in trained:
         path, held_out = train_member(prepared, fold, config, workdir, report)
         oof[prepared.folds == fold] = held_out
         members.append(path)
     np.save(workdir / "oof.npy", oof)
 
-    batches = [batch_of(s.path) for s in prepared.samples]
-    temperature, threshold, scaled = calibrate(oof, prepared.labels, prepared.sources, batches,
+    # The images some member never trained on: all of them with one member per fold.
+    held = np.isin(prepared.folds, list(trained))
+    samples = [s for s, h in zip(prepared.samples, held, strict=True) if h]
+    sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
+    batches = [batch_of(s.path) for s in samples]
+    temperature, threshold, scaled = calibrate(oof[held], prepared.labels[held], sources, batches,
                                                classes, config.target_sensitivity)
     ensemble, scope_distance = assemble(members, temperature, prepared.inputs)
     ensemble.save(out)
     seconds = time.monotonic() - started
 
-    figures = held_out_figures(oof, scaled, prepared.labels, prepared.sources, batches, classes,
-                               threshold, config.seed)
+    figures = held_out_figures(oof[held], scaled, prepared.labels[held], sources, batches, classes,
+                               threshold, config.seed,
+                               chunk=np.asarray([in_first_chunk(s.path) for s in samples])
+                               if config.hold_out_chunk else None)
     report(f"temperature {temperature:.3f}: out-of-fold ECE "
            f"{figures['expected_calibration_error_before_temperature']:.3f} -> "
            f"{figures['expected_calibration_error']:.3f}")
@@ -398,6 +426,9 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
             "folds": config.folds,
             "fold_sha256": {s.sha256: int(f) for s, f in zip(prepared.samples, prepared.folds,
                                                             strict=True)},
+            # What `evaluate --split validation` reads: the images no member trained on.
+            **({"validation_sha256": sorted(s.sha256 for s in samples)}
+               if len(members) == 1 else {}),
             "class_counts": prepared.dataset.counts(),
             # Each --data folder alone: its fingerprint and counts before merging.
             "sources": folder_summaries(prepared.folders),

@@ -14,6 +14,7 @@ from model.data import (
     ISIC_ARCHIVE,
     ISIC_CLASSES,
     UNKNOWN_SOURCE,
+    in_first_chunk,
     scan_folder,
     source_of,
     stratified_folds,
@@ -97,3 +98,14 @@ def test_fingerprint_names_content_not_paths(tmp_path: Path) -> None:
     a = scan_folder(tmp_path / "one").fingerprint()
     assert a == scan_folder(tmp_path / "two").fingerprint()
     assert a != scan_folder(tmp_path / "three").fingerprint()
+
+
+@pytest.mark.parametrize(("name", "inside"), [
+    ("ISIC_0000000.jpg", True),
+    ("nevus/ISIC_0000199_downsampled.jpg", True),
+    ("ISIC_0000200.jpg", False),
+    ("ISIC_0024306.jpg", False),
+    ("patient-17-lesion2.jpg", False),
+])
+def test_the_first_chunk_is_the_early_batch_below_id_200(name: str, inside: bool) -> None:
+    assert in_first_chunk(name) is inside

@@ -176,3 +176,23 @@ def test_mutated_images_never_raise_anything_but_a_decode_error() -> None:
         answers = Classifier(path).predict(mutants[:120], batch_size=32)
     assert len(answers) == 120
     assert all(isinstance(a, (DecodeError, Prediction)) for a in answers)
+
+
+def test_mild_augmentation_keeps_shape_range_and_adds_no_colour_cast() -> None:
+    """v1's augmentation moves the frame, brightness and contrast, never one channel alone: a
+    grey image stays grey, and a tan one keeps red above green above blue."""
+    import tensorflow as tf
+
+    from model.augment import mild_augment_batch
+
+    images = np.zeros((8, 48, 48, 3), np.float32)
+    images[:4] = 128.0
+    images[4:, ..., 0], images[4:, ..., 1], images[4:, ..., 2] = 180.0, 120.0, 90.0
+    out = np.asarray(mild_augment_batch(tf.constant(images), tf.constant([1, 2]), (32, 32)))
+    assert out.shape == (8, 32, 32, 3)
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    grey, tan = out[:4, 16, 16, :], out[4:, 16, 16, :]
+    np.testing.assert_allclose(grey[:, 0], grey[:, 1], rtol=1e-4)
+    np.testing.assert_allclose(grey[:, 1], grey[:, 2], rtol=1e-4)
+    assert not np.allclose(grey[:, 0], 128.0)  # brightness and contrast did move
+    assert (tan[:, 0] > tan[:, 1]).all() and (tan[:, 1] > tan[:, 2]).all()

@@ -143,3 +143,39 @@ def test_predict_says_why_an_image_is_unreadable(trained: Path, tmp_path: Path) 
     assert run.returncode == 2
     assert "empty file" in run.stdout
     assert "Traceback" not in run.stderr
+
+
+def test_one_member_with_the_first_chunk_held_out_never_trains_on_it(tmp_path: Path) -> None:
+    """--members 1 --hold-out-chunk: one network, calibrated and measured on its held-out fold,
+    which holds every image of the early batch's first 200 ids."""
+    root = tmp_path / "set"
+    rng = np.random.default_rng(1)
+    chunk_names = set()
+    for c, name in enumerate(ISIC_CLASSES):
+        (root / name).mkdir(parents=True)
+        base = np.array([(c * 28) % 256, (255 - c * 28) % 256, (c * 70) % 256], np.float32)
+        for i in range(6):
+            # Melanomas and nevi: half of them inside the first chunk (ids 100..105 and 0..5).
+            number = {"melanoma": 100, "nevus": 0}.get(name, 300 + 10 * c) + i
+            number += 0 if i < 3 or name not in ("melanoma", "nevus") else 500
+            file = root / name / f"ISIC_{number:07d}.png"
+            pixels = np.clip(base + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(file)
+            if number < 200:
+                chunk_names.add(file.name)
+    out = tmp_path / "one.keras"
+    config = TrainConfig(epochs=1, folds=3, batch_size=8, input_size=(32, 32), seed=5, members=1,
+                         hold_out_chunk=True, augmentation="mild")
+    card = train(root, out, config, report=lambda line: None)
+
+    assert card.members == 1
+    folds = card.training_set["fold_sha256"]
+    validation = set(card.training_set["validation_sha256"])
+    assert validation == {sha for sha, fold in folds.items() if fold == 0}
+    from model.data import sha256_file
+    chunk_hashes = {sha256_file(p) for p in root.rglob("*.png") if p.name in chunk_names}
+    assert chunk_hashes <= validation
+    assert card.validation["n"] == len(validation) < len(folds)
+    assert card.validation["melanoma_unseen_chunk"]["n"] == len(chunk_hashes) == 6
+    assert card.validation["melanoma_unseen_chunk"]["melanomas"] == 3
+    assert Classifier(out).card.members == 1
