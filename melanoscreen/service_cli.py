@@ -62,6 +62,14 @@ def _prepare(settings: Settings) -> None:
         write_private(settings.first_start_file, datetime.now(UTC).isoformat() + "\n")
 
 
+def migrate() -> None:
+    """Prepare the data folder and bring the database schema to the latest revision, then exit
+    (a deployment's one-shot step before its services start; they upgrade on start too)."""
+    settings = load_settings()
+    _prepare(settings)
+    typer.echo(f"database schema up to date; data folder {settings.data_path}")
+
+
 def warn_if_nobody_is_told(settings: Settings) -> None:
     """Log, at start, that flagged images will be recorded but nobody emailed."""
     if not settings.alert.anyone:
@@ -456,5 +464,5 @@ def csv_cell(value: Any) -> Any:
 
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the `melanoscreen` app."""
-    for command in (up, watch, worker, beat, flower, status, results):
+    for command in (up, watch, worker, beat, flower, status, results, migrate):
         app.command()(command)

@@ -288,6 +288,11 @@ class Settings(BaseSettings):
         return self.data_path / "first-start"
 
     @property
+    def heartbeat_file(self) -> Path:
+        """Touched by the running watcher every few seconds; its mtime says the watcher lives."""
+        return self.data_path / "watch.heartbeat"
+
+    @property
     def flower_password_file(self) -> Path:
         """Flower's generated password (0600), when MELANOSCREEN_FLOWER_PASSWORD is not set."""
         return self.data_path / "flower.password"

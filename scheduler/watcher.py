@@ -66,6 +66,8 @@ _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 #: Seconds between attempts to send what the broker refused.
 RESEND_INTERVAL = 2.0
+#: Seconds between touches of the heartbeat file while the loop runs (a health check reads it).
+HEARTBEAT_INTERVAL = 5.0
 
 #: Hands committed image ids to the queue (`scheduler.queue.send_screen_batch` on a producer).
 SendBatch = Callable[[Sequence[int]], None]
@@ -273,6 +275,8 @@ class Watcher:
         self.resume_at = 0.0
         #: When to look for committed rows that never reached the queue (broker was down).
         self.resend_at: float | None = None
+        #: When the heartbeat file is touched next (monotonic).
+        self.heartbeat_at = 0.0
         # Close-after-write events exist only with inotify.
         self.fast = sys.platform.startswith("linux") and not polling
 
@@ -304,6 +308,7 @@ class Watcher:
             self.rescan()
             next_rescan = time.monotonic() + self.settings.rescan_interval
             while not stop.is_set():
+                self.touch_heartbeat()
                 self.drain_events(timeout=TICK)
                 if time.monotonic() >= self.resume_at:
                     self.take_ready()
@@ -317,6 +322,20 @@ class Watcher:
             observer.stop()
             observer.join(timeout=5)
             self.flush()
+
+    def touch_heartbeat(self) -> None:
+        """Every HEARTBEAT_INTERVAL, set the heartbeat file's mtime to now: the loop is alive
+        (`melanoscreen healthcheck watch` reads it). Not during the start's backoff: a watcher
+        that cannot reach its database is not healthy."""
+        now = time.monotonic()
+        if now < self.heartbeat_at:
+            return
+        self.heartbeat_at = now + HEARTBEAT_INTERVAL
+        try:
+            self.settings.heartbeat_file.touch()  # 0600 under the service's umask
+        except OSError as exc:
+            logger.warning("cannot touch the heartbeat file %s: %s", self.settings.heartbeat_file,
+                           exc.strerror or exc)
 
     def start_up(self) -> bool:
         """Recover the store, then enqueue every committed row that never reached the queue

@@ -67,6 +67,13 @@ def test_up_screens_a_drop_and_leaves_no_process_behind_after_sigterm(
                         "ann@clinic.example", "--password-stdin"], env=env, input="a long password\n",
                        text=True, check=True, timeout=60, cwd=tmp_path)
         wait_until(lambda: _answers(f"{web}/api/images") == 401, timeout=60, message="the review app")
+        # Each service's container health check says healthy for up's children too.
+        for role in ("worker", "watch", "beat", "web", "flower"):
+            def healthy(role: str = role) -> bool:
+                return subprocess.run([sys.executable, "-m", "melanoscreen", "healthcheck", role],
+                                      env=env, capture_output=True, timeout=60,
+                                      cwd=tmp_path).returncode == 0
+            wait_until(healthy, timeout=60, interval=1.0, message=f"healthcheck {role}")
         listed = httpx.get(f"{web}/api/images", params={"flagged": "true", "reviewed": "false"},
                            auth=("ann", "a long password"), timeout=30).json()
         assert [item["source"] for item in listed["items"]] == ["one.jpg"]

@@ -4,6 +4,7 @@ database; file-system events and the clock are handed in by the test, so nothing
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -291,3 +292,16 @@ def test_a_locked_database_pauses_the_intake_and_the_file_stays_in_the_inbox(
     [image] = images(sessions)
     assert image.source == "locked.jpg" and not path.exists() and watcher.backoff == 0.0
     impatient.kw["bind"].dispose()
+
+
+def test_the_loop_touches_the_heartbeat_file_once_per_interval(watcher: Watcher,
+                                                               settings: Settings) -> None:
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    watcher.touch_heartbeat()
+    first = settings.heartbeat_file.stat().st_mtime_ns
+    os.utime(settings.heartbeat_file, ns=(first - 10**11, first - 10**11))  # 100 s ago
+    watcher.touch_heartbeat()  # within HEARTBEAT_INTERVAL of the first: not again
+    assert settings.heartbeat_file.stat().st_mtime_ns == first - 10**11
+    watcher.heartbeat_at = time.monotonic()  # the interval is over
+    watcher.touch_heartbeat()
+    assert settings.heartbeat_file.stat().st_mtime_ns >= first

@@ -21,17 +21,18 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from db.session import make_session_factory
 from web.deps import CsrfRefused, Forbidden, LoginRequired, WebConfig, csrf_token
-from web.routers import api, audit, auth, images, performance, reviews, users
+from web.routers import api, audit, auth, health, images, performance, reviews, users
 
 HERE = Path(__file__).resolve().parent
-#: Routes anyone may call: the login form itself and the logout. Everything else needs a login
+#: Routes anyone may call: the login form itself, the logout and the health check (for a
+#: container's health probe; it says only "ok"). Everything else needs a login
 #: (tests/test_web.py walks the route table against this list).
-PUBLIC_PATHS = frozenset({"/login", "/logout"})
+PUBLIC_PATHS = frozenset({"/login", "/logout", "/healthz"})
 #: No script, no frames, nothing from elsewhere: pages work with JavaScript off, and an HTML
 #: name that escaped escaping still could not run.
 #: Every router of the app, one per resource (tests walk their routes).
 ROUTERS = (auth.router, images.router, reviews.router, users.router, audit.router,
-           performance.router, api.router)
+           performance.router, api.router, health.router)
 CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self' data:; style-src 'self'; "
                            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
