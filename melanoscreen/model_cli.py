@@ -35,7 +35,8 @@ def train(
     out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
     arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet-cc (v2: v1's "
                                       "widths behind colour constancy), melanonet2, melanonet "
-                                      "(v1) or seed.")] = "melanonet2",
+                                      "(v1) or seed; several joined by + train one "
+                                      "of each per fold, averaged.")] = "melanonet2",
     augmentation: Annotated[str, typer.Option(help="heavy (erases acquisition cues: colour "
                                               "casts, blur, JPEG, vignettes, hairs) or mild "
                                               "(v1's: geometry, brightness, contrast).")] = "heavy",

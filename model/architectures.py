@@ -130,8 +130,10 @@ def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
     probabilities, distances = [], []
     for i, member in enumerate(members):
         if scope is None:
+            # Wrapped under a name of its own: members of one architecture share theirs.
+            named = keras.Model(member.input, member.output, name=f"member_{i}")
             probabilities.append(TemperatureScaling(temperature, name=f"temperature_{i}")(
-                member(inputs)))
+                named(inputs)))
             continue
         both = keras.Model(member.input, [member.output, scope_features(member).output],
                            name=f"member_{i}")

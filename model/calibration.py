@@ -6,8 +6,15 @@ import numpy as np
 
 
 def temperature_scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(p) / T), row by row; shape (n, classes) in and out."""
-    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)) / temperature
+    """softmax(log(p) / T), row by row; shape (n, classes) in and out.
+
+    Given several members' probabilities, shape (members, n, classes), each is scaled and the
+    results averaged, as the shipped ensemble does (`model.architectures.build_ensemble`).
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    if probabilities.ndim == 3:
+        return np.mean([temperature_scale(p, temperature) for p in probabilities], axis=0)
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     return exp / exp.sum(axis=1, keepdims=True)
@@ -21,7 +28,8 @@ def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> fl
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray,
                     low: float = 0.05, high: float = 20.0) -> float:
-    """The T that minimises the negative log-likelihood of held-out predictions.
+    """The T that minimises the negative log-likelihood of held-out predictions, shape
+    (n, classes), or of several members' averaged after scaling, shape (members, n, classes).
 
     A golden-section search on log T (the likelihood is unimodal in T); 1.0 when there is
     nothing to fit.

@@ -53,6 +53,7 @@ Reporter = Callable[[str], None]
 class TrainConfig:
     """Everything that decides a training run; recorded in the card."""
 
+    #: One architecture, or several joined by "+" (one member of each per fold, averaged).
     arch: str = "melanonet2"
     epochs: int = 60
     folds: int = 3
@@ -77,6 +78,16 @@ class TrainConfig:
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
+
+    @property
+    def architectures(self) -> list[str]:
+        """The architectures `arch` names, in order."""
+        return self.arch.split("+")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Input (height, width): `input_size`, else the first architecture's default."""
+        return self.input_size or DEFAULT_INPUT_SIZE[self.architectures[0]]
 
 
 @dataclass
@@ -141,7 +152,7 @@ def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Report
     for labelled in folders:
         report(f"{labelled.root}: {len(labelled.samples)} images, fingerprint "
                f"{labelled.fingerprint()[:12]}")
-    height, width = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
+    height, width = config.size
     load = (round(height * config.load_scale), round(width * config.load_scale))
     loaded, samples = load_images(dataset.samples, load, report)
     inputs, _ = load_images(samples, (height, width), report)
@@ -211,7 +222,7 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
     from model.augment import AUGMENTATIONS
 
     augment_batch = AUGMENTATIONS[config.augmentation]
-    size = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
+    size = config.size
     images = tf.data.Dataset.from_tensor_slices((x, y, w))
     seeds = tf.data.Dataset.random(seed=seed).batch(2)  # one stateless seed per batch
     return (tf.data.Dataset.zip(
@@ -224,23 +235,26 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
 
 
 def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Path,
-                 report: Reporter) -> tuple[Path, np.ndarray]:
+                 report: Reporter, arch: str | None = None) -> tuple[Path, np.ndarray]:
     """Train on every fold but `fold`; return the member's path and its held-out probabilities.
 
-    Resumable: `BackupAndRestore` keeps the epoch, weights and optimizer; a finished member is
-    read back, not trained again.
+    `arch` is one of `config.architectures` (default: the first); with several, each member's
+    files carry its architecture's name. Resumable: `BackupAndRestore` keeps the epoch, weights
+    and optimizer; a finished member is read back, not trained again.
     """
     import keras
 
     classes = list(prepared.dataset.classes)
     k = len(classes)
     held = prepared.folds == fold
-    member_path = workdir / f"fold{fold}.keras"
+    arch = arch or config.architectures[0]
+    name = f"fold{fold}" if len(config.architectures) == 1 else f"{arch}-fold{fold}"
+    member_path = workdir / f"{name}.keras"
     if not member_path.is_file():
         seed = config.seed + 1000 * fold
         keras.utils.set_random_seed(seed)
-        height, width = config.input_size or DEFAULT_INPUT_SIZE[config.arch]
-        model = ARCHITECTURES[config.arch]((height, width, 3), k)
+        height, width = config.size
+        model = ARCHITECTURES[arch]((height, width, 3), k)
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
         # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
         # later one melanomas only, so weighting by batch puts the weight where the two meet.
@@ -258,11 +272,11 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
         callbacks = [
             ValidationFigures.make(prepared.inputs[held].astype(np.float32), prepared.labels[held],
                                    val_sources, classes, config.epochs, report),
-            keras.callbacks.CSVLogger(str(workdir / f"fold{fold}.log.csv"), append=True),
-            keras.callbacks.ModelCheckpoint(str(workdir / f"fold{fold}.last.keras")),
-            keras.callbacks.BackupAndRestore(str(workdir / f"fold{fold}.backup")),
+            keras.callbacks.CSVLogger(str(workdir / f"{name}.log.csv"), append=True),
+            keras.callbacks.ModelCheckpoint(str(workdir / f"{name}.last.keras")),
+            keras.callbacks.BackupAndRestore(str(workdir / f"{name}.backup")),
         ]
-        report(f"fold {fold + 1}/{config.folds}: train {int((~held).sum())}, "
+        report(f"fold {fold + 1}/{config.folds} ({arch}): train {int((~held).sum())}, "
                f"held out {int(held.sum())}")
         model.fit(_train_dataset(x_train, y_train, weights, config, k, seed),
                   epochs=config.epochs, callbacks=callbacks, verbose=0)
@@ -277,7 +291,8 @@ def calibrate(held_out: np.ndarray, labels: np.ndarray, sources: list[str], batc
               classes: list[str], target_sensitivity: float) -> tuple[float, float, np.ndarray]:
     """Temperature on held-out probabilities, then the threshold on same-source melanomas.
 
-    Returns (temperature, threshold, the scaled probabilities). The threshold is the highest
+    `held_out` has shape (n, classes), or (members, n, classes) for several members per image
+    (averaged after scaling, as the ensemble does). Returns (temperature, threshold, the scaled probabilities). The threshold is the highest
     that reaches the target sensitivity both on every melanoma against the benign lesions of its
     own source, and on the melanomas of each acquisition batch against that batch's benign
     lesions (`model.data.batch_of`): the groups in which the source cannot give the answer away.
@@ -363,8 +378,9 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    if config.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {config.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    for arch in config.architectures:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     out = Path(out)
     workdir = out.with_name(out.stem + ".folds")
     if not resume and workdir.exists():
@@ -378,13 +394,15 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
 
     prepared = prepare(data_dir, config, report)
     classes = list(prepared.dataset.classes)
-    oof = np.zeros((len(prepared.samples), len(classes)), np.float32)
+    # Each architecture's out-of-fold probabilities: shape (architectures, n, classes).
+    oof = np.zeros((len(config.architectures), len(prepared.samples), len(classes)), np.float32)
     trained = range(min(config.members, config.folds) or config.folds)
     members = []
     for fold in trained:
-        path, held_out = train_member(prepared, fold, config, workdir, report)
-        oof[prepared.folds == fold] = held_out
-        members.append(path)
+        for a, arch in enumerate(config.architectures):
+            path, held_out = train_member(prepared, fold, config, workdir, report, arch)
+            oof[a, prepared.folds == fold] = held_out
+            members.append(path)
     np.save(workdir / "oof.npy", oof)
 
     # The images some member never trained on: all of them with one member per fold.
@@ -392,13 +410,14 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     samples = [s for s, h in zip(prepared.samples, held, strict=True) if h]
     sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
     batches = [batch_of(s.path) for s in samples]
-    temperature, threshold, scaled = calibrate(oof[held], prepared.labels[held], sources, batches,
+    held_out = oof[:, held] if len(config.architectures) > 1 else oof[0, held]
+    temperature, threshold, scaled = calibrate(held_out, prepared.labels[held], sources, batches,
                                                classes, config.target_sensitivity)
     ensemble, scope_distance = assemble(members, temperature, prepared.inputs)
     ensemble.save(out)
     seconds = time.monotonic() - started
 
-    figures = held_out_figures(oof[held], scaled, prepared.labels[held], sources, batches, classes,
+    figures = held_out_figures(np.mean(oof[:, held], axis=0), scaled, prepared.labels[held], sources, batches, classes,
                                threshold, config.seed,
                                chunk=np.asarray([in_first_chunk(s.path) for s in samples])
                                if config.hold_out_chunk else None)
@@ -411,7 +430,7 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
                 f"{prepared.dataset.fingerprint()[:8]}-s{config.seed}",
         architecture=config.arch,
         classes=classes,
-        input_size=list(config.input_size or DEFAULT_INPUT_SIZE[config.arch]),
+        input_size=list(config.size),
         alert_threshold=threshold,
         target_sensitivity=config.target_sensitivity,
         temperature=temperature,
@@ -428,7 +447,7 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
                                                             strict=True)},
             # What `evaluate --split validation` reads: the images no member trained on.
             **({"validation_sha256": sorted(s.sha256 for s in samples)}
-               if len(members) == 1 else {}),
+               if len(trained) == 1 else {}),
             "class_counts": prepared.dataset.counts(),
             # Each --data folder alone: its fingerprint and counts before merging.
             "sources": folder_summaries(prepared.folders),

@@ -57,6 +57,20 @@ def test_the_temperature_layer_computes_what_the_numpy_scaling_does() -> None:
                                temperature_scale(probabilities, 2.5), rtol=1e-5)
 
 
+def test_several_members_are_scaled_one_by_one_then_averaged_as_the_saved_ensemble_does() -> None:
+    """Calibrating a two-architecture ensemble fits T on what the saved ensemble outputs."""
+    from model.architectures import build_ensemble, build_melanonet
+
+    images = np.random.default_rng(4).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    members = [build_melanonet((32, 32, 3), 9, widths=(4, 8)),
+               build_melanonet((32, 32, 3), 9, widths=(4, 8), colour_constancy=True)]
+    each = np.stack([np.asarray(m(images, training=False)) for m in members])
+    ensemble = np.asarray(build_ensemble(members, temperature=0.7)(images, training=False))
+    by_hand = (temperature_scale(each[0], 0.7) + temperature_scale(each[1], 0.7)) / 2
+    np.testing.assert_allclose(temperature_scale(each, 0.7), by_hand)
+    np.testing.assert_allclose(ensemble, by_hand, rtol=1e-4, atol=1e-6)
+
+
 def test_the_scope_distance_is_about_one_on_training_features_and_large_far_away() -> None:
     from model.layers import MahalanobisDistance
 

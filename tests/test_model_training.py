@@ -145,9 +145,10 @@ def test_predict_says_why_an_image_is_unreadable(trained: Path, tmp_path: Path) 
     assert "Traceback" not in run.stderr
 
 
-def test_one_member_with_the_first_chunk_held_out_never_trains_on_it(tmp_path: Path) -> None:
-    """--members 1 --hold-out-chunk: one network, calibrated and measured on its held-out fold,
-    which holds every image of the early batch's first 200 ids."""
+def test_one_fold_of_two_architectures_with_the_first_chunk_held_out_never_trains_on_it(
+        tmp_path: Path) -> None:
+    """--members 1 --hold-out-chunk --arch a+b: one fold's two networks, averaged, calibrated and
+    measured on the held-out fold, which holds every image of the early batch's first 200 ids."""
     root = tmp_path / "set"
     rng = np.random.default_rng(1)
     chunk_names = set()
@@ -164,11 +165,14 @@ def test_one_member_with_the_first_chunk_held_out_never_trains_on_it(tmp_path: P
             if number < 200:
                 chunk_names.add(file.name)
     out = tmp_path / "one.keras"
-    config = TrainConfig(epochs=1, folds=3, batch_size=8, input_size=(32, 32), seed=5, members=1,
-                         hold_out_chunk=True, augmentation="mild")
+    config = TrainConfig(arch="melanonet+melanonet-cc", epochs=1, folds=3, batch_size=8,
+                         input_size=(32, 32), seed=5, members=1, hold_out_chunk=True,
+                         augmentation="mild")
     card = train(root, out, config, report=lambda line: None)
 
-    assert card.members == 1
+    assert card.members == 2
+    assert sorted(p.name for p in (tmp_path / "one.folds").glob("*fold0.keras")) == [
+        "melanonet-cc-fold0.keras", "melanonet-fold0.keras"]
     folds = card.training_set["fold_sha256"]
     validation = set(card.training_set["validation_sha256"])
     assert validation == {sha for sha, fold in folds.items() if fold == 0}
@@ -178,4 +182,4 @@ def test_one_member_with_the_first_chunk_held_out_never_trains_on_it(tmp_path: P
     assert card.validation["n"] == len(validation) < len(folds)
     assert card.validation["melanoma_unseen_chunk"]["n"] == len(chunk_hashes) == 6
     assert card.validation["melanoma_unseen_chunk"]["melanomas"] == 3
-    assert Classifier(out).card.members == 1
+    assert Classifier(out).card.members == 2
