@@ -11,8 +11,8 @@
 #
 # Each is built once and reused (Docker's layer cache); --rebuild-base makes the Debian base
 # again. The service image is built with BuildKit and the host's network, pip trusting the
-# host's CA bundle (PIP_CERT, else `pip config get global.cert`, else none), handed over as a
-# build secret: it is never part of an image. Prints the variables for docker compose at the end.
+# host's CA bundle (PIP_CERT, else the `cert` that `pip config list` shows, else none), handed
+# over as a build secret: it is never part of an image. Prints the variables for compose (.env).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,7 +64,7 @@ buildkit() {
   fi
 }
 
-cert=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}
+cert=${PIP_CERT:-$(pip config list 2>/dev/null | sed -n "s/^[^=]*\.cert='\(.*\)'\$/\1/p" | head -n 1)}
 secret=()
 if [ -n "$cert" ] && [ -f "$cert" ]; then
   secret=(--secret "id=pip_cert,src=$cert")

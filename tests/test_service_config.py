@@ -15,7 +15,7 @@ from melanoscreen.settings import Settings, describe_error
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_COMMANDS = {"up", "watch", "worker", "beat", "flower", "status", "results", "digest",
-                    "alerts", "train", "evaluate", "predict"}
+                    "alerts", "train", "evaluate", "predict", "web", "migrate", "healthcheck"}
 
 
 def _clean_env(**values: str) -> dict[str, str]:
@@ -143,16 +143,43 @@ def test_the_worker_registers_every_task_that_the_contract_names() -> None:
 def test_every_compose_service_runs_a_real_melanoscreen_command() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"redis", "postgres", "worker", "watcher", "beat", "flower"} <= set(services)
+    assert {"redis", "postgres", "worker", "watcher", "beat", "flower", "web"} <= set(services)
     ours = {name: s for name, s in services.items() if "build" in s or
-            str(s.get("image", "")).startswith("melanoscreen")}
-    assert {"worker", "watcher", "beat", "flower"} <= set(ours)
+            "MELANOSCREEN_IMAGE" in str(s.get("image", ""))}
+    assert {"migrate", "worker", "watcher", "beat", "flower", "web"} <= set(ours)
     for name, service in ours.items():
         command = service["command"]
         words = command.split() if isinstance(command, str) else list(command)
         assert words[0] == "melanoscreen", name
         assert words[1] in SERVICE_COMMANDS, name
-        assert "healthcheck" in service, name
+        # Every long-running service's health check is a real probe of it (the one-shot
+        # migrate has none); no secret on its command line.
+        if name != "migrate":
+            assert service["healthcheck"]["test"][1:4] == ["melanoscreen", "healthcheck",
+                                                          {"watcher": "watch"}.get(name, name)]
+        assert service["depends_on"]["migrate" if name != "migrate" else "postgres"]
     assert "container_name" not in services["worker"]  # --scale worker=N needs this
     smtp = [s for s in services.values() if "mailpit" in str(s.get("image", ""))]
     assert smtp, "an SMTP catcher"
+    # Published ports are loopback's only, and every service behind them asks for a login.
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_the_compose_file_keeps_the_standard_images_as_defaults() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    for default in ("${BASE_IMAGE:-python:3.11-slim}", "${REDIS_IMAGE:-redis:7}",
+                    "${POSTGRES_IMAGE:-postgres:16}", "${MAILCATCHER_IMAGE:-axllent/mailpit:latest}"):
+        assert default in text
+    assert "ARG BASE_IMAGE=python:3.11-slim" in (REPO / "Dockerfile").read_text()
+
+
+def test_no_secret_of_the_compose_file_is_on_a_command_line() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        command = service.get("command", "")
+        words = " ".join(command) if isinstance(command, list) else str(command)
+        test = " ".join(service.get("healthcheck", {}).get("test", []))
+        for text in (words, test):
+            assert "PASSWORD}" not in text and "SECRET}" not in text, name

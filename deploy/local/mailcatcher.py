@@ -14,6 +14,8 @@ import email.policy
 import hmac
 import json
 import os
+import signal
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +29,7 @@ LOCK = threading.Lock()
 class Catch:
     """aiosmtpd handler: parse and keep each message."""
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+    async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with LOCK:
             MESSAGES.append({
@@ -48,7 +50,7 @@ def _expected_auth() -> bytes | None:
 class Api(BaseHTTPRequestHandler):
     """/livez for anyone; the messages only with the right basic auth."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         if self.path == "/livez":
             self._answer(200, b"ok", "text/plain")
             return
@@ -73,7 +75,7 @@ class Api(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -83,6 +85,9 @@ def main() -> None:
         print("warning: MP_UI_AUTH is not set: the message API refuses everyone", flush=True)
     controller = Controller(Catch(), hostname="0.0.0.0", port=1025)
     controller.start()
+    # PID 1 in its container: SIGTERM has no default action there, so `docker stop` would
+    # wait its 10 s and kill; stop at once instead.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     print("smtp :1025, api :8025", flush=True)
     ThreadingHTTPServer(("0.0.0.0", 8025), Api).serve_forever()
 
