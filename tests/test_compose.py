@@ -1,0 +1,151 @@
+"""The compose deployment, built and run for real: three worker containers, a killed one, an
+alert, and the stack down and up again with its data.
+
+Runs where a Docker daemon answers (`.ci/run` starts one where it can), else is skipped with
+the reason. The images come from deploy/local-images.sh (Debian packages; Docker's layer cache
+makes a second build quick), once per module; the stack is one compose project whose volumes
+are removed at the end. The tests run in order, on one growing database.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from compose_stack import (
+    Stack,
+    build_images,
+    docker_problem,
+    kill_container,
+    lesion_jpeg,
+    wait_for,
+)
+
+from melanoscreen.celeryconfig import SCREEN_BATCH
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
+
+BURST = 500
+KILL_BURST = 300
+#: Seeds far apart: every image of every burst is a distinct content.
+BURST_SEED, KILL_SEED, AFTER_UP_SEED = 1_000_000, 2_000_000, 3_000_000
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The deployment built from local images and up with three workers; removed afterwards."""
+    problem = docker_problem()
+    if problem:
+        pytest.skip(f"compose tests need Docker: {problem}")
+    started = time.monotonic()
+    images = build_images()
+    built = time.monotonic() - started
+    stack = Stack(project=f"melanoscreen-test-{os.getpid()}",
+                  folder=tmp_path_factory.mktemp("compose"), images=images)
+    try:
+        took = stack.up(workers=3)
+        print(f"\nbuild {built:.0f} s, up with 3 workers {took:.0f} s")
+        yield stack
+    except Exception:
+        print(stack.logs())
+        raise
+    finally:
+        stack.down(volumes=True)
+
+
+def _count(stack: Stack, prefix: str, *, status: str | None = None) -> int:
+    where = f"source LIKE '{prefix}-%'" + (f" AND status = '{status}'" if status else "")
+    return stack.scalar(f"SELECT count(*) FROM images WHERE {where}")
+
+
+def _screened_once(stack: Stack, prefix: str) -> tuple[int, int, int]:
+    """(images, images screened, images with exactly one prediction) for a burst."""
+    rows = stack.sql(
+        "SELECT count(*), count(*) FILTER (WHERE i.status = 'screened'), "
+        "count(*) FILTER (WHERE (SELECT count(*) FROM predictions p WHERE p.image_id = i.id) = 1) "
+        f"FROM images i WHERE i.source LIKE '{prefix}-%'")
+    images, screened, once = (int(v) for v in rows[0])
+    return images, screened, once
+
+
+def _burst(prefix: str, count: int, seed: int) -> dict[str, bytes]:
+    return {f"{prefix}-{i:04d}.jpg": lesion_jpeg(seed + i) for i in range(count)}
+
+
+def test_the_stack_runs_migrations_once_and_shows_nothing_without_a_login(stack: Stack) -> None:
+    assert stack.unhealthy() == []
+    migrate = stack.run("ps", "-q", "migrate").stdout.decode().split()
+    assert len(migrate) == 1
+    assert stack.scalar("SELECT count(*) FROM alembic_version") == 1
+    assert len(stack.containers("worker")) == 3
+    assert stack.http_status("FLOWER_PORT", "/api/workers") == 401
+    assert stack.http_status("WEB_PORT", "/api/images") == 401
+    assert stack.http_status("WEB_PORT", "/healthz") == 200
+    assert stack.http_status("MAILCATCHER_PORT", "/api/v1/messages") == 401
+
+
+def test_three_workers_screen_a_burst_of_500_each_exactly_once(stack: Stack) -> None:
+    files = _burst("burst", BURST, BURST_SEED)
+    started = time.monotonic()
+    stack.drop(files)
+    wait_for(lambda: _screened_once(stack, "burst") == (BURST, BURST, BURST), timeout=300,
+             what=f"{BURST} images screened", detail=lambda: f"{_screened_once(stack, 'burst')}")
+    took = time.monotonic() - started
+    print(f"\n{BURST} images screened by 3 workers in {took:.1f} s ({BURST / took:.1f} images/s)")
+    assert stack.scalar("SELECT count(*) FROM predictions") == BURST
+
+    # Flower (with its login) lists the three workers, and each of them screened batches.
+    workers = stack.flower("/api/workers?refresh=1")
+    screened_by = {name: (info.get("stats") or {}).get("total", {}).get(SCREEN_BATCH, 0)
+                   for name, info in workers.items()}
+    assert len(screened_by) == 3, screened_by
+    assert all(batches > 0 for batches in screened_by.values()), screened_by
+
+
+def test_an_alert_reaches_the_smtp_catcher(stack: Stack) -> None:
+    flagged = stack.scalar("SELECT count(*) FROM images WHERE flagged")
+    assert flagged > 0, "the burst has images the shipped model flags"
+    mail = wait_for(lambda: (answer := stack.mail())["total"] > 0 and answer, timeout=120,
+                    what="an alert in the mail catcher")
+    subjects = [m["Subject"] for m in mail["messages"]]
+    assert any("Melanoma suspected" in subject for subject in subjects), subjects
+    assert all(m["To"] == [{"Address": "oncall@clinic.example"}] for m in mail["messages"])
+
+
+def test_a_worker_container_killed_mid_burst_loses_nothing(stack: Stack) -> None:
+    files = _burst("kill", KILL_BURST, KILL_SEED)
+    stack.drop(files)
+    # Mid-burst: some of it screened, most not yet.
+    wait_for(lambda: _count(stack, "kill", status="screened") >= 20, timeout=120, interval=0.2,
+             what="the burst under way")
+    victim = stack.containers("worker")[0]
+    kill_container(victim)
+    killed_at = time.monotonic()
+    assert _count(stack, "kill", status="screened") < KILL_BURST, "killed too late to tell"
+    wait_for(lambda: _screened_once(stack, "kill") == (KILL_BURST, KILL_BURST, KILL_BURST),
+             timeout=120, what="every image screened after the kill",
+             detail=lambda: f"{_screened_once(stack, 'kill')}")
+    print(f"\nall {KILL_BURST} screened {time.monotonic() - killed_at:.0f} s after the kill")
+    assert stack.scalar("SELECT count(*) FROM predictions") == BURST + KILL_BURST
+    assert stack.scalar("SELECT count(*) FROM images WHERE status <> 'screened'") == 0
+
+
+def test_down_and_up_keeps_the_results_and_screens_nothing_again(stack: Stack) -> None:
+    facts = ("SELECT (SELECT count(*) FROM predictions), (SELECT max(created_at) FROM predictions), "
+             "(SELECT sum(attempts) FROM images), (SELECT max(screened_at) FROM images)")
+    before = stack.sql(facts)
+    stack.down()
+    took = stack.up(workers=3)
+    print(f"\nup again in {took:.0f} s")
+    # Long enough for every worker to start and the sweep (every 15 s) to run at least twice.
+    time.sleep(35)
+    assert stack.sql(facts) == before
+    assert stack.scalar("SELECT count(*) FROM images WHERE status <> 'screened'") == 0
+    # And it still works: one new image, screened once.
+    stack.drop(_burst("after-up", 1, AFTER_UP_SEED))
+    wait_for(lambda: _screened_once(stack, "after-up") == (1, 1, 1), timeout=120,
+             what="a new image screened after up")
+    assert stack.scalar("SELECT count(*) FROM predictions") == int(before[0][0]) + 1
+
