@@ -44,12 +44,12 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     MELANOSCREEN_DATA_DIR=/data \
     MELANOSCREEN_INBOX=/inbox
-# The data folder is the owner's only (the service keeps it 0700 too); the inbox is where
-# drops arrive. Named volumes copy this ownership when they are first created.
+# The data folder (the service keeps it 0700 too) and the inbox, where patients' images arrive,
+# are the service user's only. Named volumes copy this ownership and mode when first created.
 RUN useradd --create-home --uid 1000 melanoscreen \
  && mkdir -p /data /inbox \
  && chown melanoscreen:melanoscreen /data /inbox \
- && chmod 0700 /data
+ && chmod 0700 /data /inbox
 COPY --from=build /opt/venv /opt/venv
 USER melanoscreen
 WORKDIR /home/melanoscreen

@@ -243,8 +243,18 @@ def _docker(*args: str, stdin: bytes | None = None,
 
 
 def kill_container(container: str) -> None:
-    """`docker kill`: SIGKILL to the container's processes, no goodbye."""
+    """`docker kill`: SIGKILL to the container's processes, no goodbye (paused ones too)."""
     _docker("kill", container)
+
+
+def pause_container(container: str) -> None:
+    """`docker pause`: freeze every process of the container where it stands."""
+    _docker("pause", container)
+
+
+def unpause_container(container: str) -> None:
+    """`docker unpause`: let a frozen container go on."""
+    _docker("unpause", container)
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 1.0,
