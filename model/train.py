@@ -235,11 +235,12 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
 
 
 def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Path,
-                 report: Reporter, arch: str | None = None) -> tuple[Path, np.ndarray]:
+                 report: Reporter, member: int = 0) -> tuple[Path, np.ndarray]:
     """Train on every fold but `fold`; return the member's path and its held-out probabilities.
 
-    `arch` is one of `config.architectures` (default: the first); with several, each member's
-    files carry its architecture's name. Resumable: `BackupAndRestore` keeps the epoch, weights
+    `member` indexes `config.architectures`; with several, each member's files carry its
+    architecture's name, and an architecture named again is another seed of it (seed + 100 per
+    repeat; its files numbered). Resumable: `BackupAndRestore` keeps the epoch, weights
     and optimizer; a finished member is read back, not trained again.
     """
     import keras
@@ -247,11 +248,16 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
     classes = list(prepared.dataset.classes)
     k = len(classes)
     held = prepared.folds == fold
-    arch = arch or config.architectures[0]
-    name = f"fold{fold}" if len(config.architectures) == 1 else f"{arch}-fold{fold}"
+    architectures = config.architectures
+    arch = architectures[member]
+    repeat = architectures[:member].count(arch)
+    if len(architectures) == 1:
+        name = f"fold{fold}"
+    else:
+        name = f"{arch}-fold{fold}" if repeat == 0 else f"{arch}-{repeat + 1}-fold{fold}"
     member_path = workdir / f"{name}.keras"
     if not member_path.is_file():
-        seed = config.seed + 1000 * fold
+        seed = config.seed + 1000 * fold + 100 * repeat
         keras.utils.set_random_seed(seed)
         height, width = config.size
         model = ARCHITECTURES[arch]((height, width, 3), k)
@@ -399,8 +405,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     trained = range(min(config.members, config.folds) or config.folds)
     members = []
     for fold in trained:
-        for a, arch in enumerate(config.architectures):
-            path, held_out = train_member(prepared, fold, config, workdir, report, arch)
+        for a in range(len(config.architectures)):
+            path, held_out = train_member(prepared, fold, config, workdir, report, a)
             oof[a, prepared.folds == fold] = held_out
             members.append(path)
     np.save(workdir / "oof.npy", oof)
