@@ -117,9 +117,9 @@ def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
     """One model that averages the members' temperature-scaled probabilities.
 
     Input float32, shape (batch, H, W, 3), values 0..255. Output: probabilities, shape
-    (batch, classes); with `scope` (each member's feature mean and whitening matrix, see
-    `model.scope`) also `scope_distance`, shape (batch,): the members' mean Mahalanobis distance
-    of the image's `scope_features` from the training images'.
+    (batch, classes); with `scope` (feature mean and whitening matrix of the first len(scope)
+    members, see `model.scope`) also `scope_distance`, shape (batch,): those members' mean
+    Mahalanobis distance of the image's `scope_features` from the training images'.
     """
     import keras
     from keras import layers
@@ -129,7 +129,7 @@ def build_ensemble(members: list[keras.Model], temperature: float = 1.0,
     inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
     probabilities, distances = [], []
     for i, member in enumerate(members):
-        if scope is None:
+        if scope is None or i >= len(scope):
             # Wrapped under a name of its own: members of one architecture share theirs.
             named = keras.Model(member.input, member.output, name=f"member_{i}")
             probabilities.append(TemperatureScaling(temperature, name=f"temperature_{i}")(

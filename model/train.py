@@ -245,6 +245,8 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
     """
     import keras
 
+    from model import layers  # noqa: F401  registers the custom layers, to read a member back
+
     classes = list(prepared.dataset.classes)
     k = len(classes)
     held = prepared.folds == fold
@@ -362,7 +364,7 @@ def assemble(member_paths: list[Path], temperature: float, images: np.ndarray) -
     """The members averaged into one Keras model, temperature and scope distance inside.
 
     Returns the model and its out-of-scope distance (`model.scope.scope_threshold` of the
-    training images' own distances).
+    training images' own distances, measured on the first member's features).
     """
     import keras
 
@@ -370,7 +372,9 @@ def assemble(member_paths: list[Path], temperature: float, images: np.ndarray) -
     from model.scope import scope_threshold
 
     members = [keras.models.load_model(p, compile=False) for p in member_paths]
-    ensemble = build_ensemble(members, temperature, fit_scope(members, images))
+    # The first member's features measure the scope: each member's whitening matrix is about
+    # 2 MB (744 x 744 floats at MelanoNet's widths), and the shipped model must stay small.
+    ensemble = build_ensemble(members, temperature, fit_scope(members[:1], images))
     _, distances = ensemble.predict(images.astype(np.float32), batch_size=64, verbose=0)
     return ensemble, scope_threshold(np.asarray(distances))
 
@@ -432,7 +436,7 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
            f"{figures['expected_calibration_error']:.3f}")
     report(f"alert threshold {threshold:.4f}: same source {figures['melanoma_same_source']}")
     card = ModelCard(
-        version=f"{config.arch}-x{config.folds}-{dt.date.today():%Y%m%d}-"
+        version=f"{config.arch}-x{len(members)}-{dt.date.today():%Y%m%d}-"
                 f"{prepared.dataset.fingerprint()[:8]}-s{config.seed}",
         architecture=config.arch,
         classes=classes,
