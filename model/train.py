@@ -300,10 +300,11 @@ def calibrate(held_out: np.ndarray, labels: np.ndarray, sources: list[str], batc
     """Temperature on held-out probabilities, then the threshold on same-source melanomas.
 
     `held_out` has shape (n, classes), or (members, n, classes) for several members per image
-    (averaged after scaling, as the ensemble does). Returns (temperature, threshold, the scaled probabilities). The threshold is the highest
-    that reaches the target sensitivity both on every melanoma against the benign lesions of its
-    own source, and on the melanomas of each acquisition batch against that batch's benign
-    lesions (`model.data.batch_of`): the groups in which the source cannot give the answer away.
+    (averaged after scaling, as the ensemble does). Returns (temperature, threshold, the scaled
+    probabilities). The threshold is the highest that reaches the target sensitivity both on
+    every melanoma against the benign lesions of its own source, and on the melanomas of each
+    acquisition batch against that batch's benign lesions (`model.data.batch_of`): the groups in
+    which the source cannot give the answer away.
     A set without ISIC ids is one source.
     """
     temperature = fit_temperature(held_out, labels)
@@ -427,8 +428,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     ensemble.save(out)
     seconds = time.monotonic() - started
 
-    figures = held_out_figures(np.mean(oof[:, held], axis=0), scaled, prepared.labels[held], sources, batches, classes,
-                               threshold, config.seed,
+    figures = held_out_figures(np.mean(oof[:, held], axis=0), scaled, prepared.labels[held],
+                               sources, batches, classes, threshold, config.seed,
                                chunk=np.asarray([in_first_chunk(s.path) for s in samples])
                                if config.hold_out_chunk else None)
     report(f"temperature {temperature:.3f}: out-of-fold ECE "
