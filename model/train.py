@@ -421,9 +421,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     samples = [s for s, h in zip(prepared.samples, held, strict=True) if h]
     sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
     batches = [batch_of(s.path) for s in samples]
-    held_out = oof[:, held] if len(config.architectures) > 1 else oof[0, held]
-    temperature, threshold, scaled = calibrate(held_out, prepared.labels[held], sources, batches,
-                                               classes, config.target_sensitivity)
+    temperature, threshold, scaled = calibrate(oof[:, held], prepared.labels[held], sources,
+                                               batches, classes, config.target_sensitivity)
     ensemble, scope_distance = assemble(members, temperature, prepared.inputs)
     ensemble.save(out)
     seconds = time.monotonic() - started

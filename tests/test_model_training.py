@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.architectures import build_melanonet, build_seed, count_flops
 from model.card import ModelCard, card_path_for
-from model.data import ISIC_CLASSES
+from model.data import ISIC_CLASSES, sha256_file
 from model.imaging import DecodeError
 from model.inference import Classifier
 from model.train import TrainConfig, train
@@ -176,7 +176,6 @@ def test_one_fold_of_two_architectures_with_the_first_chunk_held_out_never_train
     folds = card.training_set["fold_sha256"]
     validation = set(card.training_set["validation_sha256"])
     assert validation == {sha for sha, fold in folds.items() if fold == 0}
-    from model.data import sha256_file
     chunk_hashes = {sha256_file(p) for p in root.rglob("*.png") if p.name in chunk_names}
     assert chunk_hashes <= validation
     assert card.validation["n"] == len(validation) < len(folds)
