@@ -10,6 +10,7 @@ and `train`, which runs them and writes the card.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -88,6 +89,13 @@ class TrainConfig:
     def size(self) -> tuple[int, int]:
         """Input (height, width): `input_size`, else the first architecture's default."""
         return self.input_size or DEFAULT_INPUT_SIZE[self.architectures[0]]
+
+    def version(self, members: int, fingerprint: str, day: dt.date) -> str:
+        """The trained model's version: what it is, when, on which data, and a digest of every
+        setting, so that two runs that differ in any setting never share a version (predictions
+        are stored once per image and version)."""
+        settings = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return f"{self.arch}-x{members}-{day:%Y%m%d}-{fingerprint[:8]}-s{self.seed}-c{settings[:6]}"
 
 
 @dataclass
@@ -436,8 +444,7 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
            f"{figures['expected_calibration_error']:.3f}")
     report(f"alert threshold {threshold:.4f}: same source {figures['melanoma_same_source']}")
     card = ModelCard(
-        version=f"{config.arch}-x{len(members)}-{dt.date.today():%Y%m%d}-"
-                f"{prepared.dataset.fingerprint()[:8]}-s{config.seed}",
+        version=config.version(len(members), prepared.dataset.fingerprint(), dt.date.today()),
         architecture=config.arch,
         classes=classes,
         input_size=list(config.size),

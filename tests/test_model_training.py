@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -55,6 +56,20 @@ def trained(tiny_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
     train(tiny_set, out, CONFIG, report=lambda line: None)
     return out
+
+
+def test_a_model_version_changes_with_any_setting_and_only_then() -> None:
+    day = dt.date(2026, 11, 26)
+    base = TrainConfig(arch="melanonet+melanonet-cc", label_smoothing=0.1)
+    version = base.version(2, "b79cf4874970aa", day)
+    assert version.startswith("melanonet+melanonet-cc-x2-20261126-b79cf487-s1337-c")
+    assert TrainConfig(arch="melanonet+melanonet-cc", label_smoothing=0.1).version(
+        2, "b79cf4874970aa", day) == version
+    # Same architecture, data, day and seed: before, these two runs shared one version.
+    assert TrainConfig(arch="melanonet+melanonet-cc", label_smoothing=0.0).version(
+        2, "b79cf4874970aa", day) != version
+    assert TrainConfig(arch="melanonet+melanonet-cc", epochs=59).version(
+        2, "b79cf4874970aa", day) != version
 
 
 def test_a_cross_validated_run_saves_one_ensemble_and_a_card_that_load_again(
