@@ -18,7 +18,10 @@ are the spread over draws: what one test set of this make-up would likely show, 
 its make-up holds. Several models on the same split run side by side (for instance the shipped
 model and an earlier one restored from git).
 
-    python benchmarks/held_out_mix.py [--data ../shared/data/isic-train] [--draws 2000] [MODEL ...]
+    python benchmarks/held_out_mix.py [--data ../shared/data/isic-train] [--draws 2000]
+        [--threshold P] [MODEL ...]
+
+`--threshold` replaces each card's alert threshold (what MELANOSCREEN_ALERT_THRESHOLD would do).
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/isic-train"))
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, help="instead of each card's alert threshold")
     args = parser.parse_args()
     models = args.models or [shipped_model_path()]
 
@@ -124,8 +128,9 @@ def main() -> None:
         elif paths != first_paths:
             print(f"{path}: another validation split; skipped (figures must share the draws)")
             continue
-        figures = draw_figures(probs, labels, classifier.threshold, classes, drawn)
-        print(f"\n{classifier.version} (threshold {classifier.threshold:.4f})")
+        threshold = classifier.threshold if args.threshold is None else args.threshold
+        figures = draw_figures(probs, labels, threshold, classes, drawn)
+        print(f"\n{classifier.version} (threshold {threshold:.4f})")
         for key, values in figures.items():
             low, high = np.percentile(values, [2.5, 97.5])
             need = REQUIRED[key]
