@@ -53,5 +53,8 @@ RUN useradd --create-home --uid 1000 melanoscreen \
 COPY --from=build /opt/venv /opt/venv
 USER melanoscreen
 WORKDIR /home/melanoscreen
+# Matplotlib's font list, built once here: otherwise every container (each worker) rebuilds it
+# in its own fresh home on its first Grad-CAM overlay.
+RUN python -c "import matplotlib.font_manager"
 VOLUME ["/data", "/inbox"]
 CMD ["melanoscreen", "--help"]
