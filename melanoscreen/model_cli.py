@@ -49,6 +49,9 @@ def train(
     hold_out_chunk: Annotated[bool, typer.Option(
         "--hold-out-chunk", help="Hold the older archive's first 200 ids out whole in fold 0 "
         "(a stretch of acquisition the first member never sees).")] = False,
+    ship_folds: Annotated[int, typer.Option(min=0, help="Ship only the first N folds' members "
+                                            "(0: all); the other trained folds still serve "
+                                            "calibration with their held-out predictions.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for the split, weights and augmentation.")] = 1337,
     target_sensitivity: Annotated[
         float, typer.Option(min=0.5, max=1.0, help="Out-of-fold same-source melanoma "
@@ -85,7 +88,8 @@ def train(
         fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
     config = TrainConfig(arch=arch, epochs=epochs, folds=folds, seed=seed, batch_size=batch_size,
                          augmentation=augmentation, members=members,
-                         hold_out_chunk=hold_out_chunk, target_sensitivity=target_sensitivity,
+                         hold_out_chunk=hold_out_chunk, ship_folds=ship_folds,
+                         target_sensitivity=target_sensitivity,
                          suspected_as_melanoma=suspected_as_melanoma)
     try:
         card = run_training(data, out, config, resume=resume,

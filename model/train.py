@@ -76,6 +76,10 @@ class TrainConfig:
     members: int = 0
     #: Put the early batch's first chunk of ids (`model.data.FIRST_CHUNK_IDS`) in fold 0 whole.
     hold_out_chunk: bool = False
+    #: Ship only the first `ship_folds` folds' members (0: every member trained). The others
+    #: are trained only for their held-out predictions: the temperature, the threshold and the
+    #: card's figures use every trained fold's, so they rest on more images than one fold holds.
+    ship_folds: int = 0
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
@@ -416,16 +420,23 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     # Each architecture's out-of-fold probabilities: shape (architectures, n, classes).
     oof = np.zeros((len(config.architectures), len(prepared.samples), len(classes)), np.float32)
     trained = range(min(config.members, config.folds) or config.folds)
+    if config.ship_folds > len(trained):
+        raise ValueError(f"cannot ship {config.ship_folds} folds' members: {len(trained)} trained")
+    shipped_folds = range(config.ship_folds or len(trained))
     members = []
     for fold in trained:
         for a in range(len(config.architectures)):
             path, held_out = train_member(prepared, fold, config, workdir, report, a)
             oof[a, prepared.folds == fold] = held_out
-            members.append(path)
+            if fold in shipped_folds:
+                members.append(path)
     np.save(workdir / "oof.npy", oof)
 
     # The images some member never trained on: all of them with one member per fold.
     held = np.isin(prepared.folds, list(trained))
+    # And those that no shipped member trained on (what `evaluate --split validation` reads).
+    unseen = [s for s, f in zip(prepared.samples, prepared.folds, strict=True)
+              if len(shipped_folds) == 1 and f == 0]
     samples = [s for s, h in zip(prepared.samples, held, strict=True) if h]
     sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
     batches = [batch_of(s.path) for s in samples]
@@ -463,8 +474,9 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
             "fold_sha256": {s.sha256: int(f) for s, f in zip(prepared.samples, prepared.folds,
                                                             strict=True)},
             # What `evaluate --split validation` reads: the images no member trained on.
-            **({"validation_sha256": sorted(s.sha256 for s in samples)}
-               if len(trained) == 1 else {}),
+            **({"validation_sha256": sorted(s.sha256 for s in unseen)} if unseen else {}),
+            # The folds whose held-out predictions fitted the temperature and the threshold.
+            "calibration_folds": list(trained),
             "class_counts": prepared.dataset.counts(),
             # Each --data folder alone: its fingerprint and counts before merging.
             "sources": folder_summaries(prepared.folders),

@@ -160,18 +160,16 @@ def test_predict_says_why_an_image_is_unreadable(trained: Path, tmp_path: Path) 
     assert "Traceback" not in run.stderr
 
 
-def test_one_fold_of_two_architectures_with_the_first_chunk_held_out_never_trains_on_it(
-        tmp_path: Path) -> None:
-    """--members 1 --hold-out-chunk --arch a+b: one fold's two networks, averaged, calibrated and
-    measured on the held-out fold, which holds every image of the early batch's first 200 ids."""
-    root = tmp_path / "set"
+def _set_with_a_first_chunk(root: Path) -> set[str]:
+    """Six images a class; half the melanomas and nevi inside the first chunk (ids 100..102 and
+    0..2). Returns the chunk's file names."""
     rng = np.random.default_rng(1)
-    chunk_names = set()
+    chunk_names: set[str] = set()
     for c, name in enumerate(ISIC_CLASSES):
         (root / name).mkdir(parents=True)
         base = np.array([(c * 28) % 256, (255 - c * 28) % 256, (c * 70) % 256], np.float32)
         for i in range(6):
-            # Melanomas and nevi: half of them inside the first chunk (ids 100..105 and 0..5).
+            # Melanomas and nevi: half of them inside the first chunk.
             number = {"melanoma": 100, "nevus": 0}.get(name, 300 + 10 * c) + i
             number += 0 if i < 3 or name not in ("melanoma", "nevus") else 500
             file = root / name / f"ISIC_{number:07d}.png"
@@ -179,6 +177,15 @@ def test_one_fold_of_two_architectures_with_the_first_chunk_held_out_never_train
             Image.fromarray(pixels).save(file)
             if number < 200:
                 chunk_names.add(file.name)
+    return chunk_names
+
+
+def test_one_fold_of_two_architectures_with_the_first_chunk_held_out_never_trains_on_it(
+        tmp_path: Path) -> None:
+    """--members 1 --hold-out-chunk --arch a+b: one fold's two networks, averaged, calibrated and
+    measured on the held-out fold, which holds every image of the early batch's first 200 ids."""
+    root = tmp_path / "set"
+    chunk_names = _set_with_a_first_chunk(root)
     out = tmp_path / "one.keras"
     config = TrainConfig(arch="melanonet+melanonet-cc", epochs=1, folds=3, batch_size=8,
                          input_size=(32, 32), seed=5, members=1, hold_out_chunk=True,
@@ -197,3 +204,29 @@ def test_one_fold_of_two_architectures_with_the_first_chunk_held_out_never_train
     assert card.validation["melanoma_unseen_chunk"]["n"] == len(chunk_hashes) == 6
     assert card.validation["melanoma_unseen_chunk"]["melanomas"] == 3
     assert Classifier(out).card.members == 2
+
+
+def test_folds_trained_only_for_calibration_are_not_shipped(tmp_path: Path) -> None:
+    """--members 2 --ship-folds 1: two folds' members trained, both folds' held-out predictions
+    fit the temperature and the threshold, only fold 0's member is in the saved model."""
+    root = tmp_path / "set"
+    _set_with_a_first_chunk(root)
+    out = tmp_path / "shipped.keras"
+    config = TrainConfig(arch="melanonet", epochs=1, folds=3, batch_size=8, input_size=(32, 32),
+                         seed=5, members=2, ship_folds=1, hold_out_chunk=True, augmentation="mild")
+    card = train(root, out, config, report=lambda line: None)
+
+    assert sorted(p.name for p in (tmp_path / "shipped.folds").glob("fold?.keras")) == [
+        "fold0.keras", "fold1.keras"]
+    assert card.members == 1
+    assert Classifier(out).card.members == 1
+    folds = card.training_set["fold_sha256"]
+    assert card.training_set["calibration_folds"] == [0, 1]
+    assert card.validation["n"] == sum(1 for fold in folds.values() if fold in (0, 1))
+    # What no shipped member saw: fold 0 alone, which `evaluate --split validation` reads.
+    assert set(card.training_set["validation_sha256"]) == {
+        sha for sha, fold in folds.items() if fold == 0}
+    with pytest.raises(ValueError, match="cannot ship 3 folds"):
+        train(root, tmp_path / "more.keras",
+              TrainConfig(arch="melanonet", epochs=1, folds=3, members=2, ship_folds=3),
+              report=lambda line: None)
