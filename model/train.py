@@ -435,8 +435,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     # The images some member never trained on: all of them with one member per fold.
     held = np.isin(prepared.folds, list(trained))
     # And those that no shipped member trained on (what `evaluate --split validation` reads).
-    unseen = [s for s, f in zip(prepared.samples, prepared.folds, strict=True)
-              if len(shipped_folds) == 1 and f == 0]
+    unseen = ([s for s, f in zip(prepared.samples, prepared.folds, strict=True) if f == 0]
+              if len(shipped_folds) == 1 else [])
     samples = [s for s, h in zip(prepared.samples, held, strict=True) if h]
     sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
     batches = [batch_of(s.path) for s in samples]
