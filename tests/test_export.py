@@ -129,8 +129,8 @@ def test_training_on_an_isic_folder_and_the_export_records_both_then_evaluates_o
             lesion_png(isic / name / f"{name[:3]}-{i}.png", c, 1000 + 10 * c + i)
 
     out = tmp_path / "model" / "clinic.keras"
-    card = train([isic, exported], out, TrainConfig(epochs=1, folds=2, batch_size=8,
-                                                    input_size=(32, 32), seed=3),
+    card = train([isic, exported], out, TrainConfig(arch="melanonet2", members=0, epochs=1, folds=2,
+                                                    batch_size=8, input_size=(32, 32), seed=3),
                  report=lambda line: None)
     sources = card.training_set["sources"]
     assert [s["folder"] for s in sources] == ["isic-train", "export"]

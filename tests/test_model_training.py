@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from model.architectures import build_melanonet, build_seed, count_flops
-from model.card import ModelCard, card_path_for
+from model.card import ModelCard, card_path_for, shipped_model_path
 from model.data import ISIC_CLASSES, sha256_file
 from model.imaging import DecodeError
 from model.inference import Classifier
@@ -48,7 +48,8 @@ def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-CONFIG = TrainConfig(epochs=2, folds=3, batch_size=8, input_size=(32, 32), seed=3)
+CONFIG = TrainConfig(arch="melanonet2", augmentation="heavy", members=0, epochs=2, folds=3,
+                     batch_size=8, input_size=(32, 32), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,8 @@ def test_a_cross_validated_run_saves_one_ensemble_and_a_card_that_load_again(
     assert sorted(set(card.training_set["fold_sha256"].values())) == [0, 1, 2]
     assert card.validation["melanoma_same_source"]["sensitivity"] >= 0.95
     assert "expected_calibration_error_before_temperature" in card.validation
+    # The card records the recipe whole: `train --config` reads it back as it was.
+    assert TrainConfig.from_card(card) == CONFIG
 
     classifier = Classifier(trained)
     images = sorted((tiny_set / "melanoma").iterdir())[:3]
@@ -120,6 +123,18 @@ def test_a_finished_member_is_read_back_not_trained_again(trained: Path, tiny_se
     np.testing.assert_allclose(before.probabilities, after.probabilities, atol=1e-6)
 
 
+def test_train_without_options_trains_the_shipped_recipe_and_names_what_it_lacks(
+        tmp_path: Path) -> None:
+    shipped = TrainConfig.from_card(ModelCard.read(card_path_for(shipped_model_path())))
+    assert shipped == TrainConfig()
+    run = subprocess.run(
+        [sys.executable, "-m", "melanoscreen", "train", "--data", str(tmp_path),
+         "--out", str(tmp_path / "m.keras")], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("error: --pretrained:")
+    assert "Traceback" not in run.stderr
+
+
 def test_predict_and_evaluate_commands_print_probabilities_and_contract_json(
         trained: Path, tiny_set: Path, tmp_path: Path) -> None:
     image = next((tiny_set / "melanoma").iterdir())
@@ -148,6 +163,30 @@ def test_predict_and_evaluate_commands_print_probabilities_and_contract_json(
     assert np.asarray(figures["confusion_matrix"]).sum() == 54
     for name in ("confusion_matrix.png", "melanoma_roc.png", "calibration.png"):
         assert Image.open(tmp_path / "report" / name).size[0] > 100
+
+
+def test_evaluating_a_table_reports_each_dataset_and_the_test_set_beside_the_challenge(
+        trained: Path, tiny_set: Path) -> None:
+    rows = ["file,label,dataset,lesion_id,sha256"]
+    for i, path in enumerate(sorted(tiny_set.rglob("*.png"))):
+        dataset = ("ISIC2017-test", "HAM10000", "course")[i % 3]
+        rows.append(f"{path.relative_to(tiny_set)},{path.parent.name},{dataset},,"
+                    f"{sha256_file(path)}")
+    table = tiny_set / "labels.csv"
+    table.write_text("\n".join(rows) + "\n")
+
+    run = subprocess.run(
+        [sys.executable, "-m", "melanoscreen", "evaluate", "--data", str(table), "--model",
+         str(trained), "--json"], capture_output=True, text=True, check=True)
+    figures = json.loads(run.stdout)
+
+    assert sorted(figures["by_dataset"]) == ["HAM10000", "ISIC2017-test", "course"]
+    assert sum(row["n"] for row in figures["by_dataset"].values()) == figures["n"] == 54
+    test = figures["isic2017_test"]
+    assert test["n"] == 18 and test["melanomas"] == 2
+    assert test["challenge_best_auc"] == pytest.approx(0.87)
+    assert len(test["auc_interval"]) == 2 and test["auc_interval"][0] <= test["auc_interval"][1]
+    assert 0 <= test["melanomas_emailed"] <= test["emailed"] <= test["n"]
 
 
 def test_predict_says_why_an_image_is_unreadable(trained: Path, tmp_path: Path) -> None:
