@@ -346,21 +346,21 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
            = False) -> None:
     """Images per state, flagged, queue length, alerts pending/sent/failed, the last digest."""
     settings = load_settings()
-    from db import outbox, queries, reviews
+    from db import digests, images, outbox, reviews
     from db.schema import ImageStatus, OutboxKind
     from db.session import make_session_factory
 
     data_dir = existing_data_folder(settings)
     upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
-        counts = queries.status_counts(session)
-        flagged = queries.flagged_count(session)
+        counts = images.status_counts(session)
+        flagged = images.flagged_count(session)
         unreviewed = reviews.unreviewed_flagged_count(session)
-        out_of_scope = queries.out_of_scope_count(session)
-        duplicates = queries.duplicate_count(session)
+        out_of_scope = images.out_of_scope_count(session)
+        duplicates = images.duplicate_count(session)
         alerts = outbox.outbox_counts(session, OutboxKind.ALERT)
         digest_messages = outbox.outbox_counts(session, OutboxKind.DIGEST)
-        last = outbox.last_digest(session)
+        last = digests.last_digest(session)
     last_digest: dict[str, Any] | None = None if last is None else {
         "date": last.day.isoformat(), "created_at": last.created_at.isoformat(),
         "recipients": last.recipients}
@@ -407,14 +407,15 @@ def results(
     if output_format not in ("table", "csv", "json"):
         fail("--format must be table, csv or json")
     settings = load_settings()
-    from db import queries
+
+    from db import readmodel
     from db.session import make_session_factory
 
     when = _parse_since(since) if since else None
     data_dir = existing_data_folder(settings)
     upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
-        found = queries.results(session, since=when, flagged_only=flagged)
+        found = readmodel.results(session, since=when, flagged_only=flagged)
     rows = [row.to_json() for row in found]
     if output_format != "json":
         from model.scores import probability_text
@@ -429,7 +430,7 @@ def results(
     if output_format == "json":
         typer.echo(json.dumps(rows, indent=2))  # control characters come out as \u escapes
     elif output_format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(queries.RESULT_COLUMNS))
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(readmodel.RESULT_COLUMNS))
         writer.writeheader()
         for row in rows:
             # One cell for the latest review: its verdict (the JSON has the whole review).

@@ -85,7 +85,7 @@ def users_add(name: str,
     """Add an account (the password is read from standard input)."""
     from sqlalchemy.exc import IntegrityError
 
-    from db import reviews
+    from db import accounts, audit
     from db.schema import Role
     from web.routers.users import check_new_account
     from web.security import hash_password
@@ -98,9 +98,9 @@ def users_add(name: str,
     make_private(settings)
     try:
         with _sessions(settings).begin() as session:
-            reviews.add_user(session, name=name, email=email, role=Role(role),
+            accounts.add_user(session, name=name, email=email, role=Role(role),
                              password_hash=hash_password(password), now=datetime.now(UTC))
-            reviews.audit(session, user=None, username="(command line)", action="user_add",
+            audit.audit(session, user=None, username="(command line)", action="user_add",
                           now=datetime.now(UTC), detail=f"{name} ({role})")
     except IntegrityError:
         fail(f"a user named {name!r} exists already")
@@ -110,14 +110,16 @@ def users_add(name: str,
 @users_app.command("list")
 def users_list() -> None:
     """Every account: name, email, role, active or disabled, locked."""
-    from db import reviews
+
+
+    from db import accounts
 
     settings = load_settings()
     now = datetime.now(UTC)
     with _sessions(settings).begin() as session:
-        for user in reviews.list_users(session):
+        for user in accounts.list_users(session):
             state = "active" if user.active else "disabled"
-            if reviews.is_locked(user, now):
+            if accounts.is_locked(user, now):
                 state += ", locked"
             clinics = " ".join(user.prefixes.split("\n")) if user.prefixes else ""
             typer.echo(f"{user.name:<20} {user.email:<32} {user.role.value:<9} {state}"
@@ -125,16 +127,17 @@ def users_list() -> None:
 
 
 def _change(name: str, action: str, **values: object) -> None:
-    from db import reviews
+    from db import accounts, audit
+
 
     settings = load_settings()
     with _sessions(settings).begin() as session:
-        user = reviews.find_user(session, name)
+        user = accounts.find_user(session, name)
         if user is None:
             fail(f"no user named {name!r}")
         for key, value in values.items():
             setattr(user, key, value)
-        reviews.audit(session, user=None, username="(command line)", action=action,
+        audit.audit(session, user=None, username="(command line)", action=action,
                       now=datetime.now(UTC), detail=name)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from web_fixtures import add_account, seed_image
 
-from db import reviews
-from db.queries import find_image_by_sha256
+from db import accounts, reviews
+from db.images import find_image_by_sha256
 from db.schema import Verdict
 from db.session import make_session_factory
 from worker.digests import build_digest_content
@@ -31,7 +31,7 @@ def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones
     seed_image(sessions, tmp_path, source="clinic-a/benign.jpg", seed=4, melanoma=0.1, received_at=old)
     add_account(sessions, "ann")
     with sessions.begin() as session:
-        image, user = find_image_by_sha256(session, reviewed), reviews.find_user(session, "ann")
+        image, user = find_image_by_sha256(session, reviewed), accounts.find_user(session, "ann")
         assert image is not None and user is not None
         reviews.add_review(session, image, user, verdict=Verdict.BENIGN, diagnosis=None, note="",
                            now=old + timedelta(hours=1))

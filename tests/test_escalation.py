@@ -14,7 +14,8 @@ from mail_fixtures import LOOPBACK, RecordingHandler, smtp_server, synthetic_les
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.reviews import add_review, add_user
+from db.accounts import add_user
+from db.reviews import add_review
 from db.schema import Image, ImageStatus, Prediction, Role, Verdict
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, Settings, SmtpSettings

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import queries
+from db import images, readmodel
 from db.migrate import upgrade
 from db.schema import AlertImage, Image, ImageStatus, OutboxKind, OutboxMessage, Prediction, utcnow
 from db.session import make_session_factory
@@ -70,7 +70,7 @@ def add_images(sessions: sessionmaker[Session], folder: Path,
         for name, content in contents.items():
             location = folder / f"{uuid.uuid4().hex}-{Path(name).name}"
             location.write_bytes(content)
-            ids[name] = queries.add_image(session, sha256=uuid.uuid4().hex * 2, source=name,
+            ids[name] = images.add_image(session, sha256=uuid.uuid4().hex * 2, source=name,
                                           size_bytes=len(content), location=str(location),
                                           received_at=utcnow()).id
     return ids
@@ -150,7 +150,7 @@ def test_without_recipients_a_flag_is_recorded_and_no_alert_written(
     assert outcome.flagged == tuple(ids) and outcome.alerts == ()
     with sessions.begin() as session:
         assert session.scalars(select(OutboxMessage)).first() is None
-        assert queries.flagged_count(session) == 1
+        assert images.flagged_count(session) == 1
 
 
 def test_a_model_that_cannot_load_hands_the_claims_back(
@@ -209,7 +209,7 @@ def test_an_out_of_scope_image_keeps_its_probabilities_and_is_never_flagged_or_a
         predictions = {p.image_id: p for p in session.scalars(select(Prediction))}
         linked = {link.image_id for link in session.scalars(select(AlertImage))}
         messages = list(session.scalars(select(OutboxMessage)))
-        [row] = [r for r in queries.results(session) if r.source == far]
+        [row] = [r for r in readmodel.results(session) if r.source == far]
     out = predictions[ids[far]]
     assert out.out_of_scope and not out.flagged
     assert out.scope_distance == pytest.approx(distances[far], rel=1e-5)

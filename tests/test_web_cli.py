@@ -43,7 +43,7 @@ def test_users_are_added_listed_disabled_and_given_passwords_from_stdin_only(tmp
     database = data / "melanoscreen.db"
     assert PASSWORD.encode() not in database.read_bytes()
     with make_session_factory(f"sqlite:///{database}").begin() as session:
-        from db.reviews import find_user
+        from db.accounts import find_user
 
         user = find_user(session, "ann")
         assert user is not None and user.password_hash.startswith("$argon2id$") and not user.active
@@ -65,12 +65,12 @@ def test_results_and_status_show_reviews_and_the_unreviewed_flagged(tmp_path: Pa
     assert json.loads(melanoscreen(data, "status", "--json"))["unreviewed_flagged"] == 2
     from datetime import UTC, datetime
 
-    from db import reviews
-    from db.queries import find_image_by_sha256
+    from db import accounts, reviews
+    from db.images import find_image_by_sha256
     from db.schema import Verdict
 
     with sessions.begin() as session:
-        image, user = find_image_by_sha256(session, first), reviews.find_user(session, "ann")
+        image, user = find_image_by_sha256(session, first), accounts.find_user(session, "ann")
         assert image is not None and user is not None
         reviews.add_review(session, image, user, verdict=Verdict.REFER, diagnosis="melanoma",
                            note="", now=datetime.now(UTC))
@@ -129,8 +129,8 @@ def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
 
     from web_fixtures import add_account
 
-    from db import reviews
-    from db.queries import find_image_by_sha256
+    from db import accounts, reviews
+    from db.images import find_image_by_sha256
     from db.schema import Verdict
 
     sessions = make_session_factory(database_url)
@@ -139,7 +139,7 @@ def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
     add_account(sessions, "ann")
     now = datetime.now(UTC)
     with sessions.begin() as session:
-        ann = reviews.find_user(session, "ann")
+        ann = accounts.find_user(session, "ann")
         assert ann is not None
         for sha, verdict, diagnosis in ((shas[0], Verdict.BENIGN, None),  # superseded below
                                         (shas[0], Verdict.REFER, "melanoma"),

@@ -11,7 +11,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy.orm import Session
 
-from db import reviews
+from db import accounts, audit
 from db.schema import User
 
 _HASHER = PasswordHasher()
@@ -39,25 +39,25 @@ class LoginRefused(Exception):
 def authenticate(session: Session, name: str, password: str, now: datetime) -> User:
     """The user whose name and password these are, or LoginRefused.
 
-    Five wrong passwords in a row for a name lock it for a while (db.reviews.LOCK_FOR), even
+    Five wrong passwords in a row for a name lock it for a while (db.accounts.LOCK_FOR), even
     for the right password; each attempt is written to the audit log.
     """
-    user = reviews.find_user(session, name)
+    user = accounts.find_user(session, name)
     if user is None:
         password_matches(_DUMMY_HASH, password)
-        reviews.audit(session, user=None, username=name[:64], action="login_failed", now=now,
+        audit.audit(session, user=None, username=name[:64], action="login_failed", now=now,
                       detail="unknown name")
         raise LoginRefused("wrong name or password")
-    if reviews.is_locked(user, now):
-        reviews.audit(session, user=user, username=user.name, action="login_locked", now=now)
+    if accounts.is_locked(user, now):
+        audit.audit(session, user=user, username=user.name, action="login_locked", now=now)
         raise LoginRefused("too many wrong passwords: this account is locked for a while")
     if not password_matches(user.password_hash, password) or not user.active:
         if user.active:
-            reviews.record_login_failure(session, user, now)
-        reviews.audit(session, user=user, username=user.name, action="login_failed", now=now,
-                      detail="locked" if reviews.is_locked(user, now) else None)
+            accounts.record_login_failure(session, user, now)
+        audit.audit(session, user=user, username=user.name, action="login_failed", now=now,
+                      detail="locked" if accounts.is_locked(user, now) else None)
         raise LoginRefused("wrong name or password")
-    reviews.record_login_success(session, user)
+    accounts.record_login_success(session, user)
     return user
 
 

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import clinics, outbox, reviews
+from db import digests, outbox, reviews
 from db.schema import ImageStatus, OutboxKind
 from melanoscreen.settings import Settings
 from scheduler.digest import digest_due_dates, digest_period
@@ -70,13 +70,13 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
                         url=case_url(public_url, image.sha256))
         for image in reviews.unreviewed_flagged_before(session, end - UNREVIEWED_AFTER)
         if ours(image.source)]
-    screened = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
+    screened = [i for i in digests.images_in_period(session, start, end, (ImageStatus.SCREENED,))
                 if ours(i.source)]
-    rejected = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
+    rejected = [i for i in digests.images_in_period(session, start, end, (ImageStatus.REJECTED,))
                 if ours(i.source)]
-    failed = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.FAILED,))
+    failed = [i for i in digests.images_in_period(session, start, end, (ImageStatus.FAILED,))
               if ours(i.source)]
-    flagged = [(i, p) for i, p in outbox.flagged_in_period(session, start, end) if ours(i.source)]
+    flagged = [(i, p) for i, p in digests.flagged_in_period(session, start, end) if ours(i.source)]
     images = [
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
@@ -85,21 +85,21 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         for rank, (image, prediction) in enumerate(flagged)
     ]
     out_of_scope = [OutOfScopeImage(source=image.source, received_at=image.received_at)
-                    for image, _ in outbox.out_of_scope_in_period(session, start, end)
+                    for image, _ in digests.out_of_scope_in_period(session, start, end)
                     if ours(image.source)]
     undelivered = [
         UndeliveredAlert(subject=row.subject, reason=row.last_error or "not delivered yet",
                          attempts=row.attempts)
-        for row in outbox.undelivered_alerts(session, start, end)
+        for row in digests.undelivered_alerts(session, start, end)
         if recipients is None or row.recipient in recipients
     ]
     lost_flags = [
         LostFlag(source=image.source, melanoma_probability=now.melanoma_probability,
                  model_version=now.model_version, earlier_probability=then.melanoma_probability,
                  earlier_version=then.model_version, url=case_url(public_url, image.sha256))
-        for image, now, then in clinics.lost_flags_in_period(session, start, end)
+        for image, now, then in digests.lost_flags_in_period(session, start, end)
         if ours(image.source)]
-    latest = outbox.latest_prediction_before(session, end)
+    latest = digests.latest_prediction_before(session, end)
     return DigestContent(
         day=day, period_start=start, period_end=end, timezone=timezone,
         screened=len(screened), flagged=len({image.id for image, _ in flagged}),
@@ -130,7 +130,7 @@ def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, d
     try:
         with sessions.begin() as session:
             # First statement of the transaction: the exactly-once guard (see the module doc).
-            outbox.take_digest(session, day=day, period_start=start, period_end=end,
+            digests.take_digest(session, day=day, period_start=start, period_end=end,
                                recipients=len(copies), now=now)
             contents: dict[str | None, DigestContent] = {}
             for route in dict.fromkeys(route for route, _ in copies):
@@ -180,7 +180,7 @@ def queue_due_digests(sessions: sessionmaker[Session], settings: Settings, now: 
     if not settings.alert.anyone:
         return []
     with sessions.begin() as session:
-        last = outbox.last_digest(session)
+        last = digests.last_digest(session)
         last_day = last.day if last else None
     written = []
     for day in digest_due_dates(last_day, now, settings.digest.time, ZoneInfo(settings.timezone),

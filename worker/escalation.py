@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import clinics
+from db import images
 from melanoscreen.settings import Settings
 from worker.screening import write_alerts
 
@@ -35,8 +35,8 @@ def queue_due_escalations(sessions: sessionmaker[Session], settings: Settings, n
     reminded: list[int] = []
     outbox_ids: list[int] = []
     with sessions.begin() as session:
-        for image, prediction in clinics.due_for_escalation(session, screened_before=before):
-            if not clinics.take_escalation(session, image.id, now):
+        for image, prediction in images.due_for_escalation(session, screened_before=before):
+            if not images.take_escalation(session, image.id, now):
                 continue  # another run has it
             recipients = settings.alert.recipients_for(image.source) + settings.escalate_to
             if not recipients:

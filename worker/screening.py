@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import clinics, outbox, queries
+from db import images, outbox
+from db.predictions import predicted_by, previous_predictions
 from db.schema import OutboxKind, Prediction, utcnow
 from melanoscreen.settings import Settings
 from worker.messages import alert_subject, new_alert_key, recipient_message_id
@@ -66,7 +67,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
 
     now = utcnow()
     with sessions.begin() as session:
-        claimed = queries.claim_images(
+        claimed = images.claim_images(
             session, image_ids, token=token, now=now,
             stale_before=now - timedelta(seconds=settings.sweep.lease),
             max_attempts=settings.max_attempts)
@@ -81,9 +82,9 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
         with sessions.begin() as session:
             # A re-screen queued for a version that already screened the image (another worker's
             # model, a second `rescreen`): one prediction per image and version, so nothing new.
-            done = clinics.predicted_by(session, [i for i, _ in work], classifier.version)
+            done = predicted_by(session, [i for i, _ in work], classifier.version)
             for image_id in done:
-                clinics.finish_unchanged(session, image_id, token=token)
+                images.finish_unchanged(session, image_id, token=token)
         work = [(image_id, path) for image_id, path in work if image_id not in done]
         skipped += len(done)
         if not work:
@@ -93,7 +94,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
         per_image = (time.perf_counter() - started) / len(work)
     except Exception:
         with sessions.begin() as session:
-            queries.release_claims(session, [image_id for image_id, _ in work], token=token)
+            images.release_claims(session, [image_id for image_id, _ in work], token=token)
         raise
 
     threshold = settings.alert.threshold
@@ -116,11 +117,11 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     with sessions.begin() as session:
         for (image_id, _path), answer in zip(work, answers, strict=True):
             if isinstance(answer, DecodeError):
-                rejected += queries.finish_rejected(
+                rejected += images.finish_rejected(
                     session, image_id, token=token, now=finished, reason=answer.reason,
                     location=str(moved[image_id]))
                 continue
-            prediction = queries.finish_screened(
+            prediction = images.finish_screened(
                 session, image_id, token=token, now=finished, model_version=classifier.version,
                 probabilities=dict(zip(classifier.classes, answer.probabilities, strict=True)),
                 melanoma_probability=answer.melanoma_probability,
@@ -155,7 +156,7 @@ def _first_and_new_flags(session: Session, predictions: list[Prediction]
     """The flagged among new predictions: (first screens, re-screens whose flag is new), each as
     (image id, prediction id, melanoma probability). A re-screen that keeps the flag alerts no
     one again and keeps the image's review; one that loses it goes to the next digest."""
-    before = clinics.previous_predictions(session, predictions)
+    before = previous_predictions(session, predictions)
     first: list[tuple[int, int, float]] = []
     new: list[tuple[int, int, float]] = []
     for prediction in predictions:
@@ -166,9 +167,9 @@ def _first_and_new_flags(session: Session, predictions: list[Prediction]
                 first.append(item)
         elif prediction.flagged and not earlier.flagged:
             new.append(item)
-            clinics.reopen_escalation(session, prediction.image_id)
+            images.reopen_escalation(session, prediction.image_id)
         elif prediction.flagged == earlier.flagged:
-            clinics.keep_review_state(session, prediction.image_id)
+            images.keep_review_state(session, prediction.image_id)
     return first, new
 
 
@@ -217,8 +218,8 @@ def sweep_stale(sessions: sessionmaker[Session], *, stale_after: float,
     batches, marked as re-enqueued now."""
     now = utcnow()
     with sessions.begin() as session:
-        ids = queries.stale_image_ids(
+        ids = images.stale_image_ids(
             session, before=now - timedelta(seconds=stale_after),
             lease_before=None if lease is None else now - timedelta(seconds=lease))
-        queries.mark_enqueued(session, ids, now)
+        images.mark_enqueued(session, ids, now)
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

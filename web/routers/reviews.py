@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
-from db import reviews
+from db import audit, predictions, reviews
 from db.schema import Image, User
 from web.deps import CheckedForm, CurrentUser, DbSession, now
 from web.routers.images import image_or_404
@@ -23,13 +23,13 @@ class BadReview(ValueError):
 
 def store_review(session: DbSession, image: Image, user: User, review: ReviewIn) -> reviews.ReviewRow:
     """Append the review and its audit entry; commit, so the next page sees it."""
-    latest = reviews.latest_prediction(session, image.id)
+    latest = predictions.latest_prediction(session, image.id)
     if review.diagnosis is not None and (latest is None or review.diagnosis not in latest.probabilities):
         known = ", ".join(sorted(latest.probabilities)) if latest else "none (not screened)"
         raise BadReview(f"diagnosis: must be one of the model's classes ({known}) or null")
     stored = reviews.add_review(session, image, user, verdict=review.verdict,
                                 diagnosis=review.diagnosis, note=review.note, now=now())
-    reviews.audit(session, user=user, username=user.name, action="review", now=stored.created_at,
+    audit.audit(session, user=user, username=user.name, action="review", now=stored.created_at,
                   image_id=image.id, detail=f"verdict {stored.verdict.value}"
                   + (f", diagnosis {stored.diagnosis}" if stored.diagnosis else ""))
     session.commit()

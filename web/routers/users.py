@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from db import reviews
+from db import accounts, audit
 from db.schema import Role
 from web import security
 from web.deps import AdminUser, CheckedForm, DbSession, now
@@ -22,7 +22,7 @@ MIN_PASSWORD = 10
 def users_page(request: Request, session: DbSession, user: AdminUser) -> Response:
     """Every account, and a form to add one."""
     return request.app.state.templates.TemplateResponse(request, "users.html", {
-        "user": user, "users": reviews.list_users(session), "roles": [r.value for r in Role]})
+        "user": user, "users": accounts.list_users(session), "roles": [r.value for r in Role]})
 
 
 @router.post("/users", summary="admin: add an account", dependencies=[CheckedForm])
@@ -34,12 +34,12 @@ def add_user(request: Request, session: DbSession, user: AdminUser, name: Annota
     if problem:
         raise HTTPException(422, problem)
     try:
-        reviews.add_user(session, name=name, email=email, role=Role(role),
+        accounts.add_user(session, name=name, email=email, role=Role(role),
                          password_hash=security.hash_password(password), now=now())
         session.flush()
     except IntegrityError:
         raise HTTPException(422, "that name is taken") from None
-    reviews.audit(session, user=user, username=user.name, action="user_add", now=now(),
+    audit.audit(session, user=user, username=user.name, action="user_add", now=now(),
                   detail=f"{name} ({role})")
     session.commit()
     return RedirectResponse("/users", status_code=303)
