@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import outbox
 from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
-from worker.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
-from worker.messages import AlertContent, ComposedMessage, FlaggedImage, case_url, compose_alert
-from worker.thresholds import threshold_sentence
+from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
+from service.messages import AlertContent, ComposedMessage, FlaggedImage, case_url, compose_alert
+from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
 

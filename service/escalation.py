@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import images
 from melanoscreen.settings import Settings
-from worker.screening import write_alerts
+from service.screening import write_alerts
 
 logger = logging.getLogger(__name__)
 

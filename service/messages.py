@@ -1,7 +1,7 @@
 """What the emails say: the alert and the nightly digest, composed into the bytes that are sent.
 
 One home for both: the shared MIME assembly, thumbnails, local times, the Message-ID rule, the
-disclaimer; the bodies are Jinja2 templates in `worker/templates/` (HTML autoescaped). Pure:
+disclaimer; the bodies are Jinja2 templates in `service/templates/` (HTML autoescaped). Pure:
 plain data in, `ComposedMessage` out; no settings or database imports, and of the model only
 `model.scores`, the one rule for writing a probability beside its threshold.
 """
@@ -42,7 +42,7 @@ DIGEST_THUMBNAIL_PX = 96  # digest rows are small
 MAX_DIGEST_THUMBNAILS = 60  # beyond this the rows stay, without pictures, to keep the email light
 
 _TEMPLATES = Environment(
-    loader=PackageLoader("worker", "templates"),
+    loader=PackageLoader("service", "templates"),
     autoescape=select_autoescape(["html"], default_for_string=False, default=False),
     undefined=StrictUndefined,
     trim_blocks=True,

@@ -17,7 +17,7 @@ from db import images, outbox
 from db.predictions import predicted_by, previous_predictions
 from db.schema import OutboxKind, Prediction, utcnow
 from melanoscreen.settings import Settings
-from worker.messages import alert_subject, new_alert_key, recipient_message_id
+from service.messages import alert_subject, new_alert_key, recipient_message_id
 
 if TYPE_CHECKING:
     from model.inference import Classifier

@@ -161,7 +161,7 @@ def test_a_redelivered_or_rerun_delivery_task_sends_nothing_for_a_sent_alert(
         alert_service: Service, mail: MailServer) -> None:
     from melanoscreen.settings import Settings, SmtpSettings
     from scheduler.queue import make_producer, send_deliver_message
-    from worker.delivery import deliver_outbox
+    from service.delivery import deliver_outbox
 
     source = "redeliver/lesion.jpg"
     alert_service.drop(source, synthetic_jpeg(4002, (120, 120)))

@@ -26,9 +26,9 @@ from mail_fixtures import (
 from PIL import Image
 
 from melanoscreen.settings import SmtpSettings
-from scheduler.digest import digest_due_dates, digest_period
-from worker.mail import deliver
-from worker.messages import (
+from service.digests import digest_due_dates, digest_period
+from service.mail import deliver
+from service.messages import (
     DigestContent,
     DigestImage,
     FileProblem,

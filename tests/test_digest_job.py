@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schema import Digest, Image, ImageStatus, OutboxKind, OutboxMessage, OutboxStatus, Prediction
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, DigestSettings, Settings, SmtpSettings
-from worker.delivery import deliver_outbox
-from worker.digests import queue_due_digests
+from service.delivery import deliver_outbox
+from service.digests import queue_due_digests
 
 REPO = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")

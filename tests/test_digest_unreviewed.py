@@ -12,8 +12,8 @@ from db import accounts, reviews
 from db.images import find_image_by_sha256
 from db.schema import Verdict
 from db.session import make_session_factory
-from worker.digests import build_digest_content
-from worker.messages import render_digest_html, render_digest_text
+from service.digests import build_digest_content
+from service.messages import render_digest_html, render_digest_text
 
 
 def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones_do_not(
@@ -54,7 +54,7 @@ def test_with_a_public_url_an_alert_links_each_image_to_its_case_page() -> None:
     from email.parser import BytesParser
 
     from db.outbox import AlertItem
-    from worker.delivery import compose_alert_message
+    from service.delivery import compose_alert_message
 
     item = AlertItem(source="clinic-a/x.jpg", location="/nonexistent/x.jpg",
                      received_at=datetime(2026, 11, 24, 9, 0, tzinfo=UTC), melanoma_probability=0.9,

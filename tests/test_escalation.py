@@ -19,8 +19,8 @@ from db.reviews import add_review
 from db.schema import Image, ImageStatus, Prediction, Role, Verdict
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, Settings, SmtpSettings
-from worker.delivery import deliver_outbox
-from worker.escalation import queue_due_escalations
+from service.delivery import deliver_outbox
+from service.escalation import queue_due_escalations
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 HEAD = "head@hospital.example"

@@ -17,8 +17,8 @@ from db.migrate import upgrade
 from db.schema import AlertImage, Image, ImageStatus, OutboxKind, OutboxMessage, Prediction, utcnow
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, Settings
+from service.screening import screen_batch, sweep_stale
 from tests.conftest import synthetic_jpeg
-from worker.screening import screen_batch, sweep_stale
 
 if TYPE_CHECKING:
     from model.inference import Classifier
