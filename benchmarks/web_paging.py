@@ -37,7 +37,7 @@ def seed(url: str, rows: int) -> None:
     from db.migrate import upgrade
     from db.schema import Image, Prediction, Review, Role
     from db.session import make_session_factory
-    from web.security import hash_password
+    from service.accounts import hash_password
 
     upgrade(url)
     sessions = make_session_factory(url)

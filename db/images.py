@@ -92,12 +92,11 @@ def claim_images(session: Session, image_ids: Sequence[int], *, token: str, now:
 def finish_screened(session: Session, image_id: int, *, token: str, now: datetime,
                     model_version: str, probabilities: dict[str, float],
                     melanoma_probability: float, predicted_class: str, threshold: float,
-                    seconds: float, out_of_scope: bool = False,
+                    seconds: float, flagged: bool, out_of_scope: bool = False,
                     scope_distance: float | None = None) -> Prediction | None:
     """Store the prediction if this token still holds the claim; None if someone else won.
 
-    Flagged means p >= threshold *and* in scope: an image unlike a dermoscopic lesion image
-    keeps its probabilities but is never flagged, because its class scores mean nothing.
+    `flagged` is the service's answer (`service.flags`), stored as given.
     """
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
@@ -107,7 +106,6 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
     won = result.rowcount
     if won != 1:
         return None
-    flagged = melanoma_probability >= threshold and not out_of_scope
     # The worklist's columns: a new answer that flags the image asks for a (new) review.
     session.execute(update(Image).where(Image.id == image_id).values(
         melanoma_probability=melanoma_probability, flagged=flagged, needs_review=flagged))

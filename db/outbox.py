@@ -177,6 +177,7 @@ class AlertItem:
     model_version: str
     threshold: float
     sha256: str = ""
+    out_of_scope: bool = False
 
 
 def alert_label(session: Session, outbox_id: int) -> str | None:
@@ -196,5 +197,5 @@ def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:
     return [AlertItem(image.source, image.location, image.received_at,
                       prediction.melanoma_probability, dict(prediction.probabilities),
                       prediction.predicted_class, prediction.model_version, prediction.threshold,
-                      image.sha256)
+                      image.sha256, bool(prediction.out_of_scope))
             for image, prediction in rows]

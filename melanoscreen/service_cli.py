@@ -376,7 +376,8 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     for name in (status.value for status in ImageStatus):
         typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
     typer.echo(f"{'flagged':<10}{flagged:>8}  ({unreviewed} not reviewed)")
-    typer.echo(f"{'off-scope':<10}{out_of_scope:>8}  (not like a dermoscopic image: not alerted)")
+    typer.echo(f"{'off-scope':<10}{out_of_scope:>8}  (unlike the images the model learnt from; "
+               "alerted as unusual pictures when they reach the threshold)")
     typer.echo(f"{'duplicate':<10}{duplicates:>8}")
     queue = report["queue_length"]
     typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
@@ -419,6 +420,7 @@ def results(
     rows = [row.to_json() for row in found]
     if output_format != "json":
         from model.scores import probability_text
+        from service.flags import UNUSUAL_PICTURE
 
         # Written, not raw: p never reads like the threshold it was judged against (JSON keeps
         # the floats). The CSV keeps a digit more than the table.
@@ -442,8 +444,10 @@ def results(
         typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
         for row in rows:
             p = row["melanoma_probability"]
-            mark = ("  ALERT" if row["flagged"] else
-                    "  OUT OF SCOPE (not like a dermoscopic image)" if row["out_of_scope"] else "")
+            mark = ("" if not (row["flagged"] or row["out_of_scope"]) else
+                    f"  ALERT ({UNUSUAL_PICTURE})" if row["flagged"] and row["out_of_scope"] else
+                    "  ALERT" if row["flagged"] else
+                    "  OUT OF SCOPE (unlike the images the model learnt from)")
             if row["flag_changed"]:
                 mark += "  (flag changed by re-screen)"
             detail = printable(row["predicted_class"] or row["reason"] or "")

@@ -61,10 +61,11 @@ def _read_password(password_stdin: bool) -> str:
     if not password_stdin:
         fail("give the password on standard input with --password-stdin (never on the command line)")
     password = sys.stdin.readline().rstrip("\r\n")
-    from web.routers.users import MIN_PASSWORD
+    from service.accounts import password_problem
 
-    if len(password) < MIN_PASSWORD:
-        fail(f"the password must have at least {MIN_PASSWORD} characters")
+    problem = password_problem(password)
+    if problem:
+        fail(problem)
     return password
 
 
@@ -83,27 +84,17 @@ def users_add(name: str,
                                                            help="Read the password from stdin.")] = False,
               ) -> None:
     """Add an account (the password is read from standard input)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from db import accounts, audit
-    from db.schema import Role
-    from web.routers.users import check_new_account
-    from web.security import hash_password
+    from service.accounts import AccountIn, AccountRefused, add_account
 
     settings = load_settings()
     password = _read_password(password_stdin)
-    problem = check_new_account(name, email, password, role)
-    if problem:
-        fail(problem)
-    make_private(settings)
     try:
+        account = AccountIn.parse(name, email, password, role)
+        make_private(settings)
         with _sessions(settings).begin() as session:
-            accounts.add_user(session, name=name, email=email, role=Role(role),
-                             password_hash=hash_password(password), now=datetime.now(UTC))
-            audit.audit(session, user=None, username="(command line)", action="user_add",
-                          now=datetime.now(UTC), detail=f"{name} ({role})")
-    except IntegrityError:
-        fail(f"a user named {name!r} exists already")
+            add_account(session, account, by=None, now=datetime.now(UTC))
+    except AccountRefused as refused:
+        fail(str(refused))
     typer.echo(f"added {name} ({role})")
 
 
@@ -152,7 +143,7 @@ def users_disable(name: str) -> None:
 def users_set_password(name: str, password_stdin: Annotated[bool, typer.Option(
         "--password-stdin", help="Read the password from stdin.")] = False) -> None:
     """Set an account's password (read from standard input); this also lifts a lock."""
-    from web.security import hash_password
+    from service.accounts import hash_password
 
     password = _read_password(password_stdin)
     _change(name, "user_set_password", password_hash=hash_password(password), failed_logins=0,

@@ -56,7 +56,8 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
             url=case_url(public_url, item.sha256) if item.sha256 else None))
     content = AlertContent(images=images, model_version=items[0].model_version,
                            threshold=items[0].threshold, timezone=timezone,
-                           threshold_meaning=threshold_meaning, label=label)
+                           threshold_meaning=threshold_meaning, label=label,
+                           unusual=all(item.out_of_scope for item in items))
     return compose_alert(content, message_id=message_id, sender=sender, recipient=recipient)
 
 

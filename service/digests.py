@@ -128,7 +128,8 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
                     thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None,
-                    threshold=prediction.threshold, url=case_url(public_url, image.sha256))
+                    threshold=prediction.threshold, url=case_url(public_url, image.sha256),
+                    unusual=bool(prediction.out_of_scope))
         for rank, (image, prediction) in enumerate(flagged)
     ]
     out_of_scope = [OutOfScopeImage(source=image.source, received_at=image.received_at)

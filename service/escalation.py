@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import images
 from melanoscreen.settings import Settings
-from service.screening import write_alerts
+from service.alerts import AlertTarget, write_alerts
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def queue_due_escalations(sessions: sessionmaker[Session], settings: Settings, n
             if not recipients:
                 continue  # nobody to remind; taken all the same, so it is not tried every minute
             outbox_ids += write_alerts(
-                session, [(image.id, prediction.id, prediction.melanoma_probability)],
+                session, [AlertTarget(image.id, prediction.id, prediction.melanoma_probability,
+                                      unusual=prediction.out_of_scope)],
                 {image.id: image.source}, recipients=recipients, threshold=prediction.threshold,
                 label=REMINDER)
             reminded.append(image.id)

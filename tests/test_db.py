@@ -16,6 +16,7 @@ from db import images, readmodel
 from db.migrate import alembic_config, upgrade
 from db.schema import Image, ImageStatus, utcnow
 from db.session import make_session_factory
+from service.flags import flag_of
 
 
 @pytest.fixture
@@ -94,7 +95,8 @@ def test_a_claim_is_held_by_one_delivery_and_a_prediction_written_once(
         # The same delivery, redelivered after its worker died, takes its claim back.
         assert len(images.claim_images(session, [image_id], token="a", **claim)) == 1
     finish: dict[str, Any] = dict(now=now, model_version="v1", probabilities={"melanoma": 0.7, "nevus": 0.3},
-                  melanoma_probability=0.7, predicted_class="melanoma", threshold=0.5, seconds=0.01)
+                  melanoma_probability=0.7, predicted_class="melanoma", threshold=0.5, seconds=0.01,
+                  flagged=True)
     with sessions.begin() as session:
         assert images.finish_screened(session, image_id, token="b", **finish) is None
         prediction = images.finish_screened(session, image_id, token="a", **finish)
@@ -188,7 +190,7 @@ def test_predictions_made_before_the_scope_rule_keep_their_model_version_and_rea
     factory.kw["bind"].dispose()
 
 
-def test_an_out_of_scope_prediction_keeps_its_probabilities_and_is_never_flagged(
+def test_an_out_of_scope_prediction_at_the_threshold_keeps_its_probabilities_and_its_flag(
         sessions: sessionmaker[Session]) -> None:
     now = utcnow()
     with sessions.begin() as session:
@@ -199,12 +201,12 @@ def test_an_out_of_scope_prediction_keeps_its_probabilities_and_is_never_flagged
         prediction = images.finish_screened(
             session, image_id, token="a", now=now, model_version="v2",
             probabilities={"melanoma": 0.97, "nevus": 0.03}, melanoma_probability=0.97,
-            predicted_class="melanoma", threshold=0.05, seconds=0.01, out_of_scope=True,
+            predicted_class="melanoma", threshold=0.05, seconds=0.01,
+            flagged=flag_of(0.97, 0.05, out_of_scope=True).flagged, out_of_scope=True,
             scope_distance=7.5)
-        assert prediction is not None and not prediction.flagged and prediction.out_of_scope
+        assert prediction is not None and prediction.flagged and prediction.out_of_scope
     with sessions.begin() as session:
-        assert images.flagged_count(session) == 0 and images.out_of_scope_count(session) == 1
-        assert readmodel.results(session, flagged_only=True) == []
-        [row] = readmodel.results(session)
+        assert images.flagged_count(session) == 1 and images.out_of_scope_count(session) == 1
+        [row] = readmodel.results(session, flagged_only=True)
         assert row.out_of_scope is True and row.melanoma_probability == pytest.approx(0.97)
-        assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is False
+        assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is True

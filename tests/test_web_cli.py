@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from web_fixtures import PASSWORD, seed_image
 
 from db.migrate import upgrade
@@ -155,3 +156,23 @@ def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
     assert figures.ppv == 0.5 and figures.below_threshold_referred == 1
     assert (figures.diagnosis_agrees, figures.with_diagnosis) == (1, 2)
     sessions.kw["bind"].dispose()
+
+
+def test_an_address_good_for_alerts_is_good_for_an_account(tmp_path: Path) -> None:
+    """One email rule: a special-use domain that MELANOSCREEN_ALERT_RECIPIENTS accepts
+    (`derm@hospital.local`) is accepted for a reviewer's login too, by the CLI and the web form."""
+    from melanoscreen.settings import is_email_address
+    from service.accounts import AccountIn, AccountRefused
+
+    data = tmp_path / "data"
+    out = melanoscreen(data, "users", "add", "alice", "--email", "alice@clinic.local",
+                       "--password-stdin", stdin=PASSWORD + "\n")
+    assert "added alice" in out
+    assert "alice@clinic.local" in melanoscreen(data, "users", "list")
+    for address in ("alice@clinic.local", "melanoscreen@localhost", "a.b+c@x.example"):
+        assert is_email_address(address)
+        assert AccountIn.parse("alice", address, PASSWORD, "reviewer").email == address
+    for address in ("alice", "alice@", "@clinic.local", "a b@x.example"):
+        assert not is_email_address(address)
+        with pytest.raises(AccountRefused, match=r"^email: not a valid address$"):
+            AccountIn.parse("alice", address, PASSWORD, "reviewer")

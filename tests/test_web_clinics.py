@@ -50,7 +50,7 @@ def test_a_flag_changed_by_a_rescreen_is_marked_on_the_worklist_and_the_case_pag
         images.finish_screened(session, image.id, token="r", now=when, model_version="tiny-2",
                                 probabilities={"melanoma": 0.8, "nevus": 0.2},
                                 melanoma_probability=0.8, predicted_class="melanoma",
-                                threshold=0.5, seconds=0.01)
+                                threshold=0.5, seconds=0.01, flagged=True)
         sha = image.sha256
     client = live_app.login("ann")
     row = next(line for line in client.get("/").text.split("<tr") if "patient-4/nevus.jpg" in line)

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import accounts, images
 from db.schema import Role
 from db.session import make_session_factory
+from service.accounts import hash_password
 from tests.conftest import synthetic_jpeg
 from web.app import create_app
 from web.deps import WebConfig
-from web.security import hash_password
 
 PASSWORD = "correct horse battery"
 CLASSES = ("actinic keratosis", "basal cell carcinoma", "dermatofibroma", "melanoma", "nevus",
@@ -52,7 +52,8 @@ def seed_image(sessions: sessionmaker[Session], folder: Path, *, source: str, se
             predicted = max(probabilities, key=lambda c: probabilities[c])
             images.finish_screened(session, image.id, token="t", now=when, model_version="tiny-1",
                                     probabilities=probabilities, melanoma_probability=melanoma,
-                                    predicted_class=predicted, threshold=threshold, seconds=0.01)
+                                    predicted_class=predicted, threshold=threshold, seconds=0.01,
+                                    flagged=melanoma >= threshold)
     return sha
 
 

@@ -12,6 +12,7 @@ from fastapi import Depends, Form, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Role, User
+from service.accounts import LoginRefused, authenticate
 from web import security
 
 #: The session cookie's keys.
@@ -96,8 +97,8 @@ def current_user(request: Request, session: DbSession) -> User:
         credentials = security.parse_basic(request.headers.get("authorization"))
         if credentials is not None:
             try:
-                user = security.authenticate(session, *credentials, now())
-            except security.LoginRefused:
+                user = authenticate(session, *credentials, now())
+            except LoginRefused:
                 # The failure count and the audit entry are kept: commit them, then refuse.
                 session.commit()
                 raise LoginRequired() from None

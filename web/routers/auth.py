@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
 from db import audit
+from service.accounts import LoginRefused, authenticate
 from web import security
 from web.deps import CSRF_KEY, USER_KEY, CheckedForm, DbSession, now
 
@@ -39,8 +40,8 @@ def login(request: Request, session: DbSession, name: Annotated[str, Form()],
           password: Annotated[str, Form()], next: Annotated[str, Form()] = "/") -> Response:
     """Check the name and password; on success a fresh session, else the form again."""
     try:
-        user = security.authenticate(session, name, password, now())
-    except security.LoginRefused as refused:
+        user = authenticate(session, name, password, now())
+    except LoginRefused as refused:
         session.commit()  # the failure count and the audit entry stay
         return _login_page(request, error=str(refused), next_path=_safe_next(next), status=401)
     audit.audit(session, user=user, username=user.name, action="login", now=now())
