@@ -8,10 +8,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from db import audit, cases, readmodel, worklist
+from service.reviews import BadReview, store_review
 from web import security
-from web.deps import CSRF_KEY, CurrentUser, DbSession, now
-from web.routers.images import image_or_404
-from web.routers.reviews import BadReview, store_review
+from web.deps import CSRF_KEY, CurrentUser, DbSession, image_or_404, now
 from web.schemas import ReviewIn
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -65,7 +64,9 @@ def post_review(request: Request, session: DbSession, user: CurrentUser, sha256:
         return JSONResponse({"detail": "X-CSRF-Token header missing or stale"}, status_code=403)
     image = image_or_404(session, sha256)
     try:
-        stored = store_review(session, image, user, review)
+        stored = store_review(session, image, user, verdict=review.verdict,
+                              diagnosis=review.diagnosis, note=review.note, now=now())
     except BadReview as exc:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+    session.commit()
     return JSONResponse(stored.to_json(), status_code=201)

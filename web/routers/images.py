@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -14,7 +13,7 @@ from db import audit, cases, readmodel
 from db import worklist as worklist_queries
 from db.schema import ImageStatus, Verdict
 from web import files
-from web.deps import CurrentUser, DbSession, config, now
+from web.deps import CurrentUser, DbSession, config, image_or_404, now
 
 router = APIRouter(tags=["images"])
 PAGE_SIZE = 50
@@ -42,16 +41,6 @@ def parse_filter(params: dict[str, str]) -> worklist_queries.WorklistFilter:
         received_before=(datetime.combine(end, datetime.min.time(), UTC) + timedelta(days=1)
                          if end else None),
         clinic=params.get("clinic") or None, search=(params.get("q") or "").strip()[:200] or None)
-
-
-def image_or_404(session: DbSession, sha256: str) -> Any:
-    """The image with this content, else 404."""
-    from db.images import find_image_by_sha256
-
-    image = find_image_by_sha256(session, sha256)
-    if image is None:
-        raise HTTPException(404, "no such image")
-    return image
 
 
 @router.get("/", summary="login: the worklist")
