@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from melanoscreen.supervisor import free_port
+from melanoscreen.cli.supervisor import free_port
 from tests.conftest import children_of, is_alive, stop_gracefully, synthetic_jpeg, wait_until
 from tests.test_up import _env, _status
 

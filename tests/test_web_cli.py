@@ -84,8 +84,8 @@ def test_results_and_status_show_reviews_and_the_unreviewed_flagged(tmp_path: Pa
 
 
 def test_the_web_secret_is_generated_into_the_data_folder_owner_only(tmp_path: Path) -> None:
+    from melanoscreen.cli._common import web_secret
     from melanoscreen.settings import Settings
-    from melanoscreen.web_cli import web_secret
 
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
@@ -98,7 +98,7 @@ def test_the_web_secret_is_generated_into_the_data_folder_owner_only(tmp_path: P
 def test_web_alone_serves_the_app_behind_a_login_on_its_port(tmp_path: Path) -> None:
     import httpx
 
-    from melanoscreen.supervisor import free_port
+    from melanoscreen.cli.supervisor import free_port
     from tests.conftest import wait_until
 
     data, port = tmp_path / "data", free_port()

@@ -1,4 +1,4 @@
-"""The review app and issue 11: a reviewer given clinics (`users set-prefixes`) sees theirs by
+"""The review app and a reviewer's clinics: a reviewer given clinics (`users set-prefixes`) sees theirs by
 default, and images whose flag a re-screen changed are marked on the worklist and case page."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A clinic's commands (issue 11): `rescreen` (a new model version looks again at screened
+"""A clinic's commands: `rescreen` (a new model version looks again at screened
 images) and `export` (reviewed images as a folder-per-diagnosis training set)."""
 
 from __future__ import annotations
@@ -7,14 +7,12 @@ import csv
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, known_broker, load_settings, upgrade_schema
-from melanoscreen.service_cli import csv_cell
+from melanoscreen.cli._common import csv_cell, fail, known_broker, load_settings, parse_when, upgrade_schema
 
 if TYPE_CHECKING:
     from melanoscreen.settings import Settings
@@ -25,16 +23,6 @@ SUSPECTED = "melanoma-suspected"
 #: The export's table of what it wrote, one row per exported image.
 EXPORT_CSV = "reviewed.csv"
 EXPORT_COLUMNS = ("sha256", "source", "verdict", "diagnosis", "reviewer", "date", "file")
-
-
-def _when(option: str, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"{option}: not an ISO date or time: {value!r}")
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def current_model_version(settings: Settings) -> str:
@@ -67,7 +55,7 @@ def rescreen(
     from db.session import make_session_factory
     from scheduler.queue import chunks, make_producer, send_screen_batch
 
-    start, end = _when("--since", since), _when("--until", until)
+    start, end = parse_when("--since", since), parse_when("--until", until)
     version = current_model_version(settings)
     upgrade_schema(settings)
     sessions = make_session_factory(settings.database)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, known_broker, load_settings, upgrade_schema
+from melanoscreen.cli._common import fail, known_broker, load_settings, upgrade_schema
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker

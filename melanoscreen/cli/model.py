@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from melanoscreen.console import fail, load_settings
+from melanoscreen.cli._common import fail, load_settings
 
 if TYPE_CHECKING:
     from model.inference import Classifier

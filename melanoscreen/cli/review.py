@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, load_settings, make_private, upgrade_schema, write_private
+from melanoscreen.cli._common import (
+    fail,
+    load_settings,
+    make_private,
+    upgrade_schema,
+    web_address,
+    web_secret,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -18,24 +24,6 @@ if TYPE_CHECKING:
 
 users_app = typer.Typer(help="Review-app accounts: add, list, disable, set-password.",
                         no_args_is_help=True)
-
-
-def web_secret(settings: Settings) -> str:
-    """The key that signs session cookies: MELANOSCREEN_WEB_SECRET, else the one generated into
-    the data folder on first start (0600)."""
-    if settings.web.secret is not None:
-        return settings.web.secret.get_secret_value()
-    path = settings.web_secret_file
-    if path.is_file():
-        return path.read_text().strip()
-    secret = secrets.token_urlsafe(48)
-    write_private(path, secret + "\n")
-    return secret
-
-
-def web_address(settings: Settings) -> str:
-    """Where the review app answers (what `up` and `web` print)."""
-    return f"http://{settings.web.address}:{settings.web.port}"
 
 
 def web() -> None:
