@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per alert")
     args = parser.parse_args()
 
-    from melanoscreen.supervisor import free_port
+    from melanoscreen.cli.supervisor import free_port
     from model.card import shipped_model_path
 
     handler = TimingHandler()

@@ -33,18 +33,18 @@ def seed(url: str, rows: int) -> None:
     """N images with predictions; 10% flagged, a third of those reviewed."""
     from sqlalchemy import insert
 
-    from db import reviews
+    from db import accounts
     from db.migrate import upgrade
     from db.schema import Image, Prediction, Review, Role
     from db.session import make_session_factory
-    from web.security import hash_password
+    from service.accounts import hash_password
 
     upgrade(url)
     sessions = make_session_factory(url)
     rng = random.Random(7)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     with sessions.begin() as session:
-        user = reviews.add_user(session, name="bench", email="bench@clinic.example", role=Role.ADMIN,
+        user = accounts.add_user(session, name="bench", email="bench@clinic.example", role=Role.ADMIN,
                                 password_hash=hash_password("bench password"), now=start)
         user_id = user.id
     batch = 5000
@@ -108,14 +108,14 @@ def main() -> None:
     import uvicorn
     from sqlalchemy import text
 
-    from db import reviews
+    from db import worklist
     from db.schema import ImageStatus
     from db.session import make_session_factory
     from web.app import create_app
     from web.deps import WebConfig
 
     sessions = make_session_factory(url)
-    where_default = reviews.WorklistFilter()
+    where_default = worklist.WorklistFilter()
     print("queries (db.reviews):")
     with sessions() as session:
         if url.startswith("sqlite"):
@@ -128,16 +128,16 @@ def main() -> None:
                 ("page 1,000 (offset 49,950)", where_default, 49_950),
                 ("last page (offset 99,950)", where_default, max(0, args.rows - 50)),
                 ("flagged and not reviewed, first page",
-                 reviews.WorklistFilter(flagged=True, reviewed=False), 0),
-                ("clinic-3, first page", reviews.WorklistFilter(clinic="clinic-3"), 0),
-                ("status screened, received in March, first page", reviews.WorklistFilter(
+                 worklist.WorklistFilter(flagged=True, reviewed=False), 0),
+                ("clinic-3, first page", worklist.WorklistFilter(clinic="clinic-3"), 0),
+                ("status screened, received in March, first page", worklist.WorklistFilter(
                     status=ImageStatus.SCREENED, received_from=datetime(2026, 3, 1, tzinfo=UTC),
                     received_before=datetime(2026, 4, 1, tzinfo=UTC)), 0),
                 ("name search 'patient-1234/', first page",
-                 reviews.WorklistFilter(search="patient-1234/"), 0)):
-            timed(label, lambda where=where, offset=offset: reviews.worklist(
+                 worklist.WorklistFilter(search="patient-1234/"), 0)):
+            timed(label, lambda where=where, offset=offset: worklist.worklist(
                 session, where, limit=50, offset=offset))
-        timed("count of all images (the page count)", lambda: reviews.worklist_count(session, where_default))
+        timed("count of all images (the page count)", lambda: worklist.worklist_count(session, where_default))
 
     config = WebConfig(database_url=url, secret="bench-secret-" + "x" * 40, overlays_dir=folder)
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0,

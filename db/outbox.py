@@ -13,9 +13,7 @@ from sqlalchemy.orm import Session
 from db.schema import (
     AlertImage,
     DeliveryAttempt,
-    Digest,
     Image,
-    ImageStatus,
     OutboxKind,
     OutboxMessage,
     OutboxStatus,
@@ -179,6 +177,7 @@ class AlertItem:
     model_version: str
     threshold: float
     sha256: str = ""
+    out_of_scope: bool = False
 
 
 def alert_label(session: Session, outbox_id: int) -> str | None:
@@ -198,73 +197,5 @@ def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:
     return [AlertItem(image.source, image.location, image.received_at,
                       prediction.melanoma_probability, dict(prediction.probabilities),
                       prediction.predicted_class, prediction.model_version, prediction.threshold,
-                      image.sha256)
+                      image.sha256, bool(prediction.out_of_scope))
             for image, prediction in rows]
-
-
-# ---- digests ----------------------------------------------------------------------------------
-
-def last_digest(session: Session) -> Digest | None:
-    """The latest digest date taken, if any."""
-    return session.scalars(select(Digest).order_by(Digest.day.desc()).limit(1)).one_or_none()
-
-
-def take_digest(session: Session, *, day: date, period_start: datetime, period_end: datetime,
-                recipients: int, now: datetime) -> None:
-    """Insert the digest row for `day`; raises IntegrityError when someone else already has it.
-
-    Callers make this the first statement of their transaction, so that on SQLite the write lock
-    is waited for (busy timeout) instead of failing on a stale snapshot.
-    """
-    session.add(Digest(day=day, period_start=period_start, period_end=period_end,
-                       recipients=recipients, created_at=now))
-    session.flush()
-
-
-def images_in_period(session: Session, start: datetime, end: datetime,
-                     statuses: Sequence[ImageStatus]) -> list[Image]:
-    """Images that reached one of `statuses` in [start, end), oldest first."""
-    return list(session.scalars(
-        select(Image).where(Image.status.in_(statuses), Image.screened_at >= start,
-                            Image.screened_at < end).order_by(Image.screened_at, Image.id)
-    ))
-
-
-def flagged_in_period(session: Session, start: datetime,
-                      end: datetime) -> list[tuple[Image, Prediction]]:
-    """Flagged predictions made in [start, end) with their images, highest probability first."""
-    return [(image, prediction) for image, prediction in session.execute(
-        select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
-        .where(Prediction.flagged.is_(True), Prediction.created_at >= start,
-               Prediction.created_at < end)
-        .order_by(Prediction.melanoma_probability.desc(), Image.id)
-    )]
-
-
-def out_of_scope_in_period(session: Session, start: datetime,
-                           end: datetime) -> list[tuple[Image, Prediction]]:
-    """Predictions made in [start, end) that marked their image out of scope, oldest first."""
-    return [(image, prediction) for image, prediction in session.execute(
-        select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
-        .where(Prediction.out_of_scope.is_(True), Prediction.created_at >= start,
-               Prediction.created_at < end)
-        .order_by(Prediction.created_at, Image.id)
-    )]
-
-
-def latest_prediction_before(session: Session, end: datetime) -> Prediction | None:
-    """The newest prediction made before `end` (for the model version and threshold)."""
-    return session.scalars(select(Prediction).where(Prediction.created_at < end)
-                           .order_by(Prediction.created_at.desc()).limit(1)).one_or_none()
-
-
-def undelivered_alerts(session: Session, start: datetime, end: datetime) -> list[OutboxMessage]:
-    """Alerts that failed in [start, end), or were tried before `end` and wait for a retry."""
-    failed = and_(OutboxMessage.status == OutboxStatus.FAILED, OutboxMessage.failed_at >= start,
-                  OutboxMessage.failed_at < end)
-    unsent = and_(OutboxMessage.status == OutboxStatus.PENDING, OutboxMessage.attempts > 0,
-                  OutboxMessage.created_at < end)
-    return list(session.scalars(
-        select(OutboxMessage).where(OutboxMessage.kind == OutboxKind.ALERT, or_(failed, unsent))
-        .order_by(OutboxMessage.created_at, OutboxMessage.id)
-    ))

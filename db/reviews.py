@@ -1,4 +1,4 @@
-"""The review app's queries: accounts, the worklist, a case, reviews, the audit log, figures.
+"""Reviews: appending one, an image's reviews, the latest of each image, and the model's figures.
 
 Each function takes the session first and never commits (the caller owns the transaction).
 """
@@ -6,112 +6,17 @@ Each function takes the session first and never commits (the caller owns the tra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import (
-    AlertImage,
-    AuditEvent,
-    DeliveryAttempt,
-    Duplicate,
-    Image,
-    ImageStatus,
-    OutboxMessage,
-    Prediction,
-    Review,
-    Role,
-    User,
-    Verdict,
-)
+from db._sql import in_chunks
+from db.predictions import latest_prediction
+from db.schema import Image, Prediction, Review, User, Verdict
 
-#: Wrong passwords in a row after which an account is locked, and for how long.
-MAX_FAILED_LOGINS = 5
-LOCK_FOR = timedelta(minutes=15)
-
-
-# ---- accounts ---------------------------------------------------------------------------------
-
-def find_user(session: Session, name: str) -> User | None:
-    """The account with this name, if any."""
-    return session.scalars(select(User).where(User.name == name)).one_or_none()
-
-
-def add_user(session: Session, *, name: str, email: str, role: Role, password_hash: str,
-             now: datetime) -> User:
-    """A new active account; flushed, so it has its id (a taken name raises IntegrityError)."""
-    user = User(name=name, email=email, role=role, password_hash=password_hash, active=True,
-                failed_logins=0, created_at=now)
-    session.add(user)
-    session.flush()
-    return user
-
-
-def list_users(session: Session) -> list[User]:
-    """Every account, by name."""
-    return list(session.scalars(select(User).order_by(User.name)))
-
-
-def is_locked(user: User, now: datetime) -> bool:
-    """Whether too many wrong passwords in a row keep this account out for now."""
-    return user.locked_until is not None and user.locked_until > now
-
-
-def record_login_failure(session: Session, user: User, now: datetime) -> None:
-    """One more wrong password; the fifth in a row locks the account for LOCK_FOR."""
-    user.failed_logins += 1
-    if user.failed_logins >= MAX_FAILED_LOGINS:
-        user.locked_until = now + LOCK_FOR
-        user.failed_logins = 0
-    session.flush()
-
-
-def record_login_success(session: Session, user: User) -> None:
-    """A right password: the count of failures starts again."""
-    if user.failed_logins or user.locked_until is not None:
-        user.failed_logins = 0
-        user.locked_until = None
-        session.flush()
-
-
-# ---- the audit log ----------------------------------------------------------------------------
-
-def audit(session: Session, *, user: User | None, username: str, action: str, now: datetime,
-          image_id: int | None = None, detail: str | None = None) -> None:
-    """Write who did what, when."""
-    session.add(AuditEvent(at=now, user_id=user.id if user else None, username=username,
-                           action=action, image_id=image_id, detail=detail))
-    session.flush()
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    """One audit entry, with the image's sha256 and name when it is about one."""
-
-    at: datetime
-    username: str
-    action: str
-    detail: str | None
-    sha256: str | None
-    source: str | None
-
-
-def audit_page(session: Session, *, limit: int, offset: int,
-               sha256: str | None = None) -> list[AuditRow]:
-    """Audit entries, newest first (of one image when `sha256` is given)."""
-    query = (select(AuditEvent, Image.sha256, Image.source)
-             .outerjoin(Image, Image.id == AuditEvent.image_id)
-             .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit).offset(offset))
-    if sha256 is not None:
-        query = query.where(Image.sha256 == sha256)
-    return [AuditRow(event.at, event.username, event.action, event.detail, sha, source)
-            for event, sha, source in session.execute(query)]
-
-
-# ---- reviews ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ReviewRow:
@@ -165,14 +70,15 @@ def reviews_of(session: Session, image_id: int) -> list[ReviewRow]:
 
 def latest_reviews(session: Session, image_ids: Sequence[int]) -> dict[int, ReviewRow]:
     """The latest review of each of these images that has one."""
-    if not image_ids:
-        return {}
-    newest = (select(func.max(Review.id)).where(Review.image_id.in_(image_ids))
-              .group_by(Review.image_id).scalar_subquery())
-    rows = session.execute(select(Review, User.name).join(User, User.id == Review.reviewer_id)
-                           .where(Review.id.in_(newest)))
-    return {r.image_id: ReviewRow(r.id, r.verdict, r.diagnosis, r.note, name, r.created_at)
-            for r, name in rows}
+    found: dict[int, ReviewRow] = {}
+    for chunk in in_chunks(image_ids):
+        newest = (select(func.max(Review.id)).where(Review.image_id.in_(chunk))
+                  .group_by(Review.image_id).scalar_subquery())
+        rows = session.execute(select(Review, User.name).join(User, User.id == Review.reviewer_id)
+                               .where(Review.id.in_(newest)))
+        found.update((r.image_id, ReviewRow(r.id, r.verdict, r.diagnosis, r.note, name, r.created_at))
+                     for r, name in rows)
+    return found
 
 
 def unreviewed_flagged_count(session: Session) -> int:
@@ -189,146 +95,11 @@ def unreviewed_flagged_before(session: Session, before: datetime,
         .order_by(Image.melanoma_probability.desc(), Image.id).limit(limit)))
 
 
-# ---- the worklist -----------------------------------------------------------------------------
+def reviewed_images(session: Session) -> list[Image]:
+    """Every image with at least one review, oldest first (for `melanoscreen export`)."""
+    has_review = select(Review.id).where(Review.image_id == Image.id).correlate(Image).exists()
+    return list(session.scalars(select(Image).where(has_review).order_by(Image.received_at, Image.id)))
 
-@dataclass(frozen=True)
-class WorklistFilter:
-    """What the worklist shows: every field None means no filter."""
-
-    status: ImageStatus | None = None
-    flagged: bool | None = None
-    reviewed: bool | None = None
-    received_from: datetime | None = None
-    received_before: datetime | None = None
-    clinic: str | None = None  # an inbox subfolder: sources under "clinic/"
-    search: str | None = None  # a part of the source name
-    #: Sources starting with any of these (a reviewer's clinics, as in MELANOSCREEN_ALERT_ROUTES).
-    prefixes: tuple[str, ...] = ()
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
-    if where.status is not None:
-        query = query.where(Image.status == where.status)
-    if where.flagged is not None:
-        query = query.where(Image.flagged.is_(where.flagged))
-    if where.reviewed is not None:
-        query = query.where(Image.reviewed_at.is_not(None) if where.reviewed
-                            else Image.reviewed_at.is_(None))
-    if where.received_from is not None:
-        query = query.where(Image.received_at >= where.received_from)
-    if where.received_before is not None:
-        query = query.where(Image.received_at < where.received_before)
-    if where.clinic:
-        query = query.where(Image.source.like(_escape_like(where.clinic.strip("/")) + "/%",
-                                              escape="\\"))
-    if where.search:
-        query = query.where(Image.source.like("%" + _escape_like(where.search) + "%",
-                                              escape="\\"))
-    if where.prefixes:
-        query = query.where(or_(*(Image.source.like(_escape_like(p) + "%", escape="\\")
-                                  for p in where.prefixes)))
-    return query
-
-
-def worklist(session: Session, where: WorklistFilter, *, limit: int, offset: int) -> list[Image]:
-    """A page of images: unreviewed flagged first, then the rest, highest probability first.
-
-    The order is the columns of `ix_images_worklist` walked backwards, so a page is an index
-    walk on both databases. Images without a probability (not screened, rejected) come after the
-    screened rest on SQLite and before it on PostgreSQL (where NULL sorts high); an explicit
-    NULLS LAST would cost PostgreSQL a sort of the whole table per page, since SQLite's indexes
-    cannot say NULLS LAST and the schema keeps one index for both.
-    """
-    query = _filtered(select(Image), where).order_by(
-        Image.needs_review.desc(), Image.melanoma_probability.desc(),
-        Image.id.desc()).limit(limit).offset(offset)
-    return list(session.scalars(query))
-
-
-def worklist_count(session: Session, where: WorklistFilter) -> int:
-    """How many images the filter matches."""
-    return int(session.scalar(_filtered(select(func.count()).select_from(Image), where)) or 0)
-
-
-def latest_predictions(session: Session, image_ids: Sequence[int]) -> dict[int, Prediction]:
-    """The latest prediction of each of these images that has one."""
-    if not image_ids:
-        return {}
-    newest = (select(func.max(Prediction.id)).where(Prediction.image_id.in_(image_ids))
-              .group_by(Prediction.image_id).scalar_subquery())
-    return {p.image_id: p for p in session.scalars(select(Prediction).where(Prediction.id.in_(newest)))}
-
-
-def latest_prediction(session: Session, image_id: int) -> Prediction | None:
-    """The image's latest prediction, if it has one."""
-    return session.scalars(select(Prediction).where(Prediction.image_id == image_id)
-                           .order_by(Prediction.id.desc()).limit(1)).one_or_none()
-
-
-def clinics(session: Session, limit: int = 200) -> list[str]:
-    """The inbox's top-level subfolders that images arrived under (for the clinic filter)."""
-    # The text before the first '/', in SQL: one pass, no names sent to Python.
-    slash = (func.strpos(Image.source, "/") if session.get_bind().dialect.name == "postgresql"
-             else func.instr(Image.source, "/"))
-    folder = func.substr(Image.source, 1, slash - 1)
-    return list(session.scalars(select(folder).where(slash > 1).group_by(folder)
-                                .order_by(folder).limit(limit)))
-
-
-# ---- a case -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AlertRow:
-    """One alert email about an image, and its delivery."""
-
-    recipient: str
-    subject: str
-    status: str
-    attempts: int
-    last_error: str | None
-    created_at: datetime
-    sent_at: datetime | None
-    tries: list[tuple[datetime, str, str | None]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Case:
-    """Everything the case page shows about one image."""
-
-    image: Image
-    duplicates: list[Duplicate]
-    predictions: list[Prediction]  # newest first, every model version
-    alerts: list[AlertRow]
-    reviews: list[ReviewRow]
-
-
-def find_case(session: Session, sha256: str) -> Case | None:
-    """The case of the image with this content, if it is known."""
-    image = session.scalars(select(Image).where(Image.sha256 == sha256)).one_or_none()
-    if image is None:
-        return None
-    duplicates = list(session.scalars(select(Duplicate).where(Duplicate.image_id == image.id)
-                                      .order_by(Duplicate.received_at)))
-    predictions = list(session.scalars(select(Prediction).where(Prediction.image_id == image.id)
-                                       .order_by(Prediction.id.desc())))
-    messages = list(session.scalars(
-        select(OutboxMessage).join(AlertImage, AlertImage.outbox_id == OutboxMessage.id)
-        .where(AlertImage.image_id == image.id).order_by(OutboxMessage.created_at, OutboxMessage.id)))
-    tries: dict[int, list[tuple[datetime, str, str | None]]] = {}
-    if messages:
-        for attempt in session.scalars(select(DeliveryAttempt).where(
-                DeliveryAttempt.outbox_id.in_([m.id for m in messages])).order_by(DeliveryAttempt.at)):
-            tries.setdefault(attempt.outbox_id, []).append((attempt.at, attempt.outcome, attempt.detail))
-    alerts = [AlertRow(m.recipient, m.subject, m.status.value, m.attempts, m.last_error,
-                       m.created_at, m.sent_at, tries.get(m.id, [])) for m in messages]
-    return Case(image, duplicates, predictions, alerts, reviews_of(session, image.id))
-
-
-# ---- the model in use -------------------------------------------------------------------------
 
 @dataclass
 class VersionFigures:
@@ -392,11 +163,3 @@ def daily_counts(session: Session, since: datetime) -> list[tuple[date, int, int
     for (at,) in reviewed:
         days.setdefault(at.date(), [0, 0])[1] += 1
     return [(day, counts[0], counts[1]) for day, counts in sorted(days.items())]
-
-
-def images_by_ids(session: Session, ids: Sequence[int]) -> list[Image]:
-    """These images, by id."""
-    return list(session.scalars(select(Image).where(Image.id.in_(ids)))) if ids else []
-
-
-

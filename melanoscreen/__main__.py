@@ -1,5 +1,5 @@
 """`python -m melanoscreen` runs the CLI."""
 
-from melanoscreen.cli import main
+from melanoscreen.cli.app import main
 
 main()

@@ -36,7 +36,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 
-from db import queries
+from db import images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
 from scheduler.files import (
@@ -142,10 +142,10 @@ class Intake:
         note: Path | None = None
         try:
             with self.sessions.begin() as session:
-                known = queries.find_image_by_sha256(session, opened.sha256)
+                known = images.find_image_by_sha256(session, opened.sha256)
                 if known is not None:
                     target = unique_path(self.settings.duplicates_dir / _stamped(received, name))
-                    queries.add_duplicate(session, image_id=known.id, source=source,
+                    images.add_duplicate(session, image_id=known.id, source=source,
                                           location=str(target), received_at=received)
                     session.flush()  # a locked or full database fails here, before the move
                     opened.move_to(target)
@@ -154,7 +154,7 @@ class Intake:
                     image_id = None
                 else:
                     target = self.store_path(opened.sha256, name)
-                    image = queries.add_image(session, sha256=opened.sha256, source=source,
+                    image = images.add_image(session, sha256=opened.sha256, source=source,
                                               size_bytes=opened.size, location=str(target),
                                               received_at=received)
                     session.flush()
@@ -222,14 +222,14 @@ class Intake:
             with self.sessions.begin() as session:
                 for path in sorted(store.glob("??/*")):
                     sha256 = path.stem
-                    if len(sha256) != 64 or queries.find_image_by_sha256(session, sha256):
+                    if len(sha256) != 64 or images.find_image_by_sha256(session, sha256):
                         continue
                     note = notes / f"{sha256}.name"
                     try:
                         source = note.read_bytes().decode("utf-8", "backslashreplace")
                     except FileNotFoundError:  # moved by a version without notes
                         source = f"(recovered)/{path.name}"
-                    image = queries.add_image(session, sha256=sha256_of(path), source=source,
+                    image = images.add_image(session, sha256=sha256_of(path), source=source,
                                               size_bytes=path.stat().st_size, location=str(path),
                                               received_at=utcnow())
                     recovered.append(image.id)
@@ -356,7 +356,7 @@ class Watcher:
         self.resend_at = None
         try:
             with self.sessions.begin() as session:
-                ids = queries.unenqueued_image_ids(session)
+                ids = images.unenqueued_image_ids(session)
         except DBAPIError as exc:
             logger.warning("cannot look for images not yet enqueued: %s", exc)
             self.resend_at = time.monotonic() + max(self.backoff, 2.0)
@@ -517,6 +517,6 @@ class Watcher:
                 continue
             try:
                 with self.sessions.begin() as session:
-                    queries.mark_enqueued(session, batch, utcnow())
+                    images.mark_enqueued(session, batch, utcnow())
             except DBAPIError as exc:  # sent: at worst the sweep sends it once more
                 logger.warning("could not note images %s as enqueued: %s", batch, exc)

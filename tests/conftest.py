@@ -24,7 +24,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from db.migrate import upgrade
-from melanoscreen.supervisor import free_port, redis_argv, wait_for_redis
+from melanoscreen.cli.supervisor import free_port, redis_argv, wait_for_redis
 
 REPO = Path(__file__).resolve().parent.parent
 

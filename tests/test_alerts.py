@@ -161,7 +161,7 @@ def test_a_redelivered_or_rerun_delivery_task_sends_nothing_for_a_sent_alert(
         alert_service: Service, mail: MailServer) -> None:
     from melanoscreen.settings import Settings, SmtpSettings
     from scheduler.queue import make_producer, send_deliver_message
-    from worker.delivery import deliver_outbox
+    from service.delivery import deliver_outbox
 
     source = "redeliver/lesion.jpg"
     alert_service.drop(source, synthetic_jpeg(4002, (120, 120)))
@@ -262,10 +262,11 @@ def test_beat_sends_the_owed_digest_at_start_and_a_restart_does_not_repeat_it(
     assert alert_service.rows("SELECT count(*) AS n FROM digests")[0].n == 1
 
 
-def test_an_out_of_scope_drop_is_recorded_with_its_scores_and_sends_nothing(
+def test_an_out_of_scope_drop_at_the_threshold_is_alerted_as_an_unusual_picture_with_the_caveat(
         alert_service: Service, mail: MailServer, tiny_scoped_model: object) -> None:
     # The worker restarts with a model whose card marks every picture out of scope; the
-    # threshold is still 0, so in scope this image would be flagged and alerted.
+    # threshold is 0, so the image reaches it: never silence a melanoma, it is alerted all the
+    # same, and the alert says why its score may be unreliable instead of "melanoma suspected".
     original = alert_service.env["MELANOSCREEN_MODEL"]
     alert_service.env["MELANOSCREEN_MODEL"] = str(tiny_scoped_model)
     try:
@@ -273,6 +274,7 @@ def test_an_out_of_scope_drop_is_recorded_with_its_scores_and_sends_nothing(
         source = "scope/scanned-letter.jpg"
         alert_service.drop(source, synthetic_jpeg(4006, (120, 120)))
         [row] = alert_service.wait_finished("scope/", 1)
+        received = mail.wait_about(source, 2)
     finally:
         alert_service.env["MELANOSCREEN_MODEL"] = original
     assert row.status == "screened"
@@ -280,14 +282,21 @@ def test_an_out_of_scope_drop_is_recorded_with_its_scores_and_sends_nothing(
         "SELECT p.flagged, p.out_of_scope, p.scope_distance, p.model_version, "
         "p.melanoma_probability FROM predictions p JOIN images i ON i.id = p.image_id "
         "WHERE i.source = :s", s=source)
-    assert bool(prediction.out_of_scope) and not bool(prediction.flagged)
+    assert bool(prediction.out_of_scope) and bool(prediction.flagged)
     assert prediction.scope_distance > 0 and prediction.model_version == "tiny-scoped-1"
-    assert 0.0 <= prediction.melanoma_probability <= 1.0  # recorded all the same
-    assert outbox_rows(alert_service, source) == []
-    assert mail.about(source) == []
+    assert sorted(r.rcpt_tos[0] for r in received) == sorted(DOCTORS)
+    for item in received:
+        subject = str(item.message["Subject"])
+        assert subject.startswith("Unusual picture: needs a look (p="), subject
+        text, html = body(item.message, "plain"), body(item.message, "html")
+        for part in (subject, text, html):
+            assert "melanoma suspected" not in part.lower()
+        for part in (text, html):
+            assert "unlike the images the model learnt from" in part
+            assert "may be unreliable" in part
     [shown] = [r for r in json.loads(cli(alert_service, "results", "--format", "json").stdout)
                if r["source"] == source]
-    assert shown["out_of_scope"] is True and shown["flagged"] is False
+    assert shown["out_of_scope"] is True and shown["flagged"] is True
 
 
 def test_an_image_below_the_threshold_sends_nothing(

@@ -12,10 +12,11 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import queries
+from db import images, readmodel
 from db.migrate import alembic_config, upgrade
 from db.schema import Image, ImageStatus, utcnow
 from db.session import make_session_factory
+from service.flags import flag_of
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 
 
 def _image(session: Session, sha: str = "a" * 64, source: str = "x.jpg") -> int:
-    return queries.add_image(session, sha256=sha, source=source, size_bytes=10,
+    return images.add_image(session, sha256=sha, source=source, size_bytes=10,
                              location=f"/store/{sha}.jpg", received_at=utcnow()).id
 
 
@@ -71,13 +72,13 @@ def test_a_content_is_stored_once_and_duplicates_point_to_it(
         sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         first = _image(session)
-        queries.add_duplicate(session, image_id=first, source="again.jpg",
+        images.add_duplicate(session, image_id=first, source="again.jpg",
                               location="/dups/again.jpg", received_at=utcnow())
     with pytest.raises(IntegrityError), sessions.begin() as session:
         _image(session, source="other-name.jpg")
     with sessions.begin() as session:
-        assert queries.duplicate_count(session) == 1
-        assert queries.find_image_by_sha256(session, "a" * 64).id == first  # type: ignore[union-attr]
+        assert images.duplicate_count(session) == 1
+        assert images.find_image_by_sha256(session, "a" * 64).id == first  # type: ignore[union-attr]
 
 
 def test_a_claim_is_held_by_one_delivery_and_a_prediction_written_once(
@@ -87,23 +88,24 @@ def test_a_claim_is_held_by_one_delivery_and_a_prediction_written_once(
         image_id = _image(session)
     claim: dict[str, Any] = dict(now=now, stale_before=now - timedelta(minutes=5), max_attempts=3)
     with sessions.begin() as session:
-        assert [i.id for i in queries.claim_images(session, [image_id], token="a", **claim)] == [
+        assert [i.id for i in images.claim_images(session, [image_id], token="a", **claim)] == [
             image_id]
     with sessions.begin() as session:
-        assert queries.claim_images(session, [image_id], token="b", **claim) == []
+        assert images.claim_images(session, [image_id], token="b", **claim) == []
         # The same delivery, redelivered after its worker died, takes its claim back.
-        assert len(queries.claim_images(session, [image_id], token="a", **claim)) == 1
+        assert len(images.claim_images(session, [image_id], token="a", **claim)) == 1
     finish: dict[str, Any] = dict(now=now, model_version="v1", probabilities={"melanoma": 0.7, "nevus": 0.3},
-                  melanoma_probability=0.7, predicted_class="melanoma", threshold=0.5, seconds=0.01)
+                  melanoma_probability=0.7, predicted_class="melanoma", threshold=0.5, seconds=0.01,
+                  flagged=True)
     with sessions.begin() as session:
-        assert queries.finish_screened(session, image_id, token="b", **finish) is None
-        prediction = queries.finish_screened(session, image_id, token="a", **finish)
+        assert images.finish_screened(session, image_id, token="b", **finish) is None
+        prediction = images.finish_screened(session, image_id, token="a", **finish)
         assert prediction is not None and prediction.flagged
     with sessions.begin() as session:
-        assert queries.finish_screened(session, image_id, token="a", **finish) is None
-        assert queries.status_counts(session) == {"screened": 1}
-        assert queries.flagged_count(session) == 1
-        [row] = queries.results(session, flagged_only=True)
+        assert images.finish_screened(session, image_id, token="a", **finish) is None
+        assert images.status_counts(session) == {"screened": 1}
+        assert images.flagged_count(session) == 1
+        [row] = readmodel.results(session, flagged_only=True)
         assert row.status == "screened" and row.melanoma_probability == pytest.approx(0.7)
         assert row.received_at.tzinfo is not None
 
@@ -113,10 +115,10 @@ def test_the_sweep_finds_only_work_left_too_long(sessions: sessionmaker[Session]
     with sessions.begin() as session:
         old = _image(session, sha="b" * 64, source="old.jpg")
         fresh = _image(session, sha="c" * 64, source="fresh.jpg")
-        queries.mark_enqueued(session, [old], now - timedelta(minutes=20))
-        queries.mark_enqueued(session, [fresh], now)
+        images.mark_enqueued(session, [old], now - timedelta(minutes=20))
+        images.mark_enqueued(session, [fresh], now)
     with sessions.begin() as session:
-        assert queries.stale_image_ids(session, before=now - timedelta(minutes=10)) == [old]
+        assert images.stale_image_ids(session, before=now - timedelta(minutes=10)) == [old]
 
 
 def test_a_dead_workers_claim_is_stale_once_its_lease_runs_out_whatever_the_limit(
@@ -126,17 +128,17 @@ def test_a_dead_workers_claim_is_stale_once_its_lease_runs_out_whatever_the_limi
         dead = _image(session, sha="d" * 64, source="dead.jpg")
         alive = _image(session, sha="e" * 64, source="alive.jpg")
         waiting = _image(session, sha="f" * 64, source="waiting.jpg")
-        queries.mark_enqueued(session, [dead, alive, waiting], now - timedelta(minutes=2))
-        queries.claim_images(session, [dead], token="dead", now=now - timedelta(seconds=50),
+        images.mark_enqueued(session, [dead, alive, waiting], now - timedelta(minutes=2))
+        images.claim_images(session, [dead], token="dead", now=now - timedelta(seconds=50),
                              stale_before=now, max_attempts=5)
-        queries.claim_images(session, [alive], token="alive", now=now - timedelta(seconds=5),
+        images.claim_images(session, [alive], token="alive", now=now - timedelta(seconds=5),
                              stale_before=now, max_attempts=5)
     with sessions.begin() as session:
         # Limit 10 min, lease 40 s: only the claim 50 s old is lost work.
-        assert queries.stale_image_ids(session, before=now - timedelta(minutes=10),
+        assert images.stale_image_ids(session, before=now - timedelta(minutes=10),
                                        lease_before=now - timedelta(seconds=40)) == [dead]
         # Another worker takes it over; the live claim stays with its holder.
-        taken = queries.claim_images(session, [dead, alive], token="next", now=now,
+        taken = images.claim_images(session, [dead, alive], token="next", now=now,
                                      stale_before=now - timedelta(seconds=40), max_attempts=5)
         assert [image.id for image in taken] == [dead]
 
@@ -147,12 +149,12 @@ def test_images_past_their_attempts_become_failed(sessions: sessionmaker[Session
         image_id = _image(session)
     for token in ("t1", "t2"):
         with sessions.begin() as session:
-            queries.claim_images(session, [image_id], token=token, now=now,
+            images.claim_images(session, [image_id], token=token, now=now,
                                  stale_before=now + timedelta(seconds=1), max_attempts=2)
     with sessions.begin() as session:
-        assert queries.claim_images(session, [image_id], token="t3", now=now,
+        assert images.claim_images(session, [image_id], token="t3", now=now,
                                     stale_before=now + timedelta(seconds=1), max_attempts=2) == []
-        assert queries.status_counts(session) == {"failed": 1}
+        assert images.status_counts(session) == {"failed": 1}
 
 
 def test_predictions_made_before_the_scope_rule_keep_their_model_version_and_read_in_scope(
@@ -181,30 +183,30 @@ def test_predictions_made_before_the_scope_rule_keep_their_model_version_and_rea
 
     factory = make_session_factory(database_url)
     with factory.begin() as session:
-        [row] = queries.results(session)
+        [row] = readmodel.results(session)
         assert (row.model_version, row.flagged, row.out_of_scope) == ("melanonet-v1", True, False)
         assert row.to_json()["out_of_scope"] is False
-        assert queries.out_of_scope_count(session) == 0
+        assert images.out_of_scope_count(session) == 0
     factory.kw["bind"].dispose()
 
 
-def test_an_out_of_scope_prediction_keeps_its_probabilities_and_is_never_flagged(
+def test_an_out_of_scope_prediction_at_the_threshold_keeps_its_probabilities_and_its_flag(
         sessions: sessionmaker[Session]) -> None:
     now = utcnow()
     with sessions.begin() as session:
         image_id = _image(session)
-        queries.claim_images(session, [image_id], token="a", now=now,
+        images.claim_images(session, [image_id], token="a", now=now,
                              stale_before=now - timedelta(minutes=5), max_attempts=3)
     with sessions.begin() as session:
-        prediction = queries.finish_screened(
+        prediction = images.finish_screened(
             session, image_id, token="a", now=now, model_version="v2",
             probabilities={"melanoma": 0.97, "nevus": 0.03}, melanoma_probability=0.97,
-            predicted_class="melanoma", threshold=0.05, seconds=0.01, out_of_scope=True,
+            predicted_class="melanoma", threshold=0.05, seconds=0.01,
+            flagged=flag_of(0.97, 0.05, out_of_scope=True).flagged, out_of_scope=True,
             scope_distance=7.5)
-        assert prediction is not None and not prediction.flagged and prediction.out_of_scope
+        assert prediction is not None and prediction.flagged and prediction.out_of_scope
     with sessions.begin() as session:
-        assert queries.flagged_count(session) == 0 and queries.out_of_scope_count(session) == 1
-        assert queries.results(session, flagged_only=True) == []
-        [row] = queries.results(session)
+        assert images.flagged_count(session) == 1 and images.out_of_scope_count(session) == 1
+        [row] = readmodel.results(session, flagged_only=True)
         assert row.out_of_scope is True and row.melanoma_probability == pytest.approx(0.97)
-        assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is False
+        assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is True

@@ -26,9 +26,9 @@ from mail_fixtures import (
 from PIL import Image
 
 from melanoscreen.settings import SmtpSettings
-from scheduler.digest import digest_due_dates, digest_period
-from worker.mail import deliver
-from worker.messages import (
+from service.digests import digest_due_dates, digest_period
+from service.mail import deliver
+from service.messages import (
     DigestContent,
     DigestImage,
     FileProblem,
@@ -323,12 +323,12 @@ def test_out_of_scope_images_have_their_own_section_with_escaped_names() -> None
     text = message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     page = render_digest_html(content, inline_images="data")
 
-    assert "Not screened: not like a dermoscopic image (2)" in text
-    assert "Not screened: not like a dermoscopic image (2)" in page
+    assert "Out of scope: unlike the images the model learnt from (2)" in text
+    assert "Out of scope: unlike the images the model learnt from (2)" in page
     assert "clinic-b/blank.png" in text and "clinic-b/blank.png" in page
     assert "<b>scan</b>" not in page and "&lt;b&gt;scan&lt;/b&gt;-letter.jpg" in page
     assert "2026-11-23 11:05" in page  # received, on the clinic's clock
-    # Out of scope is not flagged: the flagged section is unchanged and the subject too.
+    # Listed apart: the flagged section is unchanged and the subject too.
     assert digest_subject(content) == digest_subject(seeded_digest())
     assert "At this threshold the model caught 95% of melanomas in validation" in text
     assert "0.35: at this threshold the model caught 95%" in page

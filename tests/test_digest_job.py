@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schema import Digest, Image, ImageStatus, OutboxKind, OutboxMessage, OutboxStatus, Prediction
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, DigestSettings, Settings, SmtpSettings
-from worker.delivery import deliver_outbox
-from worker.digests import queue_due_digests
+from service.delivery import deliver_outbox
+from service.digests import queue_due_digests
 
 REPO = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -302,10 +302,10 @@ def test_out_of_scope_images_are_listed_apart_and_the_threshold_says_what_it_mea
     # Not flagged: the counts and the subject are those of the seeded day.
     assert message["Subject"].startswith("MelanoScreen digest 2026-11-20: 2 flagged of 4 screened")
     text, html = body(message, "plain"), body(message, "html")
-    assert "Not screened: not like a dermoscopic image (1)" in text
+    assert "Out of scope: unlike the images the model learnt from (1)" in text
     assert "clinic-c/<i>letter</i>.jpg" in text
     assert "clinic-c/&lt;i&gt;letter&lt;/i&gt;.jpg" in html and "<i>letter</i>" not in html
-    assert text.index("0.910  clinic-b/first.jpg") < text.index("Not screened")
+    assert text.index("0.910  clinic-b/first.jpg") < text.index("Out of scope")
     assert "0.950" not in text  # its scores mean nothing: not shown as a melanoma probability
     assert ("Alert threshold: 0.30\nAt this threshold the model caught 95% of melanomas in "
             "validation (images it had not been trained on).") in text.replace("\r\n", "\n")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from web_fixtures import add_account, seed_image
 
-from db import reviews
-from db.queries import find_image_by_sha256
+from db import accounts, reviews
+from db.images import find_image_by_sha256
 from db.schema import Verdict
 from db.session import make_session_factory
-from worker.digests import build_digest_content
-from worker.messages import render_digest_html, render_digest_text
+from service.digests import build_digest_content
+from service.messages import render_digest_html, render_digest_text
 
 
 def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones_do_not(
@@ -31,7 +31,7 @@ def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones
     seed_image(sessions, tmp_path, source="clinic-a/benign.jpg", seed=4, melanoma=0.1, received_at=old)
     add_account(sessions, "ann")
     with sessions.begin() as session:
-        image, user = find_image_by_sha256(session, reviewed), reviews.find_user(session, "ann")
+        image, user = find_image_by_sha256(session, reviewed), accounts.find_user(session, "ann")
         assert image is not None and user is not None
         reviews.add_review(session, image, user, verdict=Verdict.BENIGN, diagnosis=None, note="",
                            now=old + timedelta(hours=1))
@@ -54,7 +54,7 @@ def test_with_a_public_url_an_alert_links_each_image_to_its_case_page() -> None:
     from email.parser import BytesParser
 
     from db.outbox import AlertItem
-    from worker.delivery import compose_alert_message
+    from service.delivery import compose_alert_message
 
     item = AlertItem(source="clinic-a/x.jpg", location="/nonexistent/x.jpg",
                      received_at=datetime(2026, 11, 24, 9, 0, tzinfo=UTC), melanoma_probability=0.9,

@@ -14,12 +14,13 @@ from mail_fixtures import LOOPBACK, RecordingHandler, smtp_server, synthetic_les
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.reviews import add_review, add_user
+from db.accounts import add_user
+from db.reviews import add_review
 from db.schema import Image, ImageStatus, Prediction, Role, Verdict
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, Settings, SmtpSettings
-from worker.delivery import deliver_outbox
-from worker.escalation import queue_due_escalations
+from service.delivery import deliver_outbox
+from service.escalation import queue_due_escalations
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 HEAD = "head@hospital.example"

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
+from db.accounts import add_user
 from db.migrate import upgrade
-from db.reviews import add_review, add_user
+from db.reviews import add_review
 from db.schema import Image, ImageStatus, Prediction, Role, Verdict
 from db.session import make_session_factory
 from model.data import ISIC_CLASSES, scan_folder

@@ -4,6 +4,7 @@ child left after kill -9 of `up`; "ready" only once the worker consumes with its
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from melanoscreen.supervisor import free_port
+from melanoscreen.cli.supervisor import free_port
 from tests.conftest import children_of, is_alive, stop_gracefully, synthetic_jpeg, wait_until
 from tests.test_up import _env, _status
 
@@ -138,8 +139,11 @@ def test_a_second_up_is_refused_and_kill_9_of_up_leaves_no_child_taking_files(
         up.wait()
         wait_until(lambda: not [pid for pid in family if is_alive(pid)], timeout=30,
                    message="every child gone after kill -9 of up")
-        (data / "inbox" / "third.jpg").write_bytes(synthetic_jpeg(31_002))
-        time.sleep(3)
+        # The watcher's lock is free: no watcher of this folder lives to take the next file.
+        with (data / "watch.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (data / "inbox" / "third.jpg").write_bytes(synthetic_jpeg(31_002))
+            fcntl.flock(lock, fcntl.LOCK_UN)
         assert (data / "inbox" / "third.jpg").exists()
         # A fresh up takes the folder and the file that waited.
         up = _start_up(env, tmp_path, tmp_path / "up2.log")

@@ -1,4 +1,4 @@
-"""Issue 8: a local attacker or a poison image must not take the service down or read patient images.
+"""A local attacker or a poison image must not take the service down or read patient images.
 
 Each test replays one finding's attack on a real `melanoscreen up` (embedded Redis, watcher, worker,
 beat, Flower) over a fresh data folder, as another local user (uid 65534 through `setpriv`) where
@@ -34,7 +34,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from melanoscreen.supervisor import free_port
+from melanoscreen.cli.supervisor import free_port
 from scheduler.files import ReplacedWhileReading, open_inbox_file
 from tests.conftest import children_of, stop_gracefully, synthetic_jpeg, wait_until
 

@@ -59,7 +59,7 @@ def test_the_beat_check_names_a_broker_that_does_not_answer(tmp_path: Path) -> N
 
 
 def test_the_web_and_flower_checks_name_what_does_not_answer(tmp_path: Path) -> None:
-    from melanoscreen.supervisor import free_port
+    from melanoscreen.cli.supervisor import free_port
 
     port = str(free_port())
     web = _one_line(_run(tmp_path, "healthcheck", "web", MELANOSCREEN_WEB_PORT=port))

@@ -30,14 +30,14 @@ from pydantic import SecretStr
 
 from melanoscreen.settings import SmtpSettings
 from model.data import ISIC_CLASSES as CLASSES
-from worker.mail import (
+from service.mail import (
     PermanentMailError,
     TransientMailError,
     backoff_delay,
     deliver,
     outbox_file_name,
 )
-from worker.messages import (
+from service.messages import (
     DISCLAIMER,
     AlertContent,
     ComposedMessage,
@@ -430,7 +430,7 @@ def test_a_threshold_below_two_decimals_is_written_in_full() -> None:
 
 def test_the_threshold_sentence_claims_the_card_figure_only_for_the_card_threshold() -> None:
     from model.card import ModelCard
-    from worker.thresholds import describe_threshold
+    from service.thresholds import describe_threshold
 
     card = ModelCard(version="v2", architecture="ensemble", classes=list(CLASSES),
                      input_size=[180, 180], alert_threshold=0.0538, target_sensitivity=0.95,

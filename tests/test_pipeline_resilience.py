@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from melanoscreen.supervisor import free_port
+from melanoscreen.cli.supervisor import free_port
 from tests.conftest import (
     RedisServer,
     Service,

@@ -21,9 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schema import Image, ImageStatus, Prediction
 from db.session import make_session_factory
 from model.card import ModelCard, card_path_for
+from service.digests import build_digest_content
+from service.messages import render_digest_text
 from tests.conftest import RedisServer, Service, start_service, synthetic_jpeg, wait_until
-from worker.digests import build_digest_content
-from worker.messages import render_digest_text
 
 DOCTOR = "derm@clinic.example"
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from db.migrate import upgrade
 from db.schema import Image, ImageStatus, Prediction, utcnow
 from db.session import make_session_factory
+from service.flags import flag_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,13 +36,14 @@ def add(session: Session, source: str, *, p: float | None, threshold: float = 0.
         session.add(Prediction(
             image_id=image.id, model_version="v2", probabilities={"melanoma": p, "nevus": 1 - p},
             melanoma_probability=p, predicted_class="nevus", threshold=threshold,
-            flagged=p >= threshold and not out_of_scope, out_of_scope=out_of_scope,
+            flagged=flag_of(p, threshold, out_of_scope=out_of_scope).flagged, out_of_scope=out_of_scope,
             scope_distance=9.0 if out_of_scope else 0.8, seconds=0.01, created_at=at))
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    """A data folder whose database holds a close call, an out-of-scope picture and a queued one."""
+    """A data folder whose database holds a close call, two out-of-scope pictures (one above the
+    threshold, one below) and a queued one."""
     folder = tmp_path / "data"
     folder.mkdir()
     url = f"sqlite:///{folder / 'melanoscreen.db'}"
@@ -51,6 +53,7 @@ def data_dir(tmp_path: Path) -> Path:
         add(session, "clinic/close-call.jpg", p=0.0503, minutes=1)
         add(session, "clinic/letter-scan.jpg", p=0.97, out_of_scope=True, minutes=2)
         add(session, "clinic/waiting.jpg", p=None, minutes=3)
+        add(session, "clinic/blurred-photo.jpg", p=0.01, out_of_scope=True, minutes=4)
     sessions.kw["bind"].dispose()
     return folder
 
@@ -71,13 +74,15 @@ def test_results_json_adds_out_of_scope_and_keeps_raw_probabilities(data_dir: Pa
     close, scan, waiting = (rows[f"clinic/{n}.jpg"] for n in ("close-call", "letter-scan", "waiting"))
     assert close["melanoma_probability"] == pytest.approx(0.0503) and close["flagged"] is True
     assert close["out_of_scope"] is False
-    assert scan["out_of_scope"] is True and scan["flagged"] is False
+    # Never silence a melanoma: out of scope and above the threshold is flagged all the same.
+    assert scan["out_of_scope"] is True and scan["flagged"] is True
+    assert rows["clinic/blurred-photo.jpg"]["flagged"] is False
     assert scan["melanoma_probability"] == pytest.approx(0.97)  # recorded all the same
     assert waiting["out_of_scope"] is None and waiting["flagged"] is None
     assert set(close) >= {"sha256", "source", "status", "reason", "received_at", "screened_at",
                           "predicted_class", "melanoma_probability", "flagged", "model_version"}
     flagged = json.loads(melanoscreen(data_dir, "results", "--flagged", "--format", "json"))
-    assert [r["source"] for r in flagged] == ["clinic/close-call.jpg"]
+    assert [r["source"] for r in flagged] == ["clinic/close-call.jpg", "clinic/letter-scan.jpg"]
 
 
 def test_results_csv_and_table_write_p_so_it_never_reads_like_the_threshold(data_dir: Path) -> None:
@@ -93,10 +98,13 @@ def test_results_csv_and_table_write_p_so_it_never_reads_like_the_threshold(data
     [close] = [line for line in lines if "close-call" in line]
     [scan] = [line for line in lines if "letter-scan" in line]
     assert "0.0503" in close and close.endswith("ALERT")
-    assert "0.970" in scan and "OUT OF SCOPE" in scan and "ALERT" not in scan
+    assert "0.970" in scan and "ALERT (Unusual picture: needs a look)" in scan
+    assert "Melanoma suspected" not in scan
+    [blurred] = [line for line in lines if "blurred-photo" in line]
+    assert "OUT OF SCOPE" in blurred and "ALERT" not in blurred
 
 
 def test_status_json_counts_out_of_scope_images_under_a_new_key(data_dir: Path) -> None:
     report = json.loads(melanoscreen(data_dir, "status", "--json"))
-    assert report["out_of_scope"] == 1 and report["flagged"] == 1
-    assert report["counts"] == {"screened": 2, "queued": 1}
+    assert report["out_of_scope"] == 2 and report["flagged"] == 2
+    assert report["counts"] == {"screened": 3, "queued": 1}

@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import queries
+from db import images, readmodel
 from db.migrate import upgrade
 from db.schema import AlertImage, Image, ImageStatus, OutboxKind, OutboxMessage, Prediction, utcnow
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, Settings
+from service.screening import screen_batch, sweep_stale
 from tests.conftest import synthetic_jpeg
-from worker.screening import screen_batch, sweep_stale
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -70,7 +70,7 @@ def add_images(sessions: sessionmaker[Session], folder: Path,
         for name, content in contents.items():
             location = folder / f"{uuid.uuid4().hex}-{Path(name).name}"
             location.write_bytes(content)
-            ids[name] = queries.add_image(session, sha256=uuid.uuid4().hex * 2, source=name,
+            ids[name] = images.add_image(session, sha256=uuid.uuid4().hex * 2, source=name,
                                           size_bytes=len(content), location=str(location),
                                           received_at=utcnow()).id
     return ids
@@ -150,7 +150,7 @@ def test_without_recipients_a_flag_is_recorded_and_no_alert_written(
     assert outcome.flagged == tuple(ids) and outcome.alerts == ()
     with sessions.begin() as session:
         assert session.scalars(select(OutboxMessage)).first() is None
-        assert queries.flagged_count(session) == 1
+        assert images.flagged_count(session) == 1
 
 
 def test_a_model_that_cannot_load_hands_the_claims_back(
@@ -179,7 +179,7 @@ def test_the_sweep_hands_out_stale_work_in_batches(
     assert sweep_stale(sessions, stale_after=0.0, batch_size=2) == [ids[:2], ids[2:4], ids[4:]]
 
 
-def test_an_out_of_scope_image_keeps_its_probabilities_and_is_never_flagged_or_alerted(
+def test_an_out_of_scope_image_at_the_threshold_is_flagged_in_its_own_unusual_picture_alert(
         sessions: sessionmaker[Session], tiny_scoped_model: Path, tmp_path: Path) -> None:
     from model.inference import Classifier
     from model.inference import Prediction as Answer
@@ -204,22 +204,30 @@ def test_an_out_of_scope_image_keeps_its_probabilities_and_is_never_flagged_or_a
                            settings=settings)
 
     assert outcome.out_of_scope == (ids[far],)
-    assert outcome.flagged == (ids[near],)  # threshold 0: everything in scope is flagged
+    # Threshold 0: everything is flagged, out of scope too (never silence a melanoma).
+    assert sorted(outcome.flagged) == sorted(ids.values())
     with sessions.begin() as session:
         predictions = {p.image_id: p for p in session.scalars(select(Prediction))}
         linked = {link.image_id for link in session.scalars(select(AlertImage))}
         messages = list(session.scalars(select(OutboxMessage)))
-        [row] = [r for r in queries.results(session) if r.source == far]
+        [row] = [r for r in readmodel.results(session) if r.source == far]
     out = predictions[ids[far]]
-    assert out.out_of_scope and not out.flagged
+    assert out.out_of_scope and out.flagged
     assert out.scope_distance == pytest.approx(distances[far], rel=1e-5)
     assert sum(out.probabilities.values()) == pytest.approx(1.0, abs=1e-4)  # kept, all nine
     assert settings.alert.threshold is not None
-    assert out.melanoma_probability >= settings.alert.threshold  # it would have been flagged
+    assert out.melanoma_probability >= settings.alert.threshold
     assert not predictions[ids[near]].out_of_scope and predictions[ids[near]].flagged
-    assert linked == {ids[near]}  # the alert is about the in-scope image only
-    assert all(far not in m.subject for m in messages) and len(messages) == len(DOCTORS)
-    assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is False
+    assert linked == {ids[near], ids[far]}
+    # Two alerts per recipient: the suspected melanoma, and the unusual picture on its own, whose
+    # subject never says "melanoma suspected".
+    assert len(messages) == 2 * len(DOCTORS)
+    unusual = [m for m in messages if far in m.subject]
+    assert len(unusual) == len(DOCTORS)
+    assert all(m.subject.startswith("Unusual picture: needs a look") for m in unusual)
+    assert all(near not in m.subject and "Melanoma suspected" not in m.subject for m in unusual)
+    assert all(m.subject.startswith("Melanoma suspected") for m in messages if near in m.subject)
+    assert row.to_json()["out_of_scope"] is True and row.to_json()["flagged"] is True
 
 
 def test_a_model_without_a_scope_output_marks_nothing_out_of_scope(

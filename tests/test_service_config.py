@@ -112,7 +112,7 @@ def test_flower_refuses_a_public_address_without_a_password(tmp_path: Path) -> N
 
 
 def test_every_command_has_help_and_help_never_loads_tensorflow() -> None:
-    script = ("import sys; from typer.testing import CliRunner; from melanoscreen.cli import app\n"
+    script = ("import sys; from typer.testing import CliRunner; from melanoscreen.cli.app import app\n"
               "r = CliRunner()\n"
               "for c in sys.argv[1:]:\n"
               "    assert r.invoke(app, [c, '--help']).exit_code == 0, c\n"

@@ -8,7 +8,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from melanoscreen.supervisor import Child, Supervisor
+from melanoscreen.cli.supervisor import Child, Supervisor
 from tests.conftest import wait_until
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from melanoscreen.supervisor import free_port
+from melanoscreen.cli.supervisor import free_port
 from tests.conftest import children_of, is_alive, synthetic_jpeg, wait_until
 
 pytestmark = pytest.mark.slow

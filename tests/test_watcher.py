@@ -21,7 +21,7 @@ from watchdog.events import (
     FileOpenedEvent,
 )
 
-from db import queries
+from db.images import add_image
 from db.migrate import upgrade
 from db.schema import Duplicate, Image, ImageStatus, utcnow
 from db.session import make_session_factory
@@ -254,7 +254,7 @@ def test_at_start_rows_never_enqueued_are_sent_and_a_store_file_keeps_its_name(
         queue: Queue) -> None:
     # A watcher killed between commit and send: the row is there, never enqueued.
     with sessions.begin() as session:
-        committed = queries.add_image(session, sha256="a" * 64, source="clinic/x.jpg",
+        committed = add_image(session, sha256="a" * 64, source="clinic/x.jpg",
                                       size_bytes=1, location="/nowhere", received_at=utcnow())
     # A watcher killed between the store move and the commit: the note and the file.
     content = synthetic_jpeg(7)

@@ -223,3 +223,50 @@ def test_the_login_never_redirects_off_the_site(live_app: LiveApp, target: str) 
     answer = client.post("/login", data={"name": "ann", "password": PASSWORD, "csrf_token": token,
                                          "next": target})
     assert answer.headers["location"] == "/"
+
+
+def test_api_items_equal_the_results_json_rows_of_the_same_images(live_app: LiveApp,
+                                                                   tmp_path: Path) -> None:
+    """`GET /api/images` items carry the same fields with the same values as
+    `melanoscreen results --format json`: history (model_versions, flag_changed) and review too."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+
+    from db import reviews
+    from db.images import find_image_by_sha256
+    from db.schema import Prediction, Verdict
+
+    with live_app.sessions.begin() as session:
+        image = find_image_by_sha256(session, live_app.flagged)
+        assert image is not None
+        # A re-screen by a second version that no longer flags it: two versions, flag changed.
+        session.add(Prediction(
+            image_id=image.id, model_version="tiny-2", probabilities={"melanoma": 0.2, "nevus": 0.8},
+            melanoma_probability=0.2, predicted_class="nevus", threshold=0.5, flagged=False,
+            out_of_scope=False, scope_distance=None, seconds=0.01, created_at=datetime.now(UTC)))
+        hostile = find_image_by_sha256(session, live_app.hostile)
+        ann = session.scalars(select(User).where(User.name == "ann")).one()
+        assert hostile is not None
+        reviews.add_review(session, hostile, ann, verdict=Verdict.REFER, diagnosis="melanoma",
+                           note="", now=datetime.now(UTC))
+    items = live_app.client().get("/api/images", params={"limit": 1000},
+                                  auth=("ann", PASSWORD)).json()["items"]
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MELANOSCREEN_")}
+    env.update(MELANOSCREEN_DATA_DIR=str(data),
+               MELANOSCREEN_DATABASE_URL=str(live_app.sessions.kw["bind"].url.render_as_string(
+                   hide_password=False)))
+    done = subprocess.run([sys.executable, "-m", "melanoscreen", "results", "--format", "json"],
+                          env=env, cwd=data, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {row["sha256"]: row for row in json.loads(done.stdout)}
+    assert len(items) == len(rows) == 5
+    for item in items:
+        assert item == rows[item["sha256"]], item["source"]
+    changed = rows[live_app.flagged]
+    assert changed["model_versions"] == ["tiny-1", "tiny-2"] and changed["flag_changed"] is True
+    assert rows[live_app.hostile]["review"]["verdict"] == "refer"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from web_fixtures import PASSWORD, seed_image
 
 from db.migrate import upgrade
@@ -43,7 +44,7 @@ def test_users_are_added_listed_disabled_and_given_passwords_from_stdin_only(tmp
     database = data / "melanoscreen.db"
     assert PASSWORD.encode() not in database.read_bytes()
     with make_session_factory(f"sqlite:///{database}").begin() as session:
-        from db.reviews import find_user
+        from db.accounts import find_user
 
         user = find_user(session, "ann")
         assert user is not None and user.password_hash.startswith("$argon2id$") and not user.active
@@ -65,12 +66,12 @@ def test_results_and_status_show_reviews_and_the_unreviewed_flagged(tmp_path: Pa
     assert json.loads(melanoscreen(data, "status", "--json"))["unreviewed_flagged"] == 2
     from datetime import UTC, datetime
 
-    from db import reviews
-    from db.queries import find_image_by_sha256
+    from db import accounts, reviews
+    from db.images import find_image_by_sha256
     from db.schema import Verdict
 
     with sessions.begin() as session:
-        image, user = find_image_by_sha256(session, first), reviews.find_user(session, "ann")
+        image, user = find_image_by_sha256(session, first), accounts.find_user(session, "ann")
         assert image is not None and user is not None
         reviews.add_review(session, image, user, verdict=Verdict.REFER, diagnosis="melanoma",
                            note="", now=datetime.now(UTC))
@@ -83,8 +84,8 @@ def test_results_and_status_show_reviews_and_the_unreviewed_flagged(tmp_path: Pa
 
 
 def test_the_web_secret_is_generated_into_the_data_folder_owner_only(tmp_path: Path) -> None:
+    from melanoscreen.cli._common import web_secret
     from melanoscreen.settings import Settings
-    from melanoscreen.web_cli import web_secret
 
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
@@ -97,7 +98,7 @@ def test_the_web_secret_is_generated_into_the_data_folder_owner_only(tmp_path: P
 def test_web_alone_serves_the_app_behind_a_login_on_its_port(tmp_path: Path) -> None:
     import httpx
 
-    from melanoscreen.supervisor import free_port
+    from melanoscreen.cli.supervisor import free_port
     from tests.conftest import wait_until
 
     data, port = tmp_path / "data", free_port()
@@ -129,8 +130,8 @@ def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
 
     from web_fixtures import add_account
 
-    from db import reviews
-    from db.queries import find_image_by_sha256
+    from db import accounts, reviews
+    from db.images import find_image_by_sha256
     from db.schema import Verdict
 
     sessions = make_session_factory(database_url)
@@ -139,7 +140,7 @@ def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
     add_account(sessions, "ann")
     now = datetime.now(UTC)
     with sessions.begin() as session:
-        ann = reviews.find_user(session, "ann")
+        ann = accounts.find_user(session, "ann")
         assert ann is not None
         for sha, verdict, diagnosis in ((shas[0], Verdict.BENIGN, None),  # superseded below
                                         (shas[0], Verdict.REFER, "melanoma"),
@@ -155,3 +156,23 @@ def test_the_performance_figures_count_ppv_misses_seen_and_diagnosis_agreement(
     assert figures.ppv == 0.5 and figures.below_threshold_referred == 1
     assert (figures.diagnosis_agrees, figures.with_diagnosis) == (1, 2)
     sessions.kw["bind"].dispose()
+
+
+def test_an_address_good_for_alerts_is_good_for_an_account(tmp_path: Path) -> None:
+    """One email rule: a special-use domain that MELANOSCREEN_ALERT_RECIPIENTS accepts
+    (`derm@hospital.local`) is accepted for a reviewer's login too, by the CLI and the web form."""
+    from melanoscreen.settings import is_email_address
+    from service.accounts import AccountIn, AccountRefused
+
+    data = tmp_path / "data"
+    out = melanoscreen(data, "users", "add", "alice", "--email", "alice@clinic.local",
+                       "--password-stdin", stdin=PASSWORD + "\n")
+    assert "added alice" in out
+    assert "alice@clinic.local" in melanoscreen(data, "users", "list")
+    for address in ("alice@clinic.local", "melanoscreen@localhost", "a.b+c@x.example"):
+        assert is_email_address(address)
+        assert AccountIn.parse("alice", address, PASSWORD, "reviewer").email == address
+    for address in ("alice", "alice@", "@clinic.local", "a b@x.example"):
+        assert not is_email_address(address)
+        with pytest.raises(AccountRefused, match=r"^email: not a valid address$"):
+            AccountIn.parse("alice", address, PASSWORD, "reviewer")

@@ -1,4 +1,4 @@
-"""The review app and issue 11: a reviewer given clinics (`users set-prefixes`) sees theirs by
+"""The review app and a reviewer's clinics: a reviewer given clinics (`users set-prefixes`) sees theirs by
 default, and images whose flag a re-screen changed are marked on the worklist and case page."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 from web_fixtures import LiveApp, live_app
 
-from db import queries
+from db import images
 from db.schema import Image, ImageStatus
 
 __all__ = ["live_app"]  # the fixture, used by name below
@@ -45,12 +45,12 @@ def test_a_flag_changed_by_a_rescreen_is_marked_on_the_worklist_and_the_case_pag
             Image.source == "clinic-a/patient-4/nevus.jpg")).one()
         when = datetime.now(UTC)
         session.execute(update(Image).where(Image.id == image.id).values(status=ImageStatus.QUEUED))
-        queries.claim_images(session, [image.id], token="r", now=when,
+        images.claim_images(session, [image.id], token="r", now=when,
                              stale_before=when - timedelta(hours=1), max_attempts=5)
-        queries.finish_screened(session, image.id, token="r", now=when, model_version="tiny-2",
+        images.finish_screened(session, image.id, token="r", now=when, model_version="tiny-2",
                                 probabilities={"melanoma": 0.8, "nevus": 0.2},
                                 melanoma_probability=0.8, predicted_class="melanoma",
-                                threshold=0.5, seconds=0.01)
+                                threshold=0.5, seconds=0.01, flagged=True)
         sha = image.sha256
     client = live_app.login("ann")
     row = next(line for line in client.get("/").text.split("<tr") if "patient-4/nevus.jpg" in line)

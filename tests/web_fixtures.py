@@ -16,13 +16,13 @@ import pytest
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import queries, reviews
+from db import accounts, images
 from db.schema import Role
 from db.session import make_session_factory
+from service.accounts import hash_password
 from tests.conftest import synthetic_jpeg
 from web.app import create_app
 from web.deps import WebConfig
-from web.security import hash_password
 
 PASSWORD = "correct horse battery"
 CLASSES = ("actinic keratosis", "basal cell carcinoma", "dermatofibroma", "melanoma", "nevus",
@@ -42,24 +42,25 @@ def seed_image(sessions: sessionmaker[Session], folder: Path, *, source: str, se
     path.write_bytes(content)
     when = received_at or datetime.now(UTC)
     with sessions.begin() as session:
-        image = queries.add_image(session, sha256=sha, source=source, size_bytes=len(content),
+        image = images.add_image(session, sha256=sha, source=source, size_bytes=len(content),
                                   location=str(path), received_at=when)
         if melanoma is not None:
-            queries.claim_images(session, [image.id], token="t", now=when,
+            images.claim_images(session, [image.id], token="t", now=when,
                                  stale_before=when - timedelta(hours=1), max_attempts=5)
             rest = (1.0 - melanoma) / (len(CLASSES) - 1)
             probabilities = {c: (melanoma if c == "melanoma" else rest) for c in CLASSES}
             predicted = max(probabilities, key=lambda c: probabilities[c])
-            queries.finish_screened(session, image.id, token="t", now=when, model_version="tiny-1",
+            images.finish_screened(session, image.id, token="t", now=when, model_version="tiny-1",
                                     probabilities=probabilities, melanoma_probability=melanoma,
-                                    predicted_class=predicted, threshold=threshold, seconds=0.01)
+                                    predicted_class=predicted, threshold=threshold, seconds=0.01,
+                                    flagged=melanoma >= threshold)
     return sha
 
 
 def add_account(sessions: sessionmaker[Session], name: str, role: Role = Role.REVIEWER) -> None:
     """An account with the shared test password."""
     with sessions.begin() as session:
-        reviews.add_user(session, name=name, email=f"{name}@clinic.example", role=role,
+        accounts.add_user(session, name=name, email=f"{name}@clinic.example", role=role,
                          password_hash=hash_password(PASSWORD), now=datetime.now(UTC))
 
 

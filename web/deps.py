@@ -8,10 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, Form, Request
+from fastapi import Depends, Form, HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import Role, User
+from db.images import find_image_by_sha256
+from db.schema import Image, Role, User
+from service.accounts import LoginRefused, authenticate
 from web import security
 
 #: The session cookie's keys.
@@ -96,8 +98,8 @@ def current_user(request: Request, session: DbSession) -> User:
         credentials = security.parse_basic(request.headers.get("authorization"))
         if credentials is not None:
             try:
-                user = security.authenticate(session, *credentials, now())
-            except security.LoginRefused:
+                user = authenticate(session, *credentials, now())
+            except LoginRefused:
                 # The failure count and the audit entry are kept: commit them, then refuse.
                 session.commit()
                 raise LoginRequired() from None
@@ -135,3 +137,11 @@ def checked_form(request: Request, csrf: Annotated[str | None, Form(alias="csrf_
 
 
 CheckedForm = Depends(checked_form)
+
+
+def image_or_404(session: Session, sha256: str) -> Image:
+    """The image with this content, else 404."""
+    image = find_image_by_sha256(session, sha256)
+    if image is None:
+        raise HTTPException(404, "no such image")
+    return image

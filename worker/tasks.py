@@ -13,7 +13,8 @@ from sqlalchemy.exc import OperationalError
 
 from db.schema import utcnow
 from melanoscreen.celeryconfig import DELIVER_MESSAGE, ESCALATE, QUEUE_DIGESTS, SCREEN_BATCH, SWEEP
-from worker import delivery, digests, escalation, runtime, screening
+from service import delivery, digests, escalation, screening
+from worker import runtime
 from worker.celery_app import app
 
 logger = logging.getLogger(__name__)

@@ -7,22 +7,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from db import queries, reviews
+from db import audit, cases, readmodel, worklist
+from service.reviews import BadReview, store_review
 from web import security
-from web.deps import CSRF_KEY, CurrentUser, DbSession, now
-from web.routers.images import image_or_404
-from web.routers.reviews import BadReview, store_review
+from web.deps import CSRF_KEY, CurrentUser, DbSession, image_or_404, now
 from web.schemas import ReviewIn
 
 router = APIRouter(prefix="/api", tags=["api"])
 
 
 def _items(session: DbSession, images: list[Any]) -> list[dict[str, Any]]:
-    ids = [image.id for image in images]
-    predictions = reviews.latest_predictions(session, ids)
-    latest = queries.latest_review_summaries(session, ids)
-    return [queries.result_row(image, predictions.get(image.id), latest.get(image.id)).to_json()
-            for image in images]
+    return [row.to_json() for row in readmodel.image_rows(session, images)]
 
 
 @router.get("/images", summary="login: images, paged (results fields plus review)")
@@ -31,19 +26,19 @@ def list_images(session: DbSession, user: CurrentUser, flagged: bool | None = No
                 offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
     """Images in the worklist's order: `items` (the `results --format json` fields plus
     `review`), and `total`, `limit`, `offset`."""
-    where = reviews.WorklistFilter(flagged=flagged, reviewed=reviewed)
-    images = reviews.worklist(session, where, limit=limit, offset=offset)
-    return {"items": _items(session, images), "total": reviews.worklist_count(session, where),
+    where = worklist.WorklistFilter(flagged=flagged, reviewed=reviewed)
+    images = worklist.worklist(session, where, limit=limit, offset=offset)
+    return {"items": _items(session, images), "total": worklist.worklist_count(session, where),
             "limit": limit, "offset": offset}
 
 
 @router.get("/images/{sha256}", summary="login: one image with every prediction and review (audited)")
 def get_image(session: DbSession, user: CurrentUser, sha256: str) -> dict[str, Any]:
     """One image: the results fields, `review`, `names`, `predictions` and `reviews`."""
-    case = reviews.find_case(session, sha256)
+    case = cases.find_case(session, sha256)
     if case is None:
         raise HTTPException(404, "no such image")
-    reviews.audit(session, user=user, username=user.name, action="view_image", now=now(),
+    audit.audit(session, user=user, username=user.name, action="view_image", now=now(),
                   image_id=case.image.id, detail="api")
     item = _items(session, [case.image])[0]
     item["names"] = [case.image.source, *(d.source for d in case.duplicates)]
@@ -69,7 +64,9 @@ def post_review(request: Request, session: DbSession, user: CurrentUser, sha256:
         return JSONResponse({"detail": "X-CSRF-Token header missing or stale"}, status_code=403)
     image = image_or_404(session, sha256)
     try:
-        stored = store_review(session, image, user, review)
+        stored = store_review(session, image, user, verdict=review.verdict,
+                              diagnosis=review.diagnosis, note=review.note, now=now())
     except BadReview as exc:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+    session.commit()
     return JSONResponse(stored.to_json(), status_code=201)

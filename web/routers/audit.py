@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from db import reviews
+from db import audit
 from web.deps import CurrentUser, DbSession
 
 router = APIRouter(tags=["audit"])
@@ -15,6 +15,6 @@ PAGE_SIZE = 100
 def audit_page(request: Request, session: DbSession, user: CurrentUser, page: int = 1) -> Response:
     """The audit log, newest first, paged."""
     page = max(1, page)
-    rows = reviews.audit_page(session, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
+    rows = audit.audit_page(session, limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
     return request.app.state.templates.TemplateResponse(request, "audit.html", {
         "user": user, "rows": rows[:PAGE_SIZE], "page": page, "more": len(rows) > PAGE_SIZE})

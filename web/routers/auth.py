@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
-from db import reviews
+from db import audit
+from service.accounts import LoginRefused, authenticate
 from web import security
 from web.deps import CSRF_KEY, USER_KEY, CheckedForm, DbSession, now
 
@@ -39,11 +40,11 @@ def login(request: Request, session: DbSession, name: Annotated[str, Form()],
           password: Annotated[str, Form()], next: Annotated[str, Form()] = "/") -> Response:
     """Check the name and password; on success a fresh session, else the form again."""
     try:
-        user = security.authenticate(session, name, password, now())
-    except security.LoginRefused as refused:
+        user = authenticate(session, name, password, now())
+    except LoginRefused as refused:
         session.commit()  # the failure count and the audit entry stay
         return _login_page(request, error=str(refused), next_path=_safe_next(next), status=401)
-    reviews.audit(session, user=user, username=user.name, action="login", now=now())
+    audit.audit(session, user=user, username=user.name, action="login", now=now())
     session.commit()
     # A fresh session (and CSRF token) at login: nothing from before the login carries over.
     request.session.clear()

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
-from db import clinics, reviews
+from db import audit, cases, readmodel
+from db import worklist as worklist_queries
 from db.schema import ImageStatus, Verdict
 from web import files
-from web.deps import CurrentUser, DbSession, config, now
+from web.deps import CurrentUser, DbSession, config, image_or_404, now
 
 router = APIRouter(tags=["images"])
 PAGE_SIZE = 50
@@ -30,27 +30,17 @@ def _day(value: str | None) -> date | None:
         return None
 
 
-def parse_filter(params: dict[str, str]) -> reviews.WorklistFilter:
+def parse_filter(params: dict[str, str]) -> worklist_queries.WorklistFilter:
     """The worklist's filter from its query string; values it cannot read are ignored."""
     status = params.get("status") or None
     start, end = _day(params.get("from")), _day(params.get("to"))
-    return reviews.WorklistFilter(
+    return worklist_queries.WorklistFilter(
         status=ImageStatus(status) if status in set(ImageStatus) else None,
         flagged=_yes_no(params.get("flagged")), reviewed=_yes_no(params.get("reviewed")),
         received_from=datetime.combine(start, datetime.min.time(), UTC) if start else None,
         received_before=(datetime.combine(end, datetime.min.time(), UTC) + timedelta(days=1)
                          if end else None),
         clinic=params.get("clinic") or None, search=(params.get("q") or "").strip()[:200] or None)
-
-
-def image_or_404(session: DbSession, sha256: str) -> Any:
-    """The image with this content, else 404."""
-    from db.queries import find_image_by_sha256
-
-    image = find_image_by_sha256(session, sha256)
-    if image is None:
-        raise HTTPException(404, "no such image")
-    return image
 
 
 @router.get("/", summary="login: the worklist")
@@ -66,35 +56,30 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
     mine = tuple(p for p in user.prefixes.split("\n") if p)
     if mine and not where.clinic and params.get("all") != "1":
         where = replace(where, prefixes=mine)
-    rows = reviews.worklist(session, where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-    total = reviews.worklist_count(session, where)
-    ids = [image.id for image in rows]
-    predictions = reviews.latest_predictions(session, ids)
-    latest = reviews.latest_reviews(session, ids)
-    changed = {image_id for image_id, history in clinics.flag_history(session, ids).items()
-               if len(history) > 1 and history[-1][1] != history[-2][1]}
+    rows = readmodel.image_rows(session, worklist_queries.worklist(
+        session, where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
+    total = worklist_queries.worklist_count(session, where)
 
     def page_link(number: int) -> str:
         return "/?" + urlencode({**params, "page": number})
 
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return request.app.state.templates.TemplateResponse(request, "worklist.html", {
-        "user": user, "rows": rows, "predictions": predictions, "reviews": latest, "total": total,
-        "page": page, "pages": pages, "params": params, "changed": changed,
+        "user": user, "rows": rows, "total": total, "page": page, "pages": pages, "params": params,
         "my_clinics": where.prefixes, "all_link": "/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
         "next": page_link(page + 1) if page < pages else None,
-        "statuses": [s.value for s in ImageStatus], "clinics": reviews.clinics(session),
+        "statuses": [s.value for s in ImageStatus], "clinics": worklist_queries.clinics(session),
     })
 
 
 @router.get("/images/{sha256}", summary="login: the case page (audited)")
 def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """Everything about one image, and the review form; the view is written to the audit log."""
-    case = reviews.find_case(session, sha256)
+    case = cases.find_case(session, sha256)
     if case is None:
         raise HTTPException(404, "no such image")
-    reviews.audit(session, user=user, username=user.name, action="view_image", now=now(),
+    audit.audit(session, user=user, username=user.name, action="view_image", now=now(),
                   image_id=case.image.id)
     session.commit()
     latest = case.predictions[0] if case.predictions else None
@@ -104,7 +89,7 @@ def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: s
         "user": user, "case": case, "image": case.image, "latest": latest, "classes": classes,
         "has_overlay": has_overlay, "verdicts": [v.value for v in Verdict],
         "diagnoses": sorted(latest.probabilities) if latest else [],
-        "audit": reviews.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
+        "audit": audit.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
     })
 
 

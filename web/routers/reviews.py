@@ -8,32 +8,11 @@ from fastapi import APIRouter, Form, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
-from db import reviews
-from db.schema import Image, User
-from web.deps import CheckedForm, CurrentUser, DbSession, now
-from web.routers.images import image_or_404
+from service.reviews import BadReview, store_review
+from web.deps import CheckedForm, CurrentUser, DbSession, image_or_404, now
 from web.schemas import ReviewIn
 
 router = APIRouter(tags=["reviews"])
-
-
-class BadReview(ValueError):
-    """A review that cannot be stored (an unknown verdict or diagnosis)."""
-
-
-def store_review(session: DbSession, image: Image, user: User, review: ReviewIn) -> reviews.ReviewRow:
-    """Append the review and its audit entry; commit, so the next page sees it."""
-    latest = reviews.latest_prediction(session, image.id)
-    if review.diagnosis is not None and (latest is None or review.diagnosis not in latest.probabilities):
-        known = ", ".join(sorted(latest.probabilities)) if latest else "none (not screened)"
-        raise BadReview(f"diagnosis: must be one of the model's classes ({known}) or null")
-    stored = reviews.add_review(session, image, user, verdict=review.verdict,
-                                diagnosis=review.diagnosis, note=review.note, now=now())
-    reviews.audit(session, user=user, username=user.name, action="review", now=stored.created_at,
-                  image_id=image.id, detail=f"verdict {stored.verdict.value}"
-                  + (f", diagnosis {stored.diagnosis}" if stored.diagnosis else ""))
-    session.commit()
-    return stored
 
 
 @router.post("/images/{sha256}/reviews", summary="login: save a review (form)", dependencies=[CheckedForm])
@@ -44,7 +23,9 @@ def review_form(request: Request, session: DbSession, user: CurrentUser, sha256:
     image = image_or_404(session, sha256)
     try:
         review = ReviewIn(verdict=verdict, diagnosis=diagnosis or None, note=note)  # type: ignore[arg-type]
-        store_review(session, image, user, review)
+        store_review(session, image, user, verdict=review.verdict, diagnosis=review.diagnosis,
+                     note=review.note, now=now())
+        session.commit()  # so the case page the redirect shows sees it
     except (ValidationError, BadReview) as exc:
         raise HTTPException(422, f"review not stored: {exc}") from None
     return RedirectResponse(f"/images/{image.sha256}#reviews", status_code=303)

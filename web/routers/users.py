@@ -6,23 +6,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
-from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import IntegrityError
 
-from db import reviews
+from db import accounts
 from db.schema import Role
-from web import security
+from service.accounts import AccountIn, AccountRefused, NameTaken, add_account
 from web.deps import AdminUser, CheckedForm, DbSession, now
 
 router = APIRouter(tags=["users"])
-MIN_PASSWORD = 10
 
 
 @router.get("/users", summary="admin: the accounts")
 def users_page(request: Request, session: DbSession, user: AdminUser) -> Response:
     """Every account, and a form to add one."""
     return request.app.state.templates.TemplateResponse(request, "users.html", {
-        "user": user, "users": reviews.list_users(session), "roles": [r.value for r in Role]})
+        "user": user, "users": accounts.list_users(session), "roles": [r.value for r in Role]})
 
 
 @router.post("/users", summary="admin: add an account", dependencies=[CheckedForm])
@@ -30,33 +27,11 @@ def add_user(request: Request, session: DbSession, user: AdminUser, name: Annota
              email: Annotated[str, Form()], password: Annotated[str, Form()],
              role: Annotated[str, Form()] = "reviewer") -> Response:
     """Add an account (audited)."""
-    problem = check_new_account(name, email, password, role)
-    if problem:
-        raise HTTPException(422, problem)
     try:
-        reviews.add_user(session, name=name, email=email, role=Role(role),
-                         password_hash=security.hash_password(password), now=now())
-        session.flush()
-    except IntegrityError:
+        add_account(session, AccountIn.parse(name, email, password, role), by=user, now=now())
+    except NameTaken:
         raise HTTPException(422, "that name is taken") from None
-    reviews.audit(session, user=user, username=user.name, action="user_add", now=now(),
-                  detail=f"{name} ({role})")
+    except AccountRefused as refused:
+        raise HTTPException(422, str(refused)) from None
     session.commit()
     return RedirectResponse("/users", status_code=303)
-
-
-def check_new_account(name: str, email: str, password: str, role: str) -> str | None:
-    """What is wrong with these account details, or None."""
-    from pydantic import EmailStr
-
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
-        return "name: 1 to 64 letters, digits, '.', '_' or '-'"
-    try:
-        TypeAdapter(EmailStr).validate_python(email)
-    except ValidationError:
-        return "email: not a valid address"
-    if role not in set(Role):
-        return "role: reviewer or admin"
-    if len(password) < MIN_PASSWORD:
-        return f"password: at least {MIN_PASSWORD} characters"
-    return None

@@ -1,4 +1,4 @@
-"""A clinic's life with the service (issue 11): escalation and reviewers' clinics.
+"""A clinic's life with the service: escalation and reviewers' clinics.
 
 `images.escalated_at`: when the one reminder about a flagged image left unreviewed was written
 (NULL: none yet); the UPDATE that sets it is the exactly-once guard. `users.prefixes`: the

@@ -1,7 +1,7 @@
 """What the emails say: the alert and the nightly digest, composed into the bytes that are sent.
 
 One home for both: the shared MIME assembly, thumbnails, local times, the Message-ID rule, the
-disclaimer; the bodies are Jinja2 templates in `worker/templates/` (HTML autoescaped). Pure:
+disclaimer; the bodies are Jinja2 templates in `service/templates/` (HTML autoescaped). Pure:
 plain data in, `ComposedMessage` out; no settings or database imports, and of the model only
 `model.scores`, the one rule for writing a probability beside its threshold.
 """
@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from melanoscreen.text import printable
 from model.scores import probability_text, threshold_text
+from service.flags import MELANOMA_SUSPECTED, UNUSUAL_CAVEAT, UNUSUAL_PICTURE
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ DIGEST_THUMBNAIL_PX = 96  # digest rows are small
 MAX_DIGEST_THUMBNAILS = 60  # beyond this the rows stay, without pictures, to keep the email light
 
 _TEMPLATES = Environment(
-    loader=PackageLoader("worker", "templates"),
+    loader=PackageLoader("service", "templates"),
     autoescape=select_autoescape(["html"], default_for_string=False, default=False),
     undefined=StrictUndefined,
     trim_blocks=True,
@@ -231,6 +232,9 @@ class AlertContent:
     #: 're-screen' (a new model version flags what the old did not) or 'reminder' (still
     #: unreviewed): shown in the subject and at the top; None: a first alert.
     label: str | None = None
+    #: The images are unusual pictures (out of scope): the alert says their scores may be
+    #: unreliable and that they need a look, never "melanoma suspected".
+    unusual: bool = False
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -238,19 +242,21 @@ class AlertContent:
 
 
 def alert_subject(flagged: Sequence[tuple[str, float]], threshold: float | None = None,
-                  label: str | None = None) -> str:
+                  label: str | None = None, *, unusual: bool = False) -> str:
     """The subject line from (source, melanoma probability) pairs: the highest and how many;
     p is written with enough digits that it never reads like the threshold; a label
-    ('re-screen', 'reminder') goes first in brackets."""
+    ('re-screen', 'reminder') goes first in brackets. An alert about `unusual` pictures (out of
+    scope) never says "melanoma suspected": it says they need a look."""
     if not flagged:
         raise ValueError("an alert needs at least one flagged image")
     source, p = max(flagged, key=lambda pair: pair[1])
     name = clean_header_text(source)
     written = probability_text(p, threshold)
     mark = f"[{label}] " if label else ""
+    what = UNUSUAL_PICTURE if unusual else MELANOMA_SUSPECTED
     if len(flagged) == 1:
-        return f"{mark}Melanoma suspected (p={written}): {name}"
-    return (f"{mark}Melanoma suspected in {len(flagged)} images (highest p={written}): {name} and "
+        return f"{mark}{what} (p={written}): {name}"
+    return (f"{mark}{what} in {len(flagged)} images (highest p={written}): {name} and "
             f"{len(flagged) - 1} more")
 
 
@@ -277,10 +283,11 @@ def compose_alert(alert: AlertContent, *, message_id: str, sender: str,
                          "colour": "#b91c1c" if name == "melanoma" else "#6b7280"}
                         for name, value in item.probabilities.items()],
         })
-    context = {"alert": alert, "rows": rows}
+    context = {"alert": alert, "rows": rows, "caveat": UNUSUAL_CAVEAT,
+               "heading": UNUSUAL_PICTURE if alert.unusual else MELANOMA_SUSPECTED}
     return _assemble(
         subject=alert_subject([(i.source, i.melanoma_probability) for i in ranked], alert.threshold,
-                              alert.label),
+                              alert.label, unusual=alert.unusual),
         message_id=message_id, sender=sender, recipient=recipient,
         text=_render("alert.txt", **context), html=_render("alert.html", **context),
         images=images, headers={"Importance": "high"})
@@ -299,6 +306,7 @@ class DigestImage:
     thumbnail: bytes | None = None  # any format Pillow reads; shrunk to DIGEST_THUMBNAIL_PX
     threshold: float | None = None  # the threshold it was flagged against
     url: str | None = None  # its case page in the review app, when MELANOSCREEN_PUBLIC_URL is set
+    unusual: bool = False  # out of scope: an unusual picture that needs a look
 
 
 @dataclass(frozen=True)
@@ -314,7 +322,8 @@ class UnreviewedImage:
 
 @dataclass(frozen=True)
 class OutOfScopeImage:
-    """A screened image that is not like a dermoscopic lesion image: listed, never alerted."""
+    """A screened image unlike the images the model learnt from: listed apart (and alerted as an
+    unusual picture when it reached the threshold)."""
 
     source: str
     received_at: datetime  # aware; a naive value is taken as UTC
@@ -404,7 +413,8 @@ def _digest_context(content: DigestContent) -> dict[str, Any]:
                   for item in content.unreviewed_images]
     start = local_time(content.period_start, content.timezone, with_zone=False)
     end = local_time(content.period_end, content.timezone, with_zone=False)
-    return {"digest": content, "rows": rows, "out_of_scope": out_of_scope, "unreviewed": unreviewed,
+    return {"digest": content, "rows": rows, "out_of_scope": out_of_scope, "unusual": UNUSUAL_PICTURE,
+            "unreviewed": unreviewed,
             "period": f"{start} to {end} ({content.timezone})",
             "long_day": content.day.strftime("%A %d %B %Y"),
             "counts": [("screened", content.screened, False), ("flagged", content.flagged, True),

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, load_settings, make_private, upgrade_schema, write_private
+from melanoscreen.cli._common import (
+    fail,
+    load_settings,
+    make_private,
+    upgrade_schema,
+    web_address,
+    web_secret,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -18,24 +24,6 @@ if TYPE_CHECKING:
 
 users_app = typer.Typer(help="Review-app accounts: add, list, disable, set-password.",
                         no_args_is_help=True)
-
-
-def web_secret(settings: Settings) -> str:
-    """The key that signs session cookies: MELANOSCREEN_WEB_SECRET, else the one generated into
-    the data folder on first start (0600)."""
-    if settings.web.secret is not None:
-        return settings.web.secret.get_secret_value()
-    path = settings.web_secret_file
-    if path.is_file():
-        return path.read_text().strip()
-    secret = secrets.token_urlsafe(48)
-    write_private(path, secret + "\n")
-    return secret
-
-
-def web_address(settings: Settings) -> str:
-    """Where the review app answers (what `up` and `web` print)."""
-    return f"http://{settings.web.address}:{settings.web.port}"
 
 
 def web() -> None:
@@ -61,10 +49,11 @@ def _read_password(password_stdin: bool) -> str:
     if not password_stdin:
         fail("give the password on standard input with --password-stdin (never on the command line)")
     password = sys.stdin.readline().rstrip("\r\n")
-    from web.routers.users import MIN_PASSWORD
+    from service.accounts import password_problem
 
-    if len(password) < MIN_PASSWORD:
-        fail(f"the password must have at least {MIN_PASSWORD} characters")
+    problem = password_problem(password)
+    if problem:
+        fail(problem)
     return password
 
 
@@ -83,41 +72,33 @@ def users_add(name: str,
                                                            help="Read the password from stdin.")] = False,
               ) -> None:
     """Add an account (the password is read from standard input)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from db import reviews
-    from db.schema import Role
-    from web.routers.users import check_new_account
-    from web.security import hash_password
+    from service.accounts import AccountIn, AccountRefused, add_account
 
     settings = load_settings()
     password = _read_password(password_stdin)
-    problem = check_new_account(name, email, password, role)
-    if problem:
-        fail(problem)
-    make_private(settings)
     try:
+        account = AccountIn.parse(name, email, password, role)
+        make_private(settings)
         with _sessions(settings).begin() as session:
-            reviews.add_user(session, name=name, email=email, role=Role(role),
-                             password_hash=hash_password(password), now=datetime.now(UTC))
-            reviews.audit(session, user=None, username="(command line)", action="user_add",
-                          now=datetime.now(UTC), detail=f"{name} ({role})")
-    except IntegrityError:
-        fail(f"a user named {name!r} exists already")
+            add_account(session, account, by=None, now=datetime.now(UTC))
+    except AccountRefused as refused:
+        fail(str(refused))
     typer.echo(f"added {name} ({role})")
 
 
 @users_app.command("list")
 def users_list() -> None:
     """Every account: name, email, role, active or disabled, locked."""
-    from db import reviews
+
+
+    from db import accounts
 
     settings = load_settings()
     now = datetime.now(UTC)
     with _sessions(settings).begin() as session:
-        for user in reviews.list_users(session):
+        for user in accounts.list_users(session):
             state = "active" if user.active else "disabled"
-            if reviews.is_locked(user, now):
+            if accounts.is_locked(user, now):
                 state += ", locked"
             clinics = " ".join(user.prefixes.split("\n")) if user.prefixes else ""
             typer.echo(f"{user.name:<20} {user.email:<32} {user.role.value:<9} {state}"
@@ -125,16 +106,17 @@ def users_list() -> None:
 
 
 def _change(name: str, action: str, **values: object) -> None:
-    from db import reviews
+    from db import accounts, audit
+
 
     settings = load_settings()
     with _sessions(settings).begin() as session:
-        user = reviews.find_user(session, name)
+        user = accounts.find_user(session, name)
         if user is None:
             fail(f"no user named {name!r}")
         for key, value in values.items():
             setattr(user, key, value)
-        reviews.audit(session, user=None, username="(command line)", action=action,
+        audit.audit(session, user=None, username="(command line)", action=action,
                       now=datetime.now(UTC), detail=name)
 
 
@@ -149,7 +131,7 @@ def users_disable(name: str) -> None:
 def users_set_password(name: str, password_stdin: Annotated[bool, typer.Option(
         "--password-stdin", help="Read the password from stdin.")] = False) -> None:
     """Set an account's password (read from standard input); this also lifts a lock."""
-    from web.security import hash_password
+    from service.accounts import hash_password
 
     password = _read_password(password_stdin)
     _change(name, "user_set_password", password_hash=hash_password(password), failed_logins=0,

@@ -1,17 +1,20 @@
-"""Query functions: each takes the session first and never commits (the caller owns the transaction)."""
+"""Images and their life: intake, claims, finishing, the sweep, re-screens, reminders, counts.
+
+Each function takes the session first and never commits (the caller owns the transaction).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.clinics import flag_history
-from db.schema import Duplicate, Image, ImageStatus, Prediction, Review, User
+from db._sql import escape_like, in_chunks
+from db.predictions import latest_prediction_id
+from db.schema import Duplicate, Image, ImageStatus, Prediction
 
 
 def find_image_by_sha256(session: Session, sha256: str) -> Image | None:
@@ -89,12 +92,11 @@ def claim_images(session: Session, image_ids: Sequence[int], *, token: str, now:
 def finish_screened(session: Session, image_id: int, *, token: str, now: datetime,
                     model_version: str, probabilities: dict[str, float],
                     melanoma_probability: float, predicted_class: str, threshold: float,
-                    seconds: float, out_of_scope: bool = False,
+                    seconds: float, flagged: bool, out_of_scope: bool = False,
                     scope_distance: float | None = None) -> Prediction | None:
     """Store the prediction if this token still holds the claim; None if someone else won.
 
-    Flagged means p >= threshold *and* in scope: an image unlike a dermoscopic lesion image
-    keeps its probabilities but is never flagged, because its class scores mean nothing.
+    `flagged` is the service's answer (`service.flags`), stored as given.
     """
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Image)
@@ -104,7 +106,6 @@ def finish_screened(session: Session, image_id: int, *, token: str, now: datetim
     won = result.rowcount
     if won != 1:
         return None
-    flagged = melanoma_probability >= threshold and not out_of_scope
     # The worklist's columns: a new answer that flags the image asks for a (new) review.
     session.execute(update(Image).where(Image.id == image_id).values(
         melanoma_probability=melanoma_probability, flagged=flagged, needs_review=flagged))
@@ -180,99 +181,98 @@ def duplicate_count(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(Duplicate)) or 0)
 
 
-@dataclass(frozen=True)
-class ResultRow:
-    """One image and its latest prediction, as `melanoscreen results` prints it."""
-
-    sha256: str
-    source: str
-    status: ImageStatus
-    reason: str | None
-    received_at: datetime
-    screened_at: datetime | None
-    predicted_class: str | None
-    melanoma_probability: float | None
-    flagged: bool | None
-    model_version: str | None
-    out_of_scope: bool | None
-    #: The latest review: None or {verdict, diagnosis, reviewer, reviewed_at} (revision 0004).
-    review: dict[str, Any] | None = None
-    #: The threshold the prediction was judged against: for writing p (not an output column).
-    threshold: float | None = None
-    #: Every model version that screened the image, oldest first (one prediction each), and
-    #: whether the latest one's flag differs from the one before it (a re-screen changed it).
-    model_versions: tuple[str, ...] = ()
-    flag_changed: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON values; times in ISO 8601."""
-        return {
-            "sha256": self.sha256, "source": self.source, "status": self.status.value,
-            "reason": self.reason, "received_at": self.received_at.isoformat(),
-            "screened_at": self.screened_at.isoformat() if self.screened_at else None,
-            "predicted_class": self.predicted_class,
-            "melanoma_probability": self.melanoma_probability, "flagged": self.flagged,
-            "model_version": self.model_version, "out_of_scope": self.out_of_scope,
-            "review": self.review, "model_versions": list(self.model_versions),
-            "flag_changed": self.flag_changed,
-        }
+def images_by_ids(session: Session, ids: Sequence[int]) -> list[Image]:
+    """These images, by id."""
+    return list(session.scalars(select(Image).where(Image.id.in_(ids)))) if ids else []
 
 
-#: The output columns of `melanoscreen results` (JSON keys, CSV header), in order.
-RESULT_COLUMNS = tuple(name for name in ResultRow.__dataclass_fields__ if name != "threshold")
+def due_for_escalation(session: Session, *, screened_before: datetime,
+                       limit: int = 500) -> list[tuple[Image, Prediction]]:
+    """Flagged images still waiting for a review, screened before `screened_before`, that have
+    had no reminder yet; each with its latest prediction, oldest first."""
+    return [(image, prediction) for image, prediction in session.execute(
+        select(Image, Prediction)
+        .join(Prediction, Prediction.id == latest_prediction_id())
+        .where(Image.status == ImageStatus.SCREENED, Image.flagged.is_(True),
+               Image.needs_review.is_(True), Image.escalated_at.is_(None),
+               Image.screened_at <= screened_before)
+        .order_by(Image.screened_at, Image.id).limit(limit)
+    ).tuples()]
 
 
-def results(session: Session, *, since: datetime | None = None,
-            flagged_only: bool = False) -> list[ResultRow]:
-    """Every image (received at or after `since`) with its latest prediction, oldest first."""
-    latest = (select(func.max(Prediction.id)).where(Prediction.image_id == Image.id)
-              .correlate(Image).scalar_subquery())
-    query = (select(Image, Prediction)
-             .outerjoin(Prediction, Prediction.id == latest)
-             .order_by(Image.received_at, Image.id))
+def take_escalation(session: Session, image_id: int, now: datetime) -> bool:
+    """Mark the image's one reminder as written; False when another run took it first (or it was
+    reviewed meanwhile): the test is in the UPDATE, so of two runs exactly one gets True."""
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Image)
+        .where(Image.id == image_id, Image.escalated_at.is_(None), Image.needs_review.is_(True))
+        .values(escalated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def rescreen_candidates(session: Session, *, model_version: str, since: datetime | None = None,
+                        until: datetime | None = None, source_prefix: str | None = None,
+                        only_unreviewed: bool = False) -> list[int]:
+    """Ids of screened images with no prediction by `model_version` yet (received in
+    [since, until)), oldest first: what `melanoscreen rescreen` queues."""
+    has_version = (select(Prediction.id)
+                   .where(Prediction.image_id == Image.id, Prediction.model_version == model_version)
+                   .correlate(Image).exists())
+    query = select(Image.id).where(Image.status == ImageStatus.SCREENED, ~has_version)
     if since is not None:
         query = query.where(Image.received_at >= since)
-    if flagged_only:
-        query = query.where(Prediction.flagged.is_(True))
-    found = list(session.execute(query))
-    reviews = latest_review_summaries(session, [image.id for image, _ in found])
-    history = flag_history(session, [image.id for image, _ in found])
-    return [result_row(image, prediction, reviews.get(image.id), history.get(image.id, []))
-            for image, prediction in found]
+    if until is not None:
+        query = query.where(Image.received_at < until)
+    if source_prefix:
+        query = query.where(Image.source.like(f"{escape_like(source_prefix)}%", escape="\\"))
+    if only_unreviewed:
+        query = query.where(Image.reviewed_at.is_(None))
+    return list(session.scalars(query.order_by(Image.received_at, Image.id)))
 
 
-def result_row(image: Image, prediction: Prediction | None,
-               review: dict[str, Any] | None = None,
-               history: Sequence[tuple[str, bool]] = ()) -> ResultRow:
-    """An image, its latest prediction and latest review (a summary) as one results row;
-    `history`: (model version, flagged) of its predictions, oldest first."""
-    return ResultRow(
-        sha256=image.sha256, source=image.source, status=image.status, reason=image.reason,
-        received_at=image.received_at, screened_at=image.screened_at,
-        predicted_class=prediction.predicted_class if prediction else None,
-        melanoma_probability=prediction.melanoma_probability if prediction else None,
-        flagged=prediction.flagged if prediction else None,
-        model_version=prediction.model_version if prediction else None,
-        out_of_scope=prediction.out_of_scope if prediction else None,
-        review=review,
-        threshold=prediction.threshold if prediction else None,
-        model_versions=tuple(version for version, _ in history),
-        flag_changed=len(history) > 1 and history[-1][1] != history[-2][1],
+def queue_for_rescreen(session: Session, image_ids: Sequence[int], now: datetime) -> int:
+    """Hand screened images back to `queued` (attempts from zero) for the worker to screen with
+    its model; the claim test is in the UPDATE, so only `screened` ones move. How many moved."""
+    moved = 0
+    for chunk in in_chunks(image_ids):
+        result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+            update(Image)
+            .where(Image.id.in_(chunk), Image.status == ImageStatus.SCREENED)
+            .values(status=ImageStatus.QUEUED, attempts=0, enqueued_at=now, claim_token=None)
+        )
+        moved += result.rowcount
+    return moved
+
+
+def finish_unchanged(session: Session, image_id: int, *, token: str) -> bool:
+    """Put a claimed image that this model version already screened back to `screened`, with no
+    new prediction (one per image and version): a re-screen that is not owed."""
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Image)
+        .where(Image.id == image_id, Image.status == ImageStatus.SCREENING,
+               Image.claim_token == token)
+        .values(status=ImageStatus.SCREENED, claim_token=None)
     )
+    return result.rowcount == 1
 
 
-def latest_review_summaries(session: Session, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """{verdict, diagnosis, reviewer, reviewed_at} of each image's latest review, by image id."""
-    summaries: dict[int, dict[str, Any]] = {}
-    # In chunks: SQLite limits the number of bound parameters of one statement.
-    for start in range(0, len(image_ids), 500):
-        chunk = image_ids[start:start + 500]
-        newest = (select(func.max(Review.id)).where(Review.image_id.in_(chunk))
-                  .group_by(Review.image_id).scalar_subquery())
-        for review, name in session.execute(select(Review, User.name)
-                                            .join(User, User.id == Review.reviewer_id)
-                                            .where(Review.id.in_(newest))):
-            summaries[review.image_id] = {
-                "verdict": review.verdict.value, "diagnosis": review.diagnosis, "reviewer": name,
-                "reviewed_at": review.created_at.isoformat()}
-    return summaries
+def keep_review_state(session: Session, image_id: int) -> None:
+    """After a re-screen that did not change the flag: a review given before still counts."""
+    session.execute(update(Image).where(Image.id == image_id).values(
+        needs_review=and_(Image.flagged, Image.reviewed_at.is_(None))))
+
+
+def reopen_escalation(session: Session, image_id: int) -> None:
+    """A new flag (a re-screen) gets its own reminder when it too waits for a review."""
+    session.execute(update(Image).where(Image.id == image_id).values(escalated_at=None))
+
+
+def count_in_status(session: Session, image_ids: Sequence[int],
+                    statuses: Sequence[ImageStatus]) -> int:
+    """How many of these images are in one of `statuses`."""
+    count = 0
+    for chunk in in_chunks(image_ids):
+        count += int(session.scalar(select(func.count()).select_from(Image).where(
+            Image.id.in_(chunk), Image.status.in_(statuses))) or 0)
+    return count

@@ -1,7 +1,7 @@
 """How a composed email goes out: by SMTP (none, STARTTLS or TLS, optional login), or as an `.eml`
 file in the outbox folder when no SMTP host is configured.
 
-The stored bytes are sent as they are: the message was composed once (`worker.messages`) and
+The stored bytes are sent as they are: the message was composed once (`service.messages`) and
 every attempt hands over the very same bytes, Message-ID included.
 """
 
@@ -16,7 +16,7 @@ import ssl
 from pathlib import Path
 
 from melanoscreen.settings import SmtpSettings
-from worker.messages import ComposedMessage, normalise_message_id
+from service.messages import ComposedMessage, normalise_message_id
 
 logger = logging.getLogger(__name__)
 

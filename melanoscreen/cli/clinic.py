@@ -1,4 +1,4 @@
-"""A clinic's commands (issue 11): `rescreen` (a new model version looks again at screened
+"""A clinic's commands: `rescreen` (a new model version looks again at screened
 images) and `export` (reviewed images as a folder-per-diagnosis training set)."""
 
 from __future__ import annotations
@@ -7,14 +7,12 @@ import csv
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, known_broker, load_settings, upgrade_schema
-from melanoscreen.service_cli import csv_cell
+from melanoscreen.cli._common import csv_cell, fail, known_broker, load_settings, parse_when, upgrade_schema
 
 if TYPE_CHECKING:
     from melanoscreen.settings import Settings
@@ -25,16 +23,6 @@ SUSPECTED = "melanoma-suspected"
 #: The export's table of what it wrote, one row per exported image.
 EXPORT_CSV = "reviewed.csv"
 EXPORT_COLUMNS = ("sha256", "source", "verdict", "diagnosis", "reviewer", "date", "file")
-
-
-def _when(option: str, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"{option}: not an ISO date or time: {value!r}")
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def current_model_version(settings: Settings) -> str:
@@ -62,17 +50,17 @@ def rescreen(
 ) -> None:
     """Queue screened images for the current model version (each image once per version)."""
     settings = load_settings()
-    from db import clinics
+    from db import images, predictions
     from db.schema import ImageStatus, utcnow
     from db.session import make_session_factory
     from scheduler.queue import chunks, make_producer, send_screen_batch
 
-    start, end = _when("--since", since), _when("--until", until)
+    start, end = parse_when("--since", since), parse_when("--until", until)
     version = current_model_version(settings)
     upgrade_schema(settings)
     sessions = make_session_factory(settings.database)
     with sessions.begin() as session:
-        ids = clinics.rescreen_candidates(session, model_version=version, since=start, until=end,
+        ids = images.rescreen_candidates(session, model_version=version, since=start, until=end,
                                           source_prefix=source_prefix,
                                           only_unreviewed=only_unreviewed)
     if dry_run or not ids:
@@ -88,7 +76,7 @@ def rescreen(
     # Committed before it is sent (commit, then enqueue): a lost message is found by the sweep.
     for batch in chunks(ids, settings.batch.size):
         with sessions.begin() as session:
-            queued += clinics.queue_for_rescreen(session, batch, utcnow())
+            queued += images.queue_for_rescreen(session, batch, utcnow())
         send_screen_batch(producer, batch)
     typer.echo(f"queued {queued} image(s) for model {version} in batches of "
                f"{settings.batch.size}", err=True)
@@ -100,12 +88,12 @@ def rescreen(
         while done < len(ids):
             time.sleep(0.5)
             with sessions.begin() as session:
-                left = clinics.count_in_status(session, ids, waiting)
+                left = images.count_in_status(session, ids, waiting)
             now_done = len(ids) - left
             bar.update(now_done - done)
             done = now_done
     with sessions.begin() as session:
-        by_version = len(clinics.predicted_by(session, ids, version))
+        by_version = len(predictions.predicted_by(session, ids, version))
     typer.echo(f"re-screened {by_version} of {len(ids)} image(s) with model {version}")
     if by_version < len(ids):
         typer.echo(f"{len(ids) - by_version} image(s) have no prediction by {version}: rejected, "
@@ -119,13 +107,13 @@ def export(
 ) -> None:
     """Write the reviewed images as a training set: a folder per diagnosis, plus a CSV."""
     settings = load_settings()
-    from db import clinics, reviews
+    from db import reviews
     from db.session import make_session_factory
     from model.data import ISIC_CLASSES
 
     upgrade_schema(settings)
     with make_session_factory(settings.database).begin() as session:
-        images = clinics.reviewed_images(session)
+        images = reviews.reviewed_images(session)
         latest = reviews.latest_reviews(session, [image.id for image in images])
         found = [(image.sha256, image.source, image.location, latest[image.id])
                  for image in images if image.id in latest]

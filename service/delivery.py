@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import outbox
 from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
-from worker.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
-from worker.messages import AlertContent, ComposedMessage, FlaggedImage, case_url, compose_alert
-from worker.thresholds import threshold_sentence
+from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
+from service.messages import AlertContent, ComposedMessage, FlaggedImage, case_url, compose_alert
+from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
             url=case_url(public_url, item.sha256) if item.sha256 else None))
     content = AlertContent(images=images, model_version=items[0].model_version,
                            threshold=items[0].threshold, timezone=timezone,
-                           threshold_meaning=threshold_meaning, label=label)
+                           threshold_meaning=threshold_meaning, label=label,
+                           unusual=all(item.out_of_scope for item in items))
     return compose_alert(content, message_id=message_id, sender=sender, recipient=recipient)
 
 

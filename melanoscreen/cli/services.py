@@ -1,12 +1,10 @@
-"""The service's commands: up, watch, worker, beat, flower, status, results.
+"""The service's commands: up, watch, worker, beat, flower, migrate.
 
 Imports stay inside the commands so that `melanoscreen --help` is fast and never loads TensorFlow.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import secrets
@@ -20,35 +18,27 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from melanoscreen.console import (
+from melanoscreen.cli._common import (
     BROKER_FILE,
     SUPERVISOR_PID,
-    existing_data_folder,
+    broker_or_fail,
     fail,
     flower_password,
     hold_data_folder,
-    known_broker,
     load_settings,
     make_private,
+    ping_broker,
     upgrade_schema,
+    web_address,
+    web_secret,
     write_private,
 )
-from melanoscreen.text import printable
-from melanoscreen.web_cli import web_address, web_secret
 
 if TYPE_CHECKING:
+    from melanoscreen.cli.supervisor import Child
     from melanoscreen.settings import Settings
-    from melanoscreen.supervisor import Child
 
 logger = logging.getLogger(__name__)
-
-
-def _broker(settings: Settings) -> str:
-    broker = known_broker(settings)
-    if broker is None:
-        fail("MELANOSCREEN_BROKER_URL: not set, and no `melanoscreen up` is running in "
-             f"{settings.data_dir} (start one, or point this at your Redis)")
-    return broker
 
 
 def _prepare(settings: Settings) -> None:
@@ -97,7 +87,7 @@ def watch(polling: Annotated[bool, typer.Option(
     from scheduler.watcher import Watcher
 
     settings = load_settings()
-    producer = make_producer(_broker(settings), settings.visibility_timeout)
+    producer = make_producer(broker_or_fail(settings), settings.visibility_timeout)
     make_private(settings)
     hold_data_folder(settings, "watch")  # its descriptor stays open: held while we live
     _prepare(settings)
@@ -115,7 +105,7 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     from worker.celery_app import app
 
     settings = load_settings()
-    broker = _broker(settings)
+    broker = broker_or_fail(settings)
     _check_model(settings)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
@@ -147,7 +137,7 @@ def beat() -> None:
     from scheduler.queue import beat_schedule, make_producer, send_queue_digests
 
     settings = load_settings()
-    broker = _broker(settings)
+    broker = broker_or_fail(settings)
     make_private(settings)
     hold_data_folder(settings, "beat")  # its descriptor stays open: held while we live
     _prepare(settings)
@@ -183,22 +173,10 @@ def _check_port_free(setting: str, address: str, port: int) -> None:
                  "(another program has it?)")
 
 
-def _check_broker(broker: str) -> None:
-    """MELANOSCREEN_BROKER_URL must answer (a Redis URL is pinged)."""
-    if not broker.startswith(("redis://", "rediss://", "unix://")):
-        return
-    import redis
-
-    try:
-        redis.Redis.from_url(broker, socket_connect_timeout=3, socket_timeout=3).ping()
-    except (redis.RedisError, OSError) as exc:
-        fail(f"MELANOSCREEN_BROKER_URL: the broker does not answer: {exc}")
-
-
 def flower() -> None:
     """Run Flower (the live dashboard) on the same broker, its pages and API behind basic auth."""
     settings = load_settings()
-    broker = _broker(settings)
+    broker = broker_or_fail(settings)
     make_private(settings)
     dashboard = settings.flower
     _check_flower(settings)
@@ -237,7 +215,7 @@ def _consumes_the_queue(broker: str) -> Callable[[Child], bool]:
 
 def up() -> None:
     """Start everything: Redis (unless MELANOSCREEN_BROKER_URL), watcher, worker, beat, Flower."""
-    from melanoscreen.supervisor import Child, Supervisor, free_port, redis_argv, wait_for_redis
+    from melanoscreen.cli.supervisor import Child, Supervisor, free_port, redis_argv, wait_for_redis
 
     settings = load_settings()
     make_private(settings)
@@ -250,7 +228,7 @@ def up() -> None:
     if settings.redis_port and not settings.broker_url:
         _check_port_free("MELANOSCREEN_REDIS_PORT", "127.0.0.1", settings.redis_port)
     if settings.broker_url:
-        _check_broker(settings.broker_url)
+        ping_broker(settings.broker_url)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
     data_dir = settings.data_path
@@ -328,141 +306,7 @@ def _say_ready(settings: Settings, worker_child: Child, broker: str,
                f"{settings.flower.port}; review {web_address(settings)}")
 
 
-def _queue_length(broker: str | None) -> int | None:
-    if not broker or not broker.startswith(("redis://", "rediss://")):
-        return None
-    import redis
-
-    from melanoscreen.celeryconfig import QUEUE
-
-    try:
-        client = redis.Redis.from_url(broker, socket_connect_timeout=1, socket_timeout=1)
-        return int(client.llen(QUEUE))
-    except redis.RedisError:
-        return None
-
-
-def status(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-           = False) -> None:
-    """Images per state, flagged, queue length, alerts pending/sent/failed, the last digest."""
-    settings = load_settings()
-    from db import outbox, queries, reviews
-    from db.schema import ImageStatus, OutboxKind
-    from db.session import make_session_factory
-
-    data_dir = existing_data_folder(settings)
-    upgrade_schema(settings)
-    with make_session_factory(settings.database).begin() as session:
-        counts = queries.status_counts(session)
-        flagged = queries.flagged_count(session)
-        unreviewed = reviews.unreviewed_flagged_count(session)
-        out_of_scope = queries.out_of_scope_count(session)
-        duplicates = queries.duplicate_count(session)
-        alerts = outbox.outbox_counts(session, OutboxKind.ALERT)
-        digest_messages = outbox.outbox_counts(session, OutboxKind.DIGEST)
-        last = outbox.last_digest(session)
-    last_digest: dict[str, Any] | None = None if last is None else {
-        "date": last.day.isoformat(), "created_at": last.created_at.isoformat(),
-        "recipients": last.recipients}
-    report: dict[str, Any] = {
-        "counts": counts, "flagged": flagged, "queue_length": _queue_length(known_broker(settings)),
-        "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
-        "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients),
-        "out_of_scope": out_of_scope, "unreviewed_flagged": unreviewed, "data_dir": str(data_dir)}
-    if json_output:
-        typer.echo(json.dumps(report))
-        return
-    typer.echo(f"data folder: {data_dir}")
-    for name in (status.value for status in ImageStatus):
-        typer.echo(f"{name:<10}{counts.get(name, 0):>8}")
-    typer.echo(f"{'flagged':<10}{flagged:>8}  ({unreviewed} not reviewed)")
-    typer.echo(f"{'off-scope':<10}{out_of_scope:>8}  (not like a dermoscopic image: not alerted)")
-    typer.echo(f"{'duplicate':<10}{duplicates:>8}")
-    queue = report["queue_length"]
-    typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
-    typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items())
-               + ("" if settings.alert.anyone else "  (no recipients configured)"))
-    if last_digest is None:
-        typer.echo("last digest: none yet")
-    else:
-        typer.echo(f"last digest: {last_digest['date']} (written {last_digest['created_at'][:19]}, "
-                   f"{last_digest['recipients']} recipient(s))")
-
-
-def _parse_since(value: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--since: not an ISO date or time: {value!r}")
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def results(
-    since: Annotated[str | None, typer.Option(help="Only images received at or after this ISO "
-                                              "date/time (UTC unless it says otherwise).")] = None,
-    flagged: Annotated[bool, typer.Option("--flagged", help="Only flagged images.")] = False,
-    output_format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
-) -> None:
-    """Every image with its status and prediction."""
-    if output_format not in ("table", "csv", "json"):
-        fail("--format must be table, csv or json")
-    settings = load_settings()
-    from db import queries
-    from db.session import make_session_factory
-
-    when = _parse_since(since) if since else None
-    data_dir = existing_data_folder(settings)
-    upgrade_schema(settings)
-    with make_session_factory(settings.database).begin() as session:
-        found = queries.results(session, since=when, flagged_only=flagged)
-    rows = [row.to_json() for row in found]
-    if output_format != "json":
-        from model.scores import probability_text
-
-        # Written, not raw: p never reads like the threshold it was judged against (JSON keeps
-        # the floats). The CSV keeps a digit more than the table.
-        digits = 4 if output_format == "csv" else 3
-        for row, result in zip(rows, found, strict=True):
-            if result.melanoma_probability is not None:
-                row["melanoma_probability"] = probability_text(
-                    result.melanoma_probability, result.threshold, digits=digits)
-    if output_format == "json":
-        typer.echo(json.dumps(rows, indent=2))  # control characters come out as \u escapes
-    elif output_format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(queries.RESULT_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            # One cell for the latest review: its verdict (the JSON has the whole review).
-            row["review"] = row["review"]["verdict"] if row["review"] else ""
-            row["model_versions"] = " ".join(row["model_versions"])
-        writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
-    else:
-        typer.echo(f"data folder: {data_dir}")  # the machine formats stay pure CSV and JSON
-        typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
-        for row in rows:
-            p = row["melanoma_probability"]
-            mark = ("  ALERT" if row["flagged"] else
-                    "  OUT OF SCOPE (not like a dermoscopic image)" if row["out_of_scope"] else "")
-            if row["flag_changed"]:
-                mark += "  (flag changed by re-screen)"
-            detail = printable(row["predicted_class"] or row["reason"] or "")
-            typer.echo(f"{row['received_at'][:19]:<20} {row['status']:<10} {detail[:26]:<26} "
-                       f"{p or '':>7}  {printable(row['source'])}{mark}")
-
-
-#: A spreadsheet reads a cell that starts with one of these as a formula (or its start).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: Any) -> Any:
-    """A text cell a spreadsheet cannot run: a leading quote before a formula's first character,
-    and control characters escaped (the CSV is read on terminals too). Numbers stay numbers."""
-    if not isinstance(value, str):
-        return value
-    return printable("'" + value if value.startswith(_FORMULA_START) else value)
-
-
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the `melanoscreen` app."""
-    for command in (up, watch, worker, beat, flower, status, results, migrate):
+    for command in (up, watch, worker, beat, flower, migrate):
         app.command()(command)

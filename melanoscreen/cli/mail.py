@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, known_broker, load_settings, upgrade_schema
+from melanoscreen.cli._common import fail, known_broker, load_settings, upgrade_schema
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -24,7 +24,7 @@ def _digest_day(settings: Settings, value: str | None) -> date:
     from zoneinfo import ZoneInfo
 
     from db.schema import utcnow
-    from scheduler.digest import digest_due_dates
+    from service.digests import digest_due_dates
 
     at = settings.digest.time
     latest = digest_due_dates(None, utcnow(), at, ZoneInfo(settings.timezone))[-1]
@@ -57,8 +57,8 @@ def digest(
         fail("--today: the period so far can be shown or previewed, not sent or given a --date")
     settings = load_settings()
     from db.session import make_session_factory
-    from worker.digests import build_digest_content
-    from worker.messages import render_digest_html, render_digest_text
+    from service.digests import build_digest_content
+    from service.messages import render_digest_html, render_digest_text
 
     when = _digest_day(settings, day) + timedelta(days=1 if today else 0)
     upgrade_schema(settings)
@@ -80,8 +80,8 @@ def digest(
 
 def _send_digest(settings: Settings, sessions: sessionmaker[Session], when: date) -> None:
     from db.schema import utcnow
-    from worker.delivery import deliver_outbox
-    from worker.digests import take_and_write_digest
+    from service.delivery import deliver_outbox
+    from service.digests import take_and_write_digest
 
     if not settings.alert.anyone:
         fail("MELANOSCREEN_ALERT_RECIPIENTS: empty, so there is nobody to send the digest to")

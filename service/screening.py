@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import clinics, outbox, queries
-from db.schema import OutboxKind, Prediction, utcnow
+from db import images
+from db.predictions import predicted_by, previous_predictions
+from db.schema import Prediction, utcnow
 from melanoscreen.settings import Settings
-from worker.messages import alert_subject, new_alert_key, recipient_message_id
+from service.alerts import AlertTarget, write_routed_alerts
+from service.flags import flag_of
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -36,7 +38,8 @@ class BatchOutcome:
     skipped: int = 0  # already finished, or claimed by another delivery
     flagged: tuple[int, ...] = ()  # image ids whose melanoma probability reached the threshold
     alerts: tuple[int, ...] = ()  # outbox ids of the alert messages written for them
-    out_of_scope: tuple[int, ...] = ()  # image ids not like a dermoscopic image: never flagged
+    out_of_scope: tuple[int, ...] = ()  # image ids not like a dermoscopic image (flagged all the
+    # same when they reach the threshold: their alert says the score may be unreliable)
 
 
 def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:
@@ -66,7 +69,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
 
     now = utcnow()
     with sessions.begin() as session:
-        claimed = queries.claim_images(
+        claimed = images.claim_images(
             session, image_ids, token=token, now=now,
             stale_before=now - timedelta(seconds=settings.sweep.lease),
             max_attempts=settings.max_attempts)
@@ -81,9 +84,9 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
         with sessions.begin() as session:
             # A re-screen queued for a version that already screened the image (another worker's
             # model, a second `rescreen`): one prediction per image and version, so nothing new.
-            done = clinics.predicted_by(session, [i for i, _ in work], classifier.version)
+            done = predicted_by(session, [i for i, _ in work], classifier.version)
             for image_id in done:
-                clinics.finish_unchanged(session, image_id, token=token)
+                images.finish_unchanged(session, image_id, token=token)
         work = [(image_id, path) for image_id, path in work if image_id not in done]
         skipped += len(done)
         if not work:
@@ -93,7 +96,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
         per_image = (time.perf_counter() - started) / len(work)
     except Exception:
         with sessions.begin() as session:
-            queries.release_claims(session, [image_id for image_id, _ in work], token=token)
+            images.release_claims(session, [image_id for image_id, _ in work], token=token)
         raise
 
     threshold = settings.alert.threshold
@@ -107,8 +110,8 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
             logger.warning("image %d rejected: %s", image_id, answer.reason)
 
     screened = rejected = 0
-    flagged: list[tuple[int, int, float]] = []  # (image id, prediction id, melanoma probability)
-    new_flags: list[tuple[int, int, float]] = []  # flagged by this version, not by the one before
+    flagged: list[AlertTarget] = []
+    new_flags: list[AlertTarget] = []  # flagged by this version, not by the one before
     predictions: list[Prediction] = []
     alerts: list[int] = []
     out_of_scope: list[int] = []
@@ -116,23 +119,26 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     with sessions.begin() as session:
         for (image_id, _path), answer in zip(work, answers, strict=True):
             if isinstance(answer, DecodeError):
-                rejected += queries.finish_rejected(
+                rejected += images.finish_rejected(
                     session, image_id, token=token, now=finished, reason=answer.reason,
                     location=str(moved[image_id]))
                 continue
-            prediction = queries.finish_screened(
+            flag = flag_of(answer.melanoma_probability, threshold, out_of_scope=answer.out_of_scope)
+            prediction = images.finish_screened(
                 session, image_id, token=token, now=finished, model_version=classifier.version,
                 probabilities=dict(zip(classifier.classes, answer.probabilities, strict=True)),
                 melanoma_probability=answer.melanoma_probability,
                 predicted_class=answer.predicted_class, threshold=threshold, seconds=per_image,
-                out_of_scope=answer.out_of_scope, scope_distance=answer.scope_distance)
+                flagged=flag.flagged, out_of_scope=answer.out_of_scope,
+                scope_distance=answer.scope_distance)
             screened += prediction is not None
             if prediction is not None:
                 predictions.append(prediction)
             if prediction is not None and prediction.out_of_scope:
                 out_of_scope.append(image_id)
                 logger.warning("image %d is not like a dermoscopic image (scope distance %.3g): "
-                               "recorded, not alerted", image_id, answer.scope_distance)
+                               "its score may be unreliable%s", image_id, answer.scope_distance,
+                               "; alerted as an unusual picture" if prediction.flagged else "")
         flagged, new_flags = _first_and_new_flags(session, predictions)
         # Same transaction as the predictions: a flag is never stored without its alert.
         alerts, untold = write_routed_alerts(session, flagged, sources, settings=settings,
@@ -151,64 +157,26 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
 
 
 def _first_and_new_flags(session: Session, predictions: list[Prediction]
-                         ) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
-    """The flagged among new predictions: (first screens, re-screens whose flag is new), each as
-    (image id, prediction id, melanoma probability). A re-screen that keeps the flag alerts no
-    one again and keeps the image's review; one that loses it goes to the next digest."""
-    before = clinics.previous_predictions(session, predictions)
-    first: list[tuple[int, int, float]] = []
-    new: list[tuple[int, int, float]] = []
+                         ) -> tuple[list[AlertTarget], list[AlertTarget]]:
+    """The flagged among new predictions: (first screens, re-screens whose flag is new). A
+    re-screen that keeps the flag alerts no one again and keeps the image's review; one that
+    loses it goes to the next digest."""
+    before = previous_predictions(session, predictions)
+    first: list[AlertTarget] = []
+    new: list[AlertTarget] = []
     for prediction in predictions:
-        item = (prediction.image_id, prediction.id, prediction.melanoma_probability)
+        item = AlertTarget(prediction.image_id, prediction.id, prediction.melanoma_probability,
+                           unusual=prediction.flagged and prediction.out_of_scope)
         earlier = before.get(prediction.image_id)
         if earlier is None:
             if prediction.flagged:
                 first.append(item)
         elif prediction.flagged and not earlier.flagged:
             new.append(item)
-            clinics.reopen_escalation(session, prediction.image_id)
+            images.reopen_escalation(session, prediction.image_id)
         elif prediction.flagged == earlier.flagged:
-            clinics.keep_review_state(session, prediction.image_id)
+            images.keep_review_state(session, prediction.image_id)
     return first, new
-
-
-def write_routed_alerts(session: Session, flagged: list[tuple[int, int, float]],
-                        sources: dict[int, str], *, settings: Settings,
-                        threshold: float | None = None,
-                        label: str | None = None) -> tuple[list[int], int]:
-    """One alert per route among the flagged images (MELANOSCREEN_ALERT_ROUTES, longest prefix
-    wins; no route: the global recipients), each to its recipients; (outbox ids, images untold)."""
-    groups: dict[str | None, list[tuple[int, int, float]]] = {}
-    for item in flagged:
-        groups.setdefault(settings.alert.route_for(sources[item[0]]), []).append(item)
-    ids: list[int] = []
-    untold = 0
-    for route, items in groups.items():
-        recipients = settings.alert.routes[route] if route is not None else settings.alert.recipients
-        if not recipients:
-            untold += len(items)
-            continue
-        ids += write_alerts(session, items, sources, recipients=recipients, threshold=threshold,
-                            label=label)
-    return ids, untold
-
-
-def write_alerts(session: Session, flagged: list[tuple[int, int, float]], sources: dict[int, str],
-                 *, recipients: list[str], threshold: float | None = None,
-                 label: str | None = None) -> list[int]:
-    """One alert outbox row per recipient for the flagged images of one batch; their ids.
-    A `label` ('re-screen', 'reminder') marks an alert sent beside the first."""
-    key = new_alert_key()
-    subject = alert_subject([(sources[i], p) for i, _, p in flagged], threshold, label)
-    now = utcnow()
-    ids = []
-    for recipient in dict.fromkeys(recipients):
-        outbox_id = outbox.add_message(session, kind=OutboxKind.ALERT, recipient=recipient,
-                                       message_id=recipient_message_id(key, recipient),
-                                       subject=subject, now=now, label=label)
-        outbox.link_alert_images(session, outbox_id, [(i, pid) for i, pid, _ in flagged])
-        ids.append(outbox_id)
-    return ids
 
 
 def sweep_stale(sessions: sessionmaker[Session], *, stale_after: float,
@@ -217,8 +185,8 @@ def sweep_stale(sessions: sessionmaker[Session], *, stale_after: float,
     batches, marked as re-enqueued now."""
     now = utcnow()
     with sessions.begin() as session:
-        ids = queries.stale_image_ids(
+        ids = images.stale_image_ids(
             session, before=now - timedelta(seconds=stale_after),
             lease_before=None if lease is None else now - timedelta(seconds=lease))
-        queries.mark_enqueued(session, ids, now)
+        images.mark_enqueued(session, ids, now)
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

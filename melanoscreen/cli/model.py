@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from melanoscreen.console import fail, load_settings
+from melanoscreen.cli._common import fail, load_settings
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -233,6 +233,7 @@ def predict(
     """Print the nine class probabilities of each image (unreadable ones say why)."""
     from model.imaging import DecodeError
     from model.scores import probability_text, threshold_meaning, threshold_text
+    from service.flags import UNUSUAL_PICTURE, flag_of
 
     classifier = _load_classifier(model)
     threshold = classifier.threshold
@@ -249,8 +250,9 @@ def predict(
             "predicted_class": result.predicted_class,
             "melanoma_probability": result.melanoma_probability,
             "threshold": threshold,
-            # An image unlike any dermoscopic image is never alerted as melanoma.
-            "flagged": result.melanoma_probability >= threshold and not result.out_of_scope,
+            # The service's one rule: an out-of-scope image at the threshold is alerted too.
+            "flagged": flag_of(result.melanoma_probability, threshold,
+                               out_of_scope=result.out_of_scope).flagged,
             "out_of_scope": result.out_of_scope,
             "scope_distance": result.scope_distance,
             "probabilities": dict(zip(classifier.classes, result.probabilities, strict=True)),
@@ -274,7 +276,8 @@ def predict(
                 continue
             flag = "  ALERT" if row["flagged"] else ""
             if row["out_of_scope"]:
-                flag = "  OUT OF SCOPE (not like a dermoscopic lesion image; not screened)"
+                flag = (f"  {UNUSUAL_PICTURE.upper()}" if row["flagged"] else "  OUT OF SCOPE") + (
+                    " (unlike the images the model learnt from: its score may be unreliable)")
             typer.echo(f"{row['image']}: {row['predicted_class']}  melanoma "
                        f"p={probability_text(row['melanoma_probability'], threshold, digits=3)}"
                        f"{flag}")

@@ -6,12 +6,18 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
+from melanoscreen.text import printable
+
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from melanoscreen.settings import Settings
 
 
@@ -133,19 +139,6 @@ def _hold(data: Path, name: str, role: str) -> int:
     return fd
 
 
-def flower_password(settings: Settings) -> tuple[str, bool]:
-    """Flower's password: MELANOSCREEN_FLOWER_PASSWORD, else the one generated into the data
-    folder on first start (0600). Returns it and whether it was generated just now."""
-    if settings.flower.password is not None:
-        return settings.flower.password.get_secret_value(), False
-    path = settings.flower_password_file
-    if path.is_file():
-        return path.read_text().strip(), False
-    password = secrets.token_urlsafe(24)
-    write_private(path, password + "\n")
-    return password, True
-
-
 def upgrade_schema(settings: Settings) -> None:
     """Bring the schema to the latest revision, or fail with one line."""
     from db.migrate import upgrade
@@ -158,3 +151,78 @@ def upgrade_schema(settings: Settings) -> None:
         where = ("MELANOSCREEN_DATABASE_URL" if settings.database_url else
                  f"MELANOSCREEN_DATA_DIR: {settings.data_path / 'melanoscreen.db'}")
         fail(f"{where}: cannot open or upgrade the database: {str(exc).splitlines()[0]}")
+
+
+def parse_when(option: str, value: str | None) -> datetime | None:
+    """An ISO date or time given to `option` (UTC unless it says otherwise), else one error line."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option}: not an ISO date or time: {value!r}")
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def broker_or_fail(settings: Settings) -> str:
+    """The broker's URL (MELANOSCREEN_BROKER_URL or the running `up`'s), else one error line."""
+    broker = known_broker(settings)
+    if broker is None:
+        fail("MELANOSCREEN_BROKER_URL: not set, and no `melanoscreen up` is running in "
+             f"{settings.data_dir} (start one, or point this at your Redis)")
+    return broker
+
+
+def ping_broker(broker: str, timeout: float = 3.0) -> None:
+    """A Redis broker must answer a ping within `timeout` seconds, else one error line."""
+    if not broker.startswith(("redis://", "rediss://", "unix://")):
+        return
+    import redis
+
+    try:
+        redis.Redis.from_url(broker, socket_connect_timeout=timeout, socket_timeout=timeout).ping()
+    except (redis.RedisError, OSError) as exc:
+        fail(f"MELANOSCREEN_BROKER_URL: the broker does not answer: {exc}")
+
+
+def kept_secret(configured: SecretStr | None, path: Path, make: Callable[[], str]) -> tuple[str, bool]:
+    """A secret: the configured one, else the one kept at `path` (0600), else a new one from
+    `make`, kept there. Returns it and whether it was made just now."""
+    if configured is not None:
+        return configured.get_secret_value(), False
+    if path.is_file():
+        return path.read_text().strip(), False
+    secret = make()
+    write_private(path, secret + "\n")
+    return secret, True
+
+
+def flower_password(settings: Settings) -> tuple[str, bool]:
+    """Flower's password: MELANOSCREEN_FLOWER_PASSWORD, else the one generated into the data
+    folder on first start (0600). Returns it and whether it was generated just now."""
+    return kept_secret(settings.flower.password, settings.flower_password_file,
+                       lambda: secrets.token_urlsafe(24))
+
+
+def web_secret(settings: Settings) -> str:
+    """The key that signs session cookies: MELANOSCREEN_WEB_SECRET, else the one generated into
+    the data folder on first start (0600)."""
+    return kept_secret(settings.web.secret, settings.web_secret_file,
+                       lambda: secrets.token_urlsafe(48))[0]
+
+
+def web_address(settings: Settings) -> str:
+    """Where the review app answers (what `up` and `web` print)."""
+    return f"http://{settings.web.address}:{settings.web.port}"
+
+
+#: A spreadsheet reads a cell that starts with one of these as a formula (or its start).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet cannot run: a leading quote before a formula's first character,
+    and control characters escaped (the CSV is read on terminals too). Numbers stay numbers."""
+    if not isinstance(value, str):
+        return value
+    return printable("'" + value if value.startswith(_FORMULA_START) else value)

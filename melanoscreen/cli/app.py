@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from melanoscreen import alerts_cli, clinic_cli, health_cli, model_cli, service_cli, web_cli
+from melanoscreen.cli import clinic, health, mail, model, results, review, services
 from melanoscreen.text import printable
 
 app = typer.Typer(
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Each command module adds its commands; none of them imports this one back.
-for _commands in (model_cli, service_cli, alerts_cli, web_cli, clinic_cli, health_cli):
+for _commands in (model, services, results, mail, review, clinic, health):
     _commands.register(app)
 
 

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import clinics
+from db import images
 from melanoscreen.settings import Settings
-from worker.screening import write_alerts
+from service.alerts import AlertTarget, write_alerts
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,15 @@ def queue_due_escalations(sessions: sessionmaker[Session], settings: Settings, n
     reminded: list[int] = []
     outbox_ids: list[int] = []
     with sessions.begin() as session:
-        for image, prediction in clinics.due_for_escalation(session, screened_before=before):
-            if not clinics.take_escalation(session, image.id, now):
+        for image, prediction in images.due_for_escalation(session, screened_before=before):
+            if not images.take_escalation(session, image.id, now):
                 continue  # another run has it
             recipients = settings.alert.recipients_for(image.source) + settings.escalate_to
             if not recipients:
                 continue  # nobody to remind; taken all the same, so it is not tried every minute
             outbox_ids += write_alerts(
-                session, [(image.id, prediction.id, prediction.melanoma_probability)],
+                session, [AlertTarget(image.id, prediction.id, prediction.melanoma_probability,
+                                      unusual=prediction.out_of_scope)],
                 {image.id: image.source}, recipients=recipients, threshold=prediction.threshold,
                 label=REMINDER)
             reminded.append(image.id)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.console import fail, known_broker, load_settings
+from melanoscreen.cli._common import broker_or_fail, fail, load_settings, ping_broker
 
 if TYPE_CHECKING:
     from melanoscreen.settings import Settings
@@ -43,7 +43,7 @@ def _check_worker(settings: Settings) -> None:
     """A worker on this host answers a Celery ping through the broker."""
     from scheduler.queue import make_producer
 
-    broker = _broker_or_fail(settings)
+    broker = broker_or_fail(settings)
     host = socket.gethostname()
     try:
         replies = make_producer(broker).control.ping(timeout=PROBE_TIMEOUT)
@@ -71,7 +71,7 @@ def _check_beat(settings: Settings) -> None:
 
     from db.session import make_session_factory
 
-    _ping_broker(_broker_or_fail(settings))
+    ping_broker(broker_or_fail(settings), PROBE_TIMEOUT)
     try:
         with make_session_factory(settings.database).begin() as session:
             session.execute(text("SELECT 1"))
@@ -86,31 +86,12 @@ def _check_web(settings: Settings) -> None:
 
 def _check_flower(settings: Settings) -> None:
     """Flower answers its own /healthcheck (with the dashboard's login)."""
-    from melanoscreen.console import flower_password
+    from melanoscreen.cli._common import flower_password
 
     password, _ = flower_password(settings)
     login = base64.b64encode(f"{settings.flower.login}:{password}".encode()).decode()
     _get(f"http://127.0.0.1:{settings.flower.port}/healthcheck", "Flower",
          {"Authorization": f"Basic {login}"})
-
-
-def _broker_or_fail(settings: Settings) -> str:
-    broker = known_broker(settings)
-    if broker is None:
-        fail("MELANOSCREEN_BROKER_URL: not set")
-    return broker
-
-
-def _ping_broker(broker: str) -> None:
-    import redis
-
-    if not broker.startswith(("redis://", "rediss://", "unix://")):
-        return
-    try:
-        redis.Redis.from_url(broker, socket_connect_timeout=PROBE_TIMEOUT,
-                             socket_timeout=PROBE_TIMEOUT).ping()
-    except (redis.RedisError, OSError) as exc:
-        fail(f"MELANOSCREEN_BROKER_URL: the broker does not answer: {exc}")
 
 
 def _get(url: str, what: str, headers: dict[str, str] | None = None) -> None:

@@ -1,10 +1,11 @@
 """The nightly digest job: take each owed date's row, compose its emails, write them to the outbox.
 
 Plain functions over a session factory (the worker's `queue_digests` task and the
-`melanoscreen digest` command both call them); *when* a digest is owed is
-`scheduler.digest`'s answer. Exactly once per date: the `digests` row is the first statement of
-the transaction that also writes the outbox rows, so of two beats, workers or commands racing
-for one date exactly one inserts it; the other gets a unique violation and sends nothing.
+`melanoscreen digest` command both call them). *When* a digest is owed (which dates, which
+window each covers) is pure date math here too: dates and times in, dates and times out.
+Exactly once per date: the `digests` row is the first statement of the transaction that also
+writes the outbox rows, so of two beats, workers or commands racing for one date exactly one
+inserts it; the other gets a unique violation and sends nothing.
 Delivery happens after the commit, from the outbox.
 """
 
@@ -12,18 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import clinics, outbox, reviews
+from db import digests, outbox, reviews
 from db.schema import ImageStatus, OutboxKind
 from melanoscreen.settings import Settings
-from scheduler.digest import digest_due_dates, digest_period
-from worker.messages import (
+from service.messages import (
     MAX_DIGEST_THUMBNAILS,
     DigestContent,
     DigestImage,
@@ -37,9 +37,56 @@ from worker.messages import (
     digest_key,
     recipient_message_id,
 )
-from worker.thresholds import threshold_sentence
+from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
+
+#: At most this many owed days are caught up after a long outage (the newest ones).
+MAX_CATCH_UP_DAYS = 31
+
+
+def _instant(day: date, at: time, tz: ZoneInfo) -> datetime:
+    """The UTC instant of local wall-clock `day` `at`.
+
+    A time skipped by a spring-forward gap is read with the offset before the gap, so 02:30
+    becomes 03:30 (zoneinfo's fold=0); a time repeated on a fall-back night means its first
+    occurrence.
+    """
+    return datetime.combine(day, at.replace(tzinfo=None), tzinfo=tz).astimezone(UTC)
+
+
+def digest_period(day: date, digest_time: time, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """The UTC window the digest of `day` covers: the day before at digest time, to `day` at it."""
+    return _instant(day - timedelta(days=1), digest_time, tz), _instant(day, digest_time, tz)
+
+
+def digest_due_dates(last_sent: date | None, now: datetime, digest_time: time, tz: ZoneInfo,
+                     *, first_start: datetime | None = None) -> list[date]:
+    """The digest dates owed at `now`, oldest first: missed days are caught up, none is doubled.
+
+    Works on local calendar dates, so a 23- or 25-hour day neither skips nor repeats a digest.
+    With nothing sent yet, only the latest due digest is owed; after a long outage, at most the
+    last `MAX_CATCH_UP_DAYS`. With `first_start`, none for a window that ended before it (a
+    new install does not mail an empty digest of the day before it existed).
+    """
+    owed = _due_dates(last_sent, now, digest_time, tz)
+    if first_start is None:
+        return owed
+    return [day for day in owed if digest_period(day, digest_time, tz)[1] > first_start]
+
+
+def _due_dates(last_sent: date | None, now: datetime, digest_time: time, tz: ZoneInfo) -> list[date]:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    today = now.astimezone(tz).date()
+    latest = today if now >= _instant(today, digest_time, tz) else today - timedelta(days=1)
+    if last_sent is None:
+        return [latest]
+    owed = [last_sent + timedelta(days=n) for n in range(1, (latest - last_sent).days + 1)]
+    if len(owed) > MAX_CATCH_UP_DAYS:
+        logger.warning("%d digests owed; sending the last %d", len(owed), MAX_CATCH_UP_DAYS)
+    return owed[-MAX_CATCH_UP_DAYS:]
+
 
 
 #: A flagged image still unreviewed this long after it was screened heads the digest.
@@ -70,36 +117,37 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
                         url=case_url(public_url, image.sha256))
         for image in reviews.unreviewed_flagged_before(session, end - UNREVIEWED_AFTER)
         if ours(image.source)]
-    screened = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.SCREENED,))
+    screened = [i for i in digests.images_in_period(session, start, end, (ImageStatus.SCREENED,))
                 if ours(i.source)]
-    rejected = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.REJECTED,))
+    rejected = [i for i in digests.images_in_period(session, start, end, (ImageStatus.REJECTED,))
                 if ours(i.source)]
-    failed = [i for i in outbox.images_in_period(session, start, end, (ImageStatus.FAILED,))
+    failed = [i for i in digests.images_in_period(session, start, end, (ImageStatus.FAILED,))
               if ours(i.source)]
-    flagged = [(i, p) for i, p in outbox.flagged_in_period(session, start, end) if ours(i.source)]
+    flagged = [(i, p) for i, p in digests.flagged_in_period(session, start, end) if ours(i.source)]
     images = [
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
                     thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None,
-                    threshold=prediction.threshold, url=case_url(public_url, image.sha256))
+                    threshold=prediction.threshold, url=case_url(public_url, image.sha256),
+                    unusual=bool(prediction.out_of_scope))
         for rank, (image, prediction) in enumerate(flagged)
     ]
     out_of_scope = [OutOfScopeImage(source=image.source, received_at=image.received_at)
-                    for image, _ in outbox.out_of_scope_in_period(session, start, end)
+                    for image, _ in digests.out_of_scope_in_period(session, start, end)
                     if ours(image.source)]
     undelivered = [
         UndeliveredAlert(subject=row.subject, reason=row.last_error or "not delivered yet",
                          attempts=row.attempts)
-        for row in outbox.undelivered_alerts(session, start, end)
+        for row in digests.undelivered_alerts(session, start, end)
         if recipients is None or row.recipient in recipients
     ]
     lost_flags = [
         LostFlag(source=image.source, melanoma_probability=now.melanoma_probability,
                  model_version=now.model_version, earlier_probability=then.melanoma_probability,
                  earlier_version=then.model_version, url=case_url(public_url, image.sha256))
-        for image, now, then in clinics.lost_flags_in_period(session, start, end)
+        for image, now, then in digests.lost_flags_in_period(session, start, end)
         if ours(image.source)]
-    latest = outbox.latest_prediction_before(session, end)
+    latest = digests.latest_prediction_before(session, end)
     return DigestContent(
         day=day, period_start=start, period_end=end, timezone=timezone,
         screened=len(screened), flagged=len({image.id for image, _ in flagged}),
@@ -130,7 +178,7 @@ def take_and_write_digest(sessions: sessionmaker[Session], settings: Settings, d
     try:
         with sessions.begin() as session:
             # First statement of the transaction: the exactly-once guard (see the module doc).
-            outbox.take_digest(session, day=day, period_start=start, period_end=end,
+            digests.take_digest(session, day=day, period_start=start, period_end=end,
                                recipients=len(copies), now=now)
             contents: dict[str | None, DigestContent] = {}
             for route in dict.fromkeys(route for route, _ in copies):
@@ -180,7 +228,7 @@ def queue_due_digests(sessions: sessionmaker[Session], settings: Settings, now: 
     if not settings.alert.anyone:
         return []
     with sessions.begin() as session:
-        last = outbox.last_digest(session)
+        last = digests.last_digest(session)
         last_day = last.day if last else None
     written = []
     for day in digest_due_dates(last_day, now, settings.digest.time, ZoneInfo(settings.timezone),

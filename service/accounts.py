@@ -1,0 +1,126 @@
+"""Accounts of the review app: the one account rule (`AccountIn`), adding one, passwords
+(argon2id) and logins with their lock after wrong passwords. TensorFlow-free.
+
+The CLI (`melanoscreen users`) and the web form (`/users`) both take an account through
+`AccountIn`, so an address that is good enough for alerts (`melanoscreen.settings`'s one email
+rule: special-use domains such as `alice@clinic.local` are accepted) is good enough for a login.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db import accounts, audit
+from db.schema import Role, User
+from melanoscreen.settings import is_email_address
+
+#: The shortest password an account may have.
+MIN_PASSWORD = 10
+#: Who did it, in the audit log, when an account is changed from the command line.
+COMMAND_LINE = "(command line)"
+
+_HASHER = PasswordHasher()
+#: Verified against when the name is unknown, so that a wrong name takes as long as a wrong password.
+_DUMMY_HASH = _HASHER.hash("not a password of anyone")
+
+
+class AccountRefused(ValueError):
+    """Account details that cannot be stored; the message names the field, in one line."""
+
+
+class NameTaken(AccountRefused):
+    """An account with this name exists already."""
+
+
+def password_problem(password: str) -> str | None:
+    """What is wrong with this password, or None."""
+    if len(password) < MIN_PASSWORD:
+        return f"password: at least {MIN_PASSWORD} characters"
+    return None
+
+
+@dataclass(frozen=True)
+class AccountIn:
+    """A new account as given: checked once, here, for every entry point."""
+
+    name: str
+    email: str
+    password: str
+    role: Role
+
+    @classmethod
+    def parse(cls, name: str, email: str, password: str, role: str) -> AccountIn:
+        """The account, or AccountRefused naming what is wrong."""
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
+            raise AccountRefused("name: 1 to 64 letters, digits, '.', '_' or '-'")
+        if not is_email_address(email):
+            raise AccountRefused("email: not a valid address")
+        if role not in set(Role):
+            raise AccountRefused("role: reviewer or admin")
+        problem = password_problem(password)
+        if problem:
+            raise AccountRefused(problem)
+        return cls(name=name, email=email, password=password, role=Role(role))
+
+
+def add_account(session: Session, account: AccountIn, *, by: User | None, now: datetime) -> User:
+    """Store the account and its audit entry (`by`: the admin, None from the command line);
+    NameTaken when the name is in use."""
+    try:
+        with session.begin_nested():
+            user = accounts.add_user(session, name=account.name, email=account.email,
+                                     role=account.role, password_hash=hash_password(account.password),
+                                     now=now)
+    except IntegrityError:
+        raise NameTaken(f"a user named {account.name!r} exists already") from None
+    audit.audit(session, user=by, username=by.name if by else COMMAND_LINE, action="user_add",
+                now=now, detail=f"{account.name} ({account.role.value})")
+    return user
+
+
+def hash_password(password: str) -> str:
+    """The argon2id hash (PHC string) to store."""
+    return _HASHER.hash(password)
+
+
+def password_matches(stored_hash: str, password: str) -> bool:
+    """Whether `password` is the one `stored_hash` was made from."""
+    try:
+        return _HASHER.verify(stored_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+class LoginRefused(Exception):
+    """A login that did not succeed; the message is safe to show (it never says which part was wrong)."""
+
+
+def authenticate(session: Session, name: str, password: str, now: datetime) -> User:
+    """The user whose name and password these are, or LoginRefused.
+
+    Five wrong passwords in a row for a name lock it for a while (db.accounts.LOCK_FOR), even
+    for the right password; each attempt is written to the audit log.
+    """
+    user = accounts.find_user(session, name)
+    if user is None:
+        password_matches(_DUMMY_HASH, password)
+        audit.audit(session, user=None, username=name[:64], action="login_failed", now=now,
+                    detail="unknown name")
+        raise LoginRefused("wrong name or password")
+    if accounts.is_locked(user, now):
+        audit.audit(session, user=user, username=user.name, action="login_locked", now=now)
+        raise LoginRefused("too many wrong passwords: this account is locked for a while")
+    if not password_matches(user.password_hash, password) or not user.active:
+        if user.active:
+            accounts.record_login_failure(session, user, now)
+        audit.audit(session, user=user, username=user.name, action="login_failed", now=now,
+                    detail="locked" if accounts.is_locked(user, now) else None)
+        raise LoginRefused("wrong name or password")
+    accounts.record_login_success(session, user)
+    return user
