@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.data import MELANOMA
+from model.metrics import threshold_for_sensitivity
+
 
 def temperature_scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log(p) / T), row by row; shape (n, classes) in and out.
@@ -55,3 +58,32 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray,
             d = a + ratio * (b - a)
             fd = loss(d)
     return float(np.exp((a + b) / 2.0))
+
+
+def calibrate(held_out: np.ndarray, labels: np.ndarray, sources: list[str], batches: list[str],
+              classes: list[str], target_sensitivity: float) -> tuple[float, float, np.ndarray]:
+    """Temperature on held-out probabilities, then the threshold on same-source melanomas.
+
+    `held_out` has shape (n, classes), or (members, n, classes) for several members per image
+    (averaged after scaling, as the ensemble does). Returns (temperature, threshold, the scaled
+    probabilities). The threshold is the highest that reaches the target sensitivity both on
+    every melanoma against the benign lesions of its own source, and on the melanomas of each
+    acquisition batch against that batch's benign lesions (`model.data.batch_of`): the groups in
+    which the source cannot give the answer away.
+    A set without ISIC ids is one source.
+    """
+    temperature = fit_temperature(held_out, labels)
+    scaled = temperature_scale(held_out, temperature)
+    m = classes.index(MELANOMA)
+    is_mel = np.asarray(labels) == m
+    thresholds = []
+    for groups in (sources, batches):
+        group_array = np.asarray(groups)
+        for group in sorted(set(group_array[is_mel].tolist())):
+            inside = group_array == group
+            if (~is_mel[inside]).sum() >= 10:  # a group with benign lesions to tell apart
+                thresholds.append(threshold_for_sensitivity(
+                    is_mel[inside], scaled[inside, m], target_sensitivity))
+    if not thresholds:
+        thresholds.append(threshold_for_sensitivity(is_mel, scaled[:, m], target_sensitivity))
+    return temperature, min(thresholds), scaled

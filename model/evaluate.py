@@ -15,8 +15,8 @@ from model.inference import Classifier
 from model.labels import TEST_DATASET, read_labels, source_group
 from model.metrics import (
     by_source_figures,
-    expected_calibration_error,
     evaluate_predictions,
+    expected_calibration_error,
     image_statistics,
     melanoma_same_source,
     probe_auc,

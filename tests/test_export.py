@@ -22,7 +22,9 @@ from db.reviews import add_review
 from db.schema import Image, ImageStatus, Prediction, Role, Verdict
 from db.session import make_session_factory
 from model.data import ISIC_CLASSES, scan_folder
-from model.train import TrainConfig, scan_data, train
+from model.preparation import scan_data
+from model.recipe import TrainConfig
+from model.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 AT = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)

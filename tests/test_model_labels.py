@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from model.labels import TEST_DATASET, TEST_FOLD, LabelsError, grouped_folds, read_labels
-from model.train import TrainConfig, prepare
+from model.preparation import prepare
+from model.recipe import TrainConfig
 
 COLUMNS = ("file", "isic_id", "folder_class", "label", "label_source", "dataset", "lesion_id",
            "sha256")

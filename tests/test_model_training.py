@@ -17,7 +17,8 @@ from model.card import ModelCard, card_path_for, shipped_model_path
 from model.data import ISIC_CLASSES, sha256_file
 from model.imaging import DecodeError
 from model.inference import Classifier
-from model.train import TrainConfig, train
+from model.recipe import TrainConfig
+from model.train import train
 
 
 @pytest.mark.parametrize(("builder", "shape"), [(build_seed, (180, 180, 3)),

@@ -85,7 +85,8 @@ def train(
 ) -> None:
     """Train members, calibrate out of fold, write the model and its card (the shipped recipe
     unless told otherwise)."""
-    from model.train import TrainConfig, recalibrate
+    from model.recipe import TrainConfig
+    from model.train import recalibrate
     from model.train import train as run_training
 
     if calibrate_from is not None:

@@ -1,0 +1,82 @@
+"""A training recipe: everything that decides a run, recorded in the model card."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from model.architectures import DEFAULT_INPUT_SIZE
+from model.card import ModelCard
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; recorded in the card. The defaults are the
+    shipped model's recipe (data and the pretrained file's path aside)."""
+
+    #: One architecture, or several joined by "+" (one member of each per fold, averaged).
+    arch: str = "mobilenet"
+    epochs: int = 10
+    folds: int = 5
+    seed: int = 1337
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    target_sensitivity: float = 0.95
+    input_size: tuple[int, int] | None = None
+    #: Images are decoded this much larger than the input, so random crops keep detail.
+    load_scale: float = 1.125
+    source_balanced: bool = True
+    #: "heavy" erases acquisition cues (colour casts, blur, JPEG, vignettes, hairs); "mild" is
+    #: v1's (geometry, brightness and contrast only; the lesion's colours are kept).
+    augmentation: str = "moderate"
+    #: Train only the first `members` folds' members (0: one per fold); calibration and the
+    #: figures then use those folds' held-out images only.
+    members: int = 1
+    #: Put the early batch's first chunk of ids (`model.data.FIRST_CHUNK_IDS`) in fold 0 whole.
+    hold_out_chunk: bool = False
+    #: Ship only the first `ship_folds` folds' members (0: every member trained). The others
+    #: are trained only for their held-out predictions: the temperature, the threshold and the
+    #: card's figures use every trained fold's, so they rest on more images than one fold holds.
+    ship_folds: int = 0
+    #: Datasets (`labels.csv`'s `dataset`) put in fold 0 whole, beside fold 0's share of the
+    #: others: fold 0's member then meets them as a new clinic's images.
+    hold_out_datasets: tuple[str, ...] = ("ISIC2018-test",)
+    #: ImageNet weights for a `mobilenet` member (`model.pretrained`): the pinned package's source
+    #: distribution or its graph file. None: random initialisation.
+    pretrained: str | None = None
+    #: Epochs of linear learning-rate warm-up before the cosine decay.
+    warmup_epochs: int = 1
+    #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
+    #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
+    suspected_as_melanoma: bool = False
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> TrainConfig:
+        """The recipe a card's `training` block records (its figures and paths aside)."""
+        known = {name: value for name, value in card.training.items()
+                 if name in cls.__dataclass_fields__ and name != "pretrained"}
+        for name in ("input_size", "hold_out_datasets"):
+            if isinstance(known.get(name), list):
+                known[name] = tuple(known[name])
+        return cls(**known)
+
+    @property
+    def architectures(self) -> list[str]:
+        """The architectures `arch` names, in order."""
+        return self.arch.split("+")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Input (height, width): `input_size`, else the first architecture's default."""
+        return self.input_size or DEFAULT_INPUT_SIZE[self.architectures[0]]
+
+    def version(self, members: int, fingerprint: str, day: dt.date) -> str:
+        """The trained model's version: what it is, when, on which data, and a digest of every
+        setting, so that two runs that differ in any setting never share a version (predictions
+        are stored once per image and version)."""
+        settings = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return f"{self.arch}-x{members}-{day:%Y%m%d}-{fingerprint[:8]}-s{self.seed}-c{settings[:6]}"
