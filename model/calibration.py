@@ -76,14 +76,26 @@ def calibrate(held_out: np.ndarray, labels: np.ndarray, sources: list[str], batc
     scaled = temperature_scale(held_out, temperature)
     m = classes.index(MELANOMA)
     is_mel = np.asarray(labels) == m
+    return temperature, threshold_within_groups(scaled[:, m], is_mel, [sources, batches],
+                                                target_sensitivity), scaled
+
+
+def threshold_within_groups(melanoma_scores: np.ndarray, is_melanoma: np.ndarray,
+                            groupings: list[list[str]], target_sensitivity: float) -> float:
+    """The highest threshold that reaches the target sensitivity within every group, of every
+    grouping, that has melanomas and at least 10 benign lesions; over all images when none has.
+
+    `melanoma_scores` and `is_melanoma` have shape (n,); each grouping names every image's group.
+    """
     thresholds = []
-    for groups in (sources, batches):
+    for groups in groupings:
         group_array = np.asarray(groups)
-        for group in sorted(set(group_array[is_mel].tolist())):
+        for group in sorted(set(group_array[is_melanoma].tolist())):
             inside = group_array == group
-            if (~is_mel[inside]).sum() >= 10:  # a group with benign lesions to tell apart
+            if (~is_melanoma[inside]).sum() >= 10:  # a group with benign lesions to tell apart
                 thresholds.append(threshold_for_sensitivity(
-                    is_mel[inside], scaled[inside, m], target_sensitivity))
+                    is_melanoma[inside], melanoma_scores[inside], target_sensitivity))
     if not thresholds:
-        thresholds.append(threshold_for_sensitivity(is_mel, scaled[:, m], target_sensitivity))
-    return temperature, min(thresholds), scaled
+        thresholds.append(threshold_for_sensitivity(is_melanoma, melanoma_scores,
+                                                    target_sensitivity))
+    return min(thresholds)

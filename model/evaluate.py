@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from model.calibration import threshold_within_groups
 from model.data import HAM10000, ISIC_ARCHIVE, UNKNOWN_SOURCE, batch_of, scan_folder, source_of
 from model.imaging import DecodeError
 from model.inference import Classifier
@@ -105,6 +106,10 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
     if table:
         figures["by_dataset"] = by_dataset_figures(probs, y, sources, outside, classes,
                                                    classifier.threshold, seed=seed)
+        if only_sha256 is not None:  # images the model never trained on: thresholds mean something
+            figures["new_source"] = new_source_figures(
+                probs, y, sources, classes, classifier.card.training.get("hold_out_datasets", []),
+                classifier.card.target_sensitivity, seed=seed)
         test = figures["by_dataset"].get(TEST_DATASET)
         if test is not None:
             figures["isic2017_test"] = {**test, "challenge_best_auc": ISIC2017_CHALLENGE_BEST_AUC}
@@ -137,6 +142,32 @@ def by_dataset_figures(probabilities: np.ndarray, labels: np.ndarray, datasets: 
                                                                      labels[inside])[0],
             "out_of_scope": int(out_of_scope[inside].sum()),
         }
+    return out
+
+
+def new_source_figures(probabilities: np.ndarray, labels: np.ndarray, datasets: list[str],
+                       classes: list[str], held_out_whole: list[str], target_sensitivity: float, *,
+                       bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The threshold rule checked where the source gives nothing away: for each dataset that
+    training held out whole, the threshold that the other datasets' held-out images set (the
+    rule `model.calibration.calibrate` uses), and the sensitivity and specificity it reaches on
+    the held-out dataset, with 95% intervals. The test set sets nothing."""
+    m = classes.index("melanoma")
+    names = np.asarray(datasets)
+    melanoma = np.asarray(labels) == m
+    out: dict[str, dict[str, Any]] = {}
+    for name in held_out_whole:
+        inside = names == name
+        others = ~inside & (names != TEST_DATASET)
+        if not (melanoma[inside].any() and melanoma[others].any()):
+            continue
+        threshold = threshold_within_groups(probabilities[others, m], melanoma[others],
+                                            [list(names[others])], target_sensitivity)
+        figures = melanoma_same_source(probabilities[inside], labels[inside],
+                                       [name] * int(inside.sum()), classes, threshold,
+                                       bootstrap=bootstrap, seed=seed)
+        figures.pop("sources")
+        out[name] = {"threshold_from_other_datasets": threshold, **figures}
     return out
 
 

@@ -107,3 +107,53 @@ def test_the_threshold_is_written_unrounded_and_says_what_it_means() -> None:
     assert threshold_text(0.5) == "0.50"
     meaning = threshold_meaning({"melanoma_same_source": {"sensitivity": 0.953}}, 0.95)
     assert meaning.startswith("at this threshold the model caught 95% of melanomas in validation")
+
+
+def _scores(melanomas: list[float], benign: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray(melanomas + benign),
+            np.asarray([True] * len(melanomas) + [False] * len(benign)))
+
+
+def test_the_threshold_reaches_the_target_within_every_group_with_benign_lesions() -> None:
+    from model.calibration import threshold_within_groups
+
+    easy, easy_mel = _scores([0.9, 0.8, 0.7, 0.6], [0.1] * 12)
+    hard, hard_mel = _scores([0.5, 0.3, 0.2, 0.05], [0.2] * 12)
+    few, few_mel = _scores([0.01], [0.0] * 3)  # three benign lesions: sets nothing
+    scores = np.concatenate([easy, hard, few])
+    melanoma = np.concatenate([easy_mel, hard_mel, few_mel])
+    groups = ["easy"] * 16 + ["hard"] * 16 + ["few"] * 4
+
+    threshold = threshold_within_groups(scores, melanoma, [groups], 0.75)
+
+    assert threshold == 0.2  # the hard group's third melanoma; the easy group would allow 0.7
+    for name in ("easy", "hard"):
+        inside = np.asarray(groups) == name
+        caught = (scores[inside & melanoma] >= threshold).mean()
+        assert caught >= 0.75
+
+
+def test_the_threshold_is_checked_on_a_dataset_held_out_whole_and_set_by_the_others() -> None:
+    from model.data import ISIC_CLASSES
+    from model.evaluate import new_source_figures
+
+    m = ISIC_CLASSES.index("melanoma")
+    n = ISIC_CLASSES.index("nevus")
+    seen, seen_mel = _scores([0.9, 0.8, 0.7, 0.6, 0.5], [0.1] * 20)
+    new, new_mel = _scores([0.55, 0.4, 0.3, 0.2, 0.1], [0.05] * 10 + [0.45] * 10)
+    test, test_mel = _scores([0.01], [0.99] * 10)  # the test set must set nothing
+    scores = np.concatenate([seen, new, test])
+    labels = np.where(np.concatenate([seen_mel, new_mel, test_mel]), m, n)
+    probabilities = np.zeros((len(scores), len(ISIC_CLASSES)))
+    probabilities[:, m] = scores
+    probabilities[:, n] = 1 - scores
+    datasets = ["HAM10000"] * 25 + ["ISIC2018-test"] * 25 + ["ISIC2017-test"] * 11
+
+    figures = new_source_figures(probabilities, labels, datasets, list(ISIC_CLASSES),
+                                 ["ISIC2018-test"], 0.8, bootstrap=0)
+
+    row = figures["ISIC2018-test"]
+    assert row["threshold_from_other_datasets"] == 0.6  # HAM10000's fourth melanoma of five
+    assert row["melanomas"] == 5 and row["n"] == 25
+    assert row["sensitivity"] == 0.0  # the new source's melanomas all score below it
+    assert row["specificity"] == 1.0
