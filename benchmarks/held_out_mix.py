@@ -16,7 +16,8 @@ Each draw (with replacement) is scored as the test set is: melanomas caught of 1
 threshold, specificity over the other 102, melanoma AUC, balanced accuracy at argmax. The figures
 are the spread over draws: what one test set of this make-up would likely show, if the guess about
 its make-up holds. Several models on the same split run side by side (for instance the shipped
-model and an earlier one restored from git).
+model and an earlier one restored from git). The shipped model's held-out fold holds a fifth of
+the course set's lesions, the first stretch's among them, so it draws from those.
 
     python benchmarks/held_out_mix.py [--data ../shared/data/isic-train] [--draws 2000]
         [--threshold P] [MODEL ...]
@@ -51,8 +52,9 @@ MIX = {
     "squamous cell carcinoma": (16, "ham"),
     "vascular lesion": (3, "ham"),
 }
-#: What the issue asks of the test set: caught of 16, specificity, AUC and balanced accuracy.
-REQUIRED = {"caught": 14, "specificity": 0.60, "auc": 0.724, "balanced_accuracy": 0.479}
+#: What the test set must show: 15 of 16 melanomas emailed, specificity 0.40, AUC 0.80 (and the
+#: balanced accuracy the earlier models were held to).
+REQUIRED = {"caught": 15, "specificity": 0.40, "auc": 0.80, "balanced_accuracy": 0.479}
 
 
 def meets_requirement(key: str, values: np.ndarray) -> np.ndarray:
