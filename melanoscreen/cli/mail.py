@@ -57,8 +57,8 @@ def digest(
         fail("--today: the period so far can be shown or previewed, not sent or given a --date")
     settings = load_settings()
     from db.session import make_session_factory
+    from service.digest_message import render_digest_html, render_digest_text
     from service.digests import build_digest_content
-    from service.messages import render_digest_html, render_digest_text
 
     when = _digest_day(settings, day) + timedelta(days=1 if today else 0)
     upgrade_schema(settings)
