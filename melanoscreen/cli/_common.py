@@ -9,11 +9,9 @@ import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
-
-from melanoscreen.text import printable
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -214,15 +212,3 @@ def web_secret(settings: Settings) -> str:
 def web_address(settings: Settings) -> str:
     """Where the review app answers (what `up` and `web` print)."""
     return f"http://{settings.web.address}:{settings.web.port}"
-
-
-#: A spreadsheet reads a cell that starts with one of these as a formula (or its start).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: Any) -> Any:
-    """A text cell a spreadsheet cannot run: a leading quote before a formula's first character,
-    and control characters escaped (the CSV is read on terminals too). Numbers stay numbers."""
-    if not isinstance(value, str):
-        return value
-    return printable("'" + value if value.startswith(_FORMULA_START) else value)
