@@ -9,7 +9,7 @@ import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from pydantic import SecretStr
 
     from melanoscreen.settings import Settings
+
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -151,14 +153,19 @@ def upgrade_schema(settings: Settings) -> None:
         fail(f"{where}: cannot open or upgrade the database: {str(exc).splitlines()[0]}")
 
 
+def parse_option(option: str, value: str, parse: Callable[[str], T], what: str) -> T:
+    """`parse(value)` for `option`, else one error line saying the value is not `what`."""
+    try:
+        return parse(value)
+    except ValueError:
+        fail(f"{option}: not {what}: {value!r}")
+
+
 def parse_when(option: str, value: str | None) -> datetime | None:
     """An ISO date or time given to `option` (UTC unless it says otherwise), else one error line."""
     if value is None:
         return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"{option}: not an ISO date or time: {value!r}")
+    when = parse_option(option, value, datetime.fromisoformat, "an ISO date or time")
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
