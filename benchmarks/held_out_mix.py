@@ -51,7 +51,7 @@ MIX = {
     "squamous cell carcinoma": (16, "ham"),
     "vascular lesion": (3, "ham"),
 }
-#: What the issue asks of the test set: caught of 16, specificity, AUC and balanced accuracy.
+#: What is asked of the kept-aside test set: caught of 16, specificity, AUC and balanced accuracy.
 REQUIRED = {"caught": 14, "specificity": 0.60, "auc": 0.724, "balanced_accuracy": 0.479}
 
 
