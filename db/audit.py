@@ -1,7 +1,4 @@
-"""The audit log: who did what, when.
-
-Each function takes the session first and never commits (the caller owns the transaction).
-"""
+"""The audit log: who did what, when."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""A case: everything the case page shows about one image.
-
-Each function takes the session first and never commits (the caller owns the transaction).
-"""
+"""A case: everything the case page shows about one image."""
 
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
-"""The digest's queries: the row that takes a date, and what happened in its window.
-
-Each function takes the session first and never commits (the caller owns the transaction).
-"""
+"""The digest's queries: the row that takes a date, and what happened in its window."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.predictions import previous_predictions
@@ -44,22 +42,26 @@ def images_in_period(session: Session, start: datetime, end: datetime,
 def flagged_in_period(session: Session, start: datetime,
                       end: datetime) -> list[tuple[Image, Prediction]]:
     """Flagged predictions made in [start, end) with their images, highest probability first."""
-    return [(image, prediction) for image, prediction in session.execute(
-        select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
-        .where(Prediction.flagged.is_(True), Prediction.created_at >= start,
-               Prediction.created_at < end)
-        .order_by(Prediction.melanoma_probability.desc(), Image.id)
-    )]
+    return _predictions_in_period(session, start, end, Prediction.flagged.is_(True),
+                                  Prediction.melanoma_probability.desc())
 
 
 def out_of_scope_in_period(session: Session, start: datetime,
                            end: datetime) -> list[tuple[Image, Prediction]]:
     """Predictions made in [start, end) that marked their image out of scope, oldest first."""
+    return _predictions_in_period(session, start, end, Prediction.out_of_scope.is_(True),
+                                  Prediction.created_at.asc())
+
+
+def _predictions_in_period(session: Session, start: datetime, end: datetime,
+                           condition: ColumnElement[bool],
+                           order: ColumnElement[Any]) -> list[tuple[Image, Prediction]]:
+    """Predictions made in [start, end) that meet `condition`, with their images, in `order`
+    (then by image)."""
     return [(image, prediction) for image, prediction in session.execute(
         select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
-        .where(Prediction.out_of_scope.is_(True), Prediction.created_at >= start,
-               Prediction.created_at < end)
-        .order_by(Prediction.created_at, Image.id)
+        .where(condition, Prediction.created_at >= start, Prediction.created_at < end)
+        .order_by(order, Image.id)
     )]
 
 

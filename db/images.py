@@ -1,7 +1,4 @@
-"""Images and their life: intake, claims, finishing, the sweep, re-screens, reminders, counts.
-
-Each function takes the session first and never commits (the caller owns the transaction).
-"""
+"""Images and their life: intake, claims, finishing, the sweep, re-screens, reminders, counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Outbox, digest and delivery-attempt queries: each takes the session first and never commits."""
+"""Outbox, digest and delivery-attempt queries."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Predictions: an image's latest, the one before it, and its history of flags.
-
-Each function takes the session first and never commits (the caller owns the transaction).
-"""
+"""Predictions: an image's latest, the one before it, and its history of flags."""
 
 from __future__ import annotations
 

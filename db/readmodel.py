@@ -1,7 +1,5 @@
 """The one read model of an image: the image, its latest prediction, its latest review and the
 history of its predictions, as `results`, the worklist, the case page and the API show it.
-
-Each function takes the session first and never commits (the caller owns the transaction).
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
-"""Reviews: appending one, an image's reviews, the latest of each image, and the model's figures.
-
-Each function takes the session first and never commits (the caller owns the transaction).
-"""
+"""Reviews: appending one, an image's reviews, the latest of each image, and the model's figures."""
 
 from __future__ import annotations
 

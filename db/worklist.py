@@ -1,6 +1,4 @@
 """The worklist: a filtered, paged walk of the images in review order, and the clinics to filter by.
-
-Each function takes the session first and never commits (the caller owns the transaction).
 """
 
 from __future__ import annotations

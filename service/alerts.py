@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 from db import outbox
 from db.schema import OutboxKind, utcnow
 from melanoscreen.settings import Settings
-from service.messages import alert_subject, new_alert_key, recipient_message_id
+from service.alert_message import alert_subject, new_alert_key
+from service.messages import recipient_message_id
 
 
 class AlertTarget(NamedTuple):

@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import outbox
 from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
+from service.alert_message import AlertContent, FlaggedImage, compose_alert
 from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
-from service.messages import AlertContent, ComposedMessage, FlaggedImage, case_url, compose_alert
+from service.messages import ComposedMessage, case_url
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import digests, outbox, reviews
 from db.schema import ImageStatus, OutboxKind
 from melanoscreen.settings import Settings
-from service.messages import (
+from service.digest_message import (
     MAX_DIGEST_THUMBNAILS,
     DigestContent,
     DigestImage,
@@ -32,11 +32,10 @@ from service.messages import (
     OutOfScopeImage,
     UndeliveredAlert,
     UnreviewedImage,
-    case_url,
     compose_digest,
     digest_key,
-    recipient_message_id,
 )
+from service.messages import case_url, recipient_message_id
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)

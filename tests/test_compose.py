@@ -26,7 +26,7 @@ from compose_stack import (
     wait_for,
 )
 
-from melanoscreen.celeryconfig import SCREEN_BATCH
+from melanoscreen.celeryconfig import SCREEN_BATCH, SWEEP
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
@@ -163,6 +163,16 @@ def test_a_worker_container_killed_mid_batch_loses_nothing(stack: Stack) -> None
     assert stack.scalar("SELECT count(*) FROM images WHERE status <> 'screened'") == 0
 
 
+def _online_workers(stack: Stack) -> int:
+    """How many workers Flower sees answering now."""
+    return sum(1 for online in stack.flower("/api/workers?status=1").values() if online)
+
+
+def _sweeps_done(stack: Stack) -> int:
+    """How many sweeps finished since Flower started (it keeps no tasks across a restart)."""
+    return len(stack.flower(f"/api/tasks?taskname={SWEEP}&state=SUCCESS"))
+
+
 def test_down_and_up_keeps_the_results_and_screens_nothing_again(stack: Stack) -> None:
     facts = ("SELECT (SELECT count(*) FROM predictions), (SELECT max(created_at) FROM predictions), "
              "(SELECT sum(attempts) FROM images), (SELECT max(screened_at) FROM images)")
@@ -170,8 +180,11 @@ def test_down_and_up_keeps_the_results_and_screens_nothing_again(stack: Stack) -
     stack.down()
     took = stack.up(workers=3)
     print(f"\nup again in {took:.0f} s")
-    # Long enough for every worker to start and the sweep (every 15 s) to run at least twice.
-    time.sleep(35)
+    # Every worker back, and the sweep (every 15 s) run twice since: what the sweep would
+    # re-enqueue after a restart has had its chance to show.
+    wait_for(lambda: _online_workers(stack) == 3 and _sweeps_done(stack) >= 2, timeout=120,
+             what="three workers online and two sweeps done after up",
+             detail=lambda: f"{_online_workers(stack)} workers, {_sweeps_done(stack)} sweeps")
     assert stack.sql(facts) == before
     assert stack.scalar("SELECT count(*) FROM images WHERE status <> 'screened'") == 0
     # And it still works: one new image, screened once.

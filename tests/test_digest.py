@@ -26,9 +26,7 @@ from mail_fixtures import (
 from PIL import Image
 
 from melanoscreen.settings import SmtpSettings
-from service.digests import digest_due_dates, digest_period
-from service.mail import deliver
-from service.messages import (
+from service.digest_message import (
     DigestContent,
     DigestImage,
     FileProblem,
@@ -37,9 +35,11 @@ from service.messages import (
     compose_digest,
     digest_key,
     digest_subject,
-    recipient_message_id,
     render_digest_html,
 )
+from service.digests import digest_due_dates, digest_period
+from service.mail import deliver
+from service.messages import recipient_message_id
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")

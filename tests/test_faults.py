@@ -21,6 +21,9 @@ from tests.test_up import _env, _status
 
 pytestmark = pytest.mark.slow
 
+#: What the watcher logs each time a database or disk error pauses its intake.
+BACKED_OFF = "files stay in the inbox, trying again in"
+
 
 def _melanoscreen(env: dict[str, str], cwd: Path, *args: str,
                   timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -231,6 +234,7 @@ def test_a_full_data_folder_pauses_the_service_and_it_resumes_by_itself_when_fre
                 pass
         # The disk is full: renamed into place they are complete but cannot be recorded; and
         # drops written now fail and leave empty or cut-off files.
+        seen = len(log.read_text())
         for name in ready:
             (inbox / f".{name}").rename(inbox / name)
         failed = []
@@ -239,7 +243,11 @@ def test_a_full_data_folder_pauses_the_service_and_it_resumes_by_itself_when_fre
                 (inbox / f"late-{n:02d}.jpg").write_bytes(synthetic_jpeg(60_000 + n, (128, 128)))
             except OSError:
                 failed.append(f"late-{n:02d}.jpg")
-        time.sleep(8)
+        # The intake tried, failed and backed off, then tried again after its pause and failed
+        # again: what happens while the disk stays full has been seen.
+        wait_until(lambda: log.read_text()[seen:].count(BACKED_OFF) >= 2, timeout=60,
+                   interval=0.2, message=f"the intake backing off twice on the full disk\n"
+                                         f"{log.read_text()[-3000:]}")
         assert up.poll() is None
         assert all((inbox / name).exists() for name in ready)  # left in the inbox
         # Space comes back; nothing is restarted by hand.

@@ -30,6 +30,7 @@ from pydantic import SecretStr
 
 from melanoscreen.settings import SmtpSettings
 from model.data import ISIC_CLASSES as CLASSES
+from service.alert_message import AlertContent, FlaggedImage, compose_alert
 from service.mail import (
     PermanentMailError,
     TransientMailError,
@@ -37,14 +38,7 @@ from service.mail import (
     deliver,
     outbox_file_name,
 )
-from service.messages import (
-    DISCLAIMER,
-    AlertContent,
-    ComposedMessage,
-    FlaggedImage,
-    compose_alert,
-    recipient_message_id,
-)
+from service.messages import DISCLAIMER, ComposedMessage, recipient_message_id
 
 DOCTORS = ["dr.a@clinic.test", "dr.b@clinic.test"]
 SENDER = "melanoscreen@clinic.test"

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schema import Image, ImageStatus, Prediction
 from db.session import make_session_factory
 from model.card import ModelCard, card_path_for
+from service.digest_message import render_digest_text
 from service.digests import build_digest_content
-from service.messages import render_digest_text
 from tests.conftest import RedisServer, Service, start_service, synthetic_jpeg, wait_until
 
 DOCTOR = "derm@clinic.example"

@@ -19,7 +19,7 @@ from melanoscreen.settings import AlertSettings, Settings, SmtpSettings
 from service.digests import queue_due_digests
 from tests.conftest import RedisServer, Service, start_service, synthetic_jpeg, wait_until
 from tests.test_digest_job import DAY, berlin, body, deliver_all, job_settings, seed_day
-from tests.test_service_config import _clean_env
+from tests.test_settings_and_commands import _clean_env
 
 EVERYONE = "oncall@hospital.example"
 CLINIC_A = ("derm-a@clinic-a.example", "derm-b@clinic-a.example")

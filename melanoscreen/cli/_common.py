@@ -9,16 +9,16 @@ import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
-
-from melanoscreen.text import printable
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
 
     from melanoscreen.settings import Settings
+
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -153,14 +153,19 @@ def upgrade_schema(settings: Settings) -> None:
         fail(f"{where}: cannot open or upgrade the database: {str(exc).splitlines()[0]}")
 
 
+def parse_option(option: str, value: str, parse: Callable[[str], T], what: str) -> T:
+    """`parse(value)` for `option`, else one error line saying the value is not `what`."""
+    try:
+        return parse(value)
+    except ValueError:
+        fail(f"{option}: not {what}: {value!r}")
+
+
 def parse_when(option: str, value: str | None) -> datetime | None:
     """An ISO date or time given to `option` (UTC unless it says otherwise), else one error line."""
     if value is None:
         return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"{option}: not an ISO date or time: {value!r}")
+    when = parse_option(option, value, datetime.fromisoformat, "an ISO date or time")
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
@@ -214,15 +219,3 @@ def web_secret(settings: Settings) -> str:
 def web_address(settings: Settings) -> str:
     """Where the review app answers (what `up` and `web` print)."""
     return f"http://{settings.web.address}:{settings.web.port}"
-
-
-#: A spreadsheet reads a cell that starts with one of these as a formula (or its start).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: Any) -> Any:
-    """A text cell a spreadsheet cannot run: a leading quote before a formula's first character,
-    and control characters escaped (the CSV is read on terminals too). Numbers stay numbers."""
-    if not isinstance(value, str):
-        return value
-    return printable("'" + value if value.startswith(_FORMULA_START) else value)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from melanoscreen.cli._common import fail, known_broker, load_settings, upgrade_schema
+from melanoscreen.cli._common import fail, known_broker, load_settings, parse_option, upgrade_schema
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -30,10 +30,7 @@ def _digest_day(settings: Settings, value: str | None) -> date:
     latest = digest_due_dates(None, utcnow(), at, ZoneInfo(settings.timezone))[-1]
     if value is None:
         return latest
-    try:
-        day = date.fromisoformat(value)
-    except ValueError:
-        fail(f"--date: not a date (YYYY-MM-DD): {value!r}")
+    day = parse_option("--date", value, date.fromisoformat, "a date (YYYY-MM-DD)")
     if day > latest:
         fail(f"--date: the digest of {day} is not due yet (the latest due is {latest}, "
              f"at {at:%H:%M} {settings.timezone})")
@@ -57,8 +54,8 @@ def digest(
         fail("--today: the period so far can be shown or previewed, not sent or given a --date")
     settings = load_settings()
     from db.session import make_session_factory
+    from service.digest_message import render_digest_html, render_digest_text
     from service.digests import build_digest_content
-    from service.messages import render_digest_html, render_digest_text
 
     when = _digest_day(settings, day) + timedelta(days=1 if today else 0)
     upgrade_schema(settings)

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from melanoscreen.cli._common import (
-    csv_cell,
     existing_data_folder,
     fail,
     known_broker,
@@ -19,7 +18,7 @@ from melanoscreen.cli._common import (
     parse_when,
     upgrade_schema,
 )
-from melanoscreen.text import printable
+from melanoscreen.text import csv_cell, printable
 
 
 def _queue_length(broker: str | None) -> int | None:

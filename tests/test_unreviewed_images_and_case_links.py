@@ -12,8 +12,8 @@ from db import accounts, reviews
 from db.images import find_image_by_sha256
 from db.schema import Verdict
 from db.session import make_session_factory
+from service.digest_message import render_digest_html, render_digest_text
 from service.digests import build_digest_content
-from service.messages import render_digest_html, render_digest_text
 
 
 def test_flagged_images_unreviewed_after_a_day_head_the_digest_and_reviewed_ones_do_not(
