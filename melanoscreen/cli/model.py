@@ -110,7 +110,7 @@ def train(
                   else TrainConfig())
     except (OSError, ValueError, TypeError) as exc:
         fail(f"--config: cannot read a training recipe from {config}: {exc}")
-    given = {"arch": arch, "augmentation": augmentation, "epochs": epochs, "folds": folds,
+    given: dict[str, Any] = {"arch": arch, "augmentation": augmentation, "epochs": epochs, "folds": folds,
              "members": members, "hold_out_chunk": hold_out_chunk, "ship_folds": ship_folds,
              "hold_out_datasets": tuple(hold_out_dataset) if hold_out_dataset else None,
              "pretrained": str(pretrained) if pretrained else None,
