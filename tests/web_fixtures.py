@@ -92,6 +92,9 @@ class LiveApp:
         answer = client.post("/login", data={"name": name, "password": password,
                                              "csrf_token": token, "next": "/"})
         assert answer.status_code == 303, answer.text
+        # The session lives at its own secret path, where its cookie is scoped: the client's
+        # requests go there from now on.
+        client.base_url = httpx.URL(self.url + answer.headers["location"].rstrip("/"))
         return client
 
 

@@ -11,14 +11,11 @@ from typing import Annotated
 from fastapi import Depends, Form, HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import accounts
 from db.images import find_image_by_sha256
-from db.schema import Image, Role, User
+from db.schema import Image, Role, User, WebSession
 from service.accounts import LoginRefused, authenticate
 from web import security
-
-#: The session cookie's keys.
-USER_KEY = "uid"
-CSRF_KEY = "csrf"
 
 
 @dataclass(frozen=True)
@@ -78,23 +75,28 @@ def db_session(request: Request) -> Iterator[Session]:
 DbSession = Annotated[Session, Depends(db_session)]
 
 
-def _user_from_cookie(request: Request, session: Session) -> User | None:
-    user_id = request.session.get(USER_KEY)
-    if not isinstance(user_id, int):
-        return None
-    user = session.get(User, user_id)
-    if user is None or not user.active:
-        request.session.clear()
-        return None
-    return user
+def web_session(request: Request, session: Session) -> WebSession | None:
+    """The live server-side session of this request: its cookie, at its own secret path."""
+    if hasattr(request.state, "web_session"):
+        found: WebSession | None = request.state.web_session
+        return found
+    request.state.web_session = None
+    key = request.scope.get(security.SCOPE_KEY)
+    if key:
+        for token in security.cookie_values(request.headers.get("cookie"), security.SESSION_COOKIE):
+            live = accounts.find_session(session, token=token, path_key=key, now=now())
+            if live is not None:
+                request.state.web_session, request.state.session_user = live
+                break
+    return request.state.web_session
 
 
 def current_user(request: Request, session: DbSession) -> User:
-    """The logged-in user: by the session cookie, or (the API, for scripts) by HTTP Basic."""
-    user = _user_from_cookie(request, session)
-    if user is not None:
+    """The logged-in user: by the session (cookie at its path), or (the API, for scripts) by HTTP Basic."""
+    if web_session(request, session) is not None:
+        user: User = request.state.session_user
         return user
-    if request.url.path.startswith("/api/"):
+    if route_path(request).startswith("/api/"):
         credentials = security.parse_basic(request.headers.get("authorization"))
         if credentials is not None:
             try:
@@ -121,18 +123,38 @@ def admin_user(user: CurrentUser) -> User:
 AdminUser = Annotated[User, Depends(admin_user)]
 
 
+def route_path(request: Request) -> str:
+    """The path the routes see (without the session's `/s/<key>`)."""
+    return request.url.path[len(base_path(request)):]
+
+
+def base_path(request: Request) -> str:
+    """The session's secret path (`/s/<key>`), '' outside a session: links and redirects
+    start with it, so that the browser keeps sending the session's cookie."""
+    return str(request.scope.get("root_path", ""))
+
+
 def csrf_token(request: Request) -> str:
-    """This session's CSRF token for its forms (made on first use)."""
-    token = request.session.get(CSRF_KEY)
+    """The CSRF token for this page's forms: the session's, or before a login the login form's
+    (which the login page also sets as a cookie: double submit)."""
+    live: WebSession | None = getattr(request.state, "web_session", None)
+    if live is not None:
+        return live.csrf
+    token = getattr(request.state, "login_csrf", None)
     if not isinstance(token, str):
-        token = security.new_csrf_token()
-        request.session[CSRF_KEY] = token
+        given = request.cookies.get(security.LOGIN_COOKIE, "")
+        token = given if 30 <= len(given) <= 64 else security.new_token()
+        request.state.login_csrf = token
     return token
 
 
-def checked_form(request: Request, csrf: Annotated[str | None, Form(alias="csrf_token")] = None) -> None:
-    """Refuse a form whose CSRF token is missing or not this session's."""
-    if not security.csrf_matches(request.session.get(CSRF_KEY), csrf):
+def checked_form(request: Request, session: DbSession,
+                 csrf: Annotated[str | None, Form(alias="csrf_token")] = None) -> None:
+    """Refuse a form whose CSRF token is missing or not this session's (before a login: not the
+    login cookie's)."""
+    live = web_session(request, session)
+    expected = live.csrf if live is not None else request.cookies.get(security.LOGIN_COOKIE)
+    if not security.csrf_matches(expected, csrf):
         raise CsrfRefused()
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from db import audit, cases, readmodel, worklist
 from service.reviews import BadReview, store_review
 from web import security
-from web.deps import CSRF_KEY, CurrentUser, DbSession, image_or_404, now
+from web.deps import CurrentUser, DbSession, image_or_404, now, web_session
 from web.schemas import ReviewIn
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -59,8 +59,9 @@ def get_image(session: DbSession, user: CurrentUser, sha256: str) -> dict[str, A
 def post_review(request: Request, session: DbSession, user: CurrentUser, sha256: str,
                 review: ReviewIn) -> JSONResponse:
     """Append a review; a browser session (not HTTP Basic) must send its CSRF token in X-CSRF-Token."""
+    live = web_session(request, session)
     if not getattr(request.state, "basic_auth", False) and not security.csrf_matches(
-            request.session.get(CSRF_KEY), request.headers.get("x-csrf-token")):
+            live.csrf if live else None, request.headers.get("x-csrf-token")):
         return JSONResponse({"detail": "X-CSRF-Token header missing or stale"}, status_code=403)
     image = image_or_404(session, sha256)
     try:

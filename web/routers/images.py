@@ -13,7 +13,7 @@ from db import audit, cases, readmodel
 from db import worklist as worklist_queries
 from db.schema import ImageStatus, Verdict
 from web import files
-from web.deps import CurrentUser, DbSession, config, image_or_404, now
+from web.deps import CurrentUser, DbSession, base_path, config, image_or_404, now
 
 router = APIRouter(tags=["images"])
 PAGE_SIZE = 50
@@ -61,12 +61,13 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
     total = worklist_queries.worklist_count(session, where)
 
     def page_link(number: int) -> str:
-        return "/?" + urlencode({**params, "page": number})
+        return f"{base_path(request)}/?" + urlencode({**params, "page": number})
 
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return request.app.state.templates.TemplateResponse(request, "worklist.html", {
         "user": user, "rows": rows, "total": total, "page": page, "pages": pages, "params": params,
-        "my_clinics": where.prefixes, "all_link": "/?" + urlencode({**params, "all": "1"}),
+        "my_clinics": where.prefixes,
+        "all_link": f"{base_path(request)}/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
         "next": page_link(page + 1) if page < pages else None,
         "statuses": [s.value for s in ImageStatus], "clinics": worklist_queries.clinics(session),
