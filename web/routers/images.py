@@ -104,10 +104,13 @@ def image_file(session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """The image at full size."""
     image = image_or_404(session, sha256)
     try:
-        content, media_type = files.image_bytes(image.location)
+        media_type = files.browser_type(image.location)
+        if media_type is not None:
+            # Streamed from disk in chunks: a large file never sits in memory whole.
+            return _private(FileResponse(image.location, media_type=media_type))
+        return _private(Response(files.converted_png(image.location), media_type="image/png"))
     except files.NotShowable:
         raise HTTPException(404, "this file cannot be shown") from None
-    return _private(Response(content, media_type=media_type))
 
 
 @router.get("/images/{sha256}/thumbnail", summary="login: a thumbnail")
