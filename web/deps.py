@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import accounts
 from db.images import find_image_by_sha256
 from db.schema import Image, Role, User, WebSession
-from service.accounts import LoginRefused, authenticate
+from service.accounts import REFUSED, LoginRefused, authenticate
 from web import security
 
 
@@ -29,6 +30,17 @@ class WebConfig:
     session_seconds: int = 12 * 3600
     #: Set the cookie's Secure flag (the app is reached over HTTPS).
     secure_cookies: bool = False
+
+
+#: Password checks at once, per process: each argon2 check takes 64 MiB and a tenth of a second
+#: of a core, so a burst of guesses waits in line instead of taking memory (and no more of them
+#: are in flight than the lock can count).
+PASSWORD_CHECKS = threading.BoundedSemaphore(2)
+#: Seconds a login waits for its turn before it is refused.
+PASSWORD_CHECK_WAIT = 30.0
+#: `Sec-Fetch-Site` values of requests this app's own pages (or a person typing the address)
+#: make; browsers send the header, scripts do not.
+_OWN_SITE = frozenset({"same-origin", "none"})
 
 
 class LoginRequired(Exception):
@@ -100,7 +112,7 @@ def current_user(request: Request, session: DbSession) -> User:
         credentials = security.parse_basic(request.headers.get("authorization"))
         if credentials is not None:
             try:
-                user = authenticate(session, *credentials, now())
+                user = checked_login(request, session, *credentials)
             except LoginRefused:
                 # The failure count and the audit entry are kept: commit them, then refuse.
                 session.commit()
@@ -108,6 +120,26 @@ def current_user(request: Request, session: DbSession) -> User:
             request.state.basic_auth = True
             return user
     raise LoginRequired()
+
+
+def checked_login(request: Request, session: Session, name: str, password: str) -> User:
+    """`authenticate`, at most PASSWORD_CHECKS at a time, and never for a request that another
+    site's page (another port of this host included) made the browser send: such a request
+    neither logs in nor counts towards the lock, so no page can lock a reviewer out."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in _OWN_SITE:
+        raise LoginRefused(REFUSED)
+    if not PASSWORD_CHECKS.acquire(timeout=PASSWORD_CHECK_WAIT):
+        raise LoginRefused("too many logins at once: try again in a minute")
+    try:
+        try:
+            return authenticate(session, name, password, now())
+        finally:
+            # The count, the lock and the audit entry are committed before the next check
+            # starts: a check waiting in line sees them.
+            session.commit()
+    finally:
+        PASSWORD_CHECKS.release()
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

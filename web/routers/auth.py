@@ -9,9 +9,18 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
 from db import accounts, audit
-from service.accounts import LoginRefused, authenticate
+from service.accounts import LoginRefused
 from web import security
-from web.deps import CheckedForm, DbSession, base_path, config, csrf_token, now, web_session
+from web.deps import (
+    CheckedForm,
+    DbSession,
+    base_path,
+    checked_login,
+    config,
+    csrf_token,
+    now,
+    web_session,
+)
 
 router = APIRouter(tags=["auth"])
 
@@ -46,7 +55,7 @@ def login(request: Request, session: DbSession, name: Annotated[str, Form()],
     """Check the name and password; on success a new server-side session at its own secret path
     (`/s/<key>/`, where its cookie is scoped), else the form again."""
     try:
-        user = authenticate(session, name, password, now())
+        user = checked_login(request, session, name, password)
     except LoginRefused as refused:
         session.commit()  # the failure count and the audit entry stay
         return _login_page(request, error=str(refused), next_path=_safe_next(next), status=401)
