@@ -43,6 +43,12 @@ PASSWORD_CHECK_WAIT = 30.0
 _OWN_SITE = frozenset({"same-origin", "none"})
 
 
+#: The largest page number and offset a list takes: past them a request is refused (422) rather
+#: than handed to the database as a number it cannot hold.
+MAX_PAGE = 1_000_000
+MAX_OFFSET = 100_000_000
+
+
 class LoginRequired(Exception):
     """No valid login: pages redirect to /login, the API answers 401."""
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from db import audit, cases, readmodel, worklist
 from service.reviews import BadReview, store_review
 from web import security
-from web.deps import CurrentUser, DbSession, image_or_404, now, web_session
+from web.deps import MAX_OFFSET, CurrentUser, DbSession, image_or_404, now, web_session
 from web.schemas import ReviewIn
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -23,7 +23,7 @@ def _items(session: DbSession, images: list[Any]) -> list[dict[str, Any]]:
 @router.get("/images", summary="login: images, paged (results fields plus review)")
 def list_images(session: DbSession, user: CurrentUser, flagged: bool | None = None,
                 reviewed: bool | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> dict[str, Any]:
     """Images in the worklist's order: `items` (the `results --format json` fields plus
     `review`), and `total`, `limit`, `offset`."""
     where = worklist.WorklistFilter(flagged=flagged, reviewed=reviewed)

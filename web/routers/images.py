@@ -13,7 +13,7 @@ from db import audit, cases, readmodel
 from db import worklist as worklist_queries
 from db.schema import ImageStatus, Verdict
 from web import files
-from web.deps import CurrentUser, DbSession, base_path, config, image_or_404, now
+from web.deps import MAX_PAGE, CurrentUser, DbSession, base_path, config, image_or_404, now
 
 router = APIRouter(tags=["images"])
 PAGE_SIZE = 50
@@ -51,6 +51,8 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
         page = max(1, int(request.query_params.get("page", "1")))
     except ValueError:
         page = 1
+    if page > MAX_PAGE:
+        raise HTTPException(422, f"page: at most {MAX_PAGE}")
     where = parse_filter(params)
     # A reviewer given clinics (`users set-prefixes`) sees theirs unless they pick one or all.
     mine = tuple(p for p in user.prefixes.split("\n") if p)
