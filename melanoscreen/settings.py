@@ -173,6 +173,10 @@ class WebSettings(BaseModel):
     secret: SecretStr | None = None
     #: How long (seconds) a login lasts.
     session_hours: float = Field(default=12.0, gt=0.0)
+    #: `open`: a reviewer's clinics (`users set-prefixes`) are the worklist's default filter and
+    #: every reviewer may open every case; `enforced`: a reviewer with clinics sees, opens,
+    #: downloads and reviews only their clinics' images, in pages, files and API alike.
+    clinic_access: Literal["open", "enforced"] = "open"
 
 
 class BatchSettings(BaseModel):

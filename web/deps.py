@@ -30,6 +30,8 @@ class WebConfig:
     session_seconds: int = 12 * 3600
     #: Set the cookie's Secure flag (the app is reached over HTTPS).
     secure_cookies: bool = False
+    #: `open` or `enforced` (MELANOSCREEN_WEB_CLINIC_ACCESS): see `clinics_of`.
+    clinic_access: str = "open"
 
 
 #: Password checks at once, per process: each argon2 check takes 64 MiB and a tenth of a second
@@ -199,9 +201,27 @@ def checked_form(request: Request, session: DbSession,
 CheckedForm = Depends(checked_form)
 
 
-def image_or_404(session: Session, sha256: str) -> Image:
-    """The image with this content, else 404."""
+def clinics_of(request: Request, user: User) -> tuple[str, ...] | None:
+    """The source prefixes this user may see, or None for every image: with clinic access
+    `enforced`, a reviewer given clinics sees only theirs; admins, reviewers without clinics
+    and every user under `open` access see every image."""
+    if config(request).clinic_access != "enforced" or user.role == Role.ADMIN:
+        return None
+    return tuple(p for p in user.prefixes.split("\n") if p) or None
+
+
+def may_see(request: Request, user: User, image: Image) -> bool:
+    """Whether this user may open this image (clinic access, see `clinics_of`)."""
+    clinics = clinics_of(request, user)
+    return clinics is None or image.source.startswith(clinics)
+
+
+def image_or_404(session: Session, sha256: str, request: Request | None = None,
+                 user: User | None = None) -> Image:
+    """The image with this content, else 404; also 404 (never 403: it would say the image
+    exists) when `user` may not see it."""
     image = find_image_by_sha256(session, sha256)
-    if image is None:
+    if image is None or (request is not None and user is not None
+                         and not may_see(request, user, image)):
         raise HTTPException(404, "no such image")
     return image

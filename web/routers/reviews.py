@@ -20,7 +20,7 @@ def review_form(request: Request, session: DbSession, user: CurrentUser, sha256:
                 verdict: Annotated[str, Form()], diagnosis: Annotated[str, Form()] = "",
                 note: Annotated[str, Form()] = "") -> Response:
     """Store the form's review and go back to the case page."""
-    image = image_or_404(session, sha256)
+    image = image_or_404(session, sha256, request, user)
     try:
         review = ReviewIn(verdict=verdict, diagnosis=diagnosis or None, note=note)  # type: ignore[arg-type]
         store_review(session, image, user, verdict=review.verdict, diagnosis=review.diagnosis,
