@@ -5,12 +5,13 @@ Each function takes the session first and never commits (the caller owns the tra
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import case, delete, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import Role, User
+from db.schema import Role, User, WebSession
 
 #: Wrong passwords in a row after which an account is locked, and for how long.
 MAX_FAILED_LOGINS = 5
@@ -45,12 +46,22 @@ def is_locked(user: User, now: datetime) -> bool:
 
 
 def record_login_failure(session: Session, user: User, now: datetime) -> None:
-    """One more wrong password; the fifth in a row locks the account for LOCK_FOR."""
-    user.failed_logins += 1
-    if user.failed_logins >= MAX_FAILED_LOGINS:
-        user.locked_until = now + LOCK_FOR
-        user.failed_logins = 0
-    session.flush()
+    """One more wrong password; the fifth in a row locks the account for LOCK_FOR.
+
+    Counted and locked in one UPDATE on the row's current value: concurrent wrong passwords
+    each count (a read-modify-write here lost most of forty parallel guesses)."""
+    locks = User.failed_logins + 1 >= MAX_FAILED_LOGINS
+    session.execute(
+        update(User).where(User.id == user.id)
+        .values(failed_logins=case((locks, 0), else_=User.failed_logins + 1),
+                locked_until=case((locks, now + LOCK_FOR), else_=User.locked_until))
+        .execution_options(synchronize_session=False))
+    session.refresh(user)
+
+
+def reload(session: Session, user: User) -> None:
+    """Read the account's row again (its count and lock, as other logins left them)."""
+    session.refresh(user)
 
 
 def record_login_success(session: Session, user: User) -> None:
@@ -59,3 +70,46 @@ def record_login_success(session: Session, user: User) -> None:
         user.failed_logins = 0
         user.locked_until = None
         session.flush()
+
+def credential_stamp(user: User) -> str:
+    """What a session remembers of the password it was made with (a new one ends it)."""
+    return hashlib.sha256(user.password_hash.encode()).hexdigest()
+
+
+def token_hash(token: str) -> str:
+    """How a session's cookie token is stored: its SHA-256, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def add_session(session: Session, user: User, *, token: str, path_key: str, csrf: str,
+                now: datetime, lifetime: timedelta) -> WebSession:
+    """A new login of `user`; expired sessions (of anyone) go at the same time."""
+    session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+    web_session = WebSession(token_hash=token_hash(token), path_key=path_key, user_id=user.id,
+                             csrf=csrf, credential_stamp=credential_stamp(user), created_at=now,
+                             expires_at=now + lifetime)
+    session.add(web_session)
+    session.flush()
+    return web_session
+
+
+def find_session(session: Session, *, token: str, path_key: str,
+                 now: datetime) -> tuple[WebSession, User] | None:
+    """The live session with this token at this path, and its user; None when it was ended,
+    expired, made with a password since changed, or its account is disabled."""
+    found = session.execute(
+        select(WebSession, User).join(User, User.id == WebSession.user_id)
+        .where(WebSession.token_hash == token_hash(token), WebSession.path_key == path_key,
+               WebSession.expires_at > now)).one_or_none()
+    if found is None:
+        return None
+    web_session, user = found.tuple()
+    if not user.active or web_session.credential_stamp != credential_stamp(user):
+        return None
+    return web_session, user
+
+
+def end_session(session: Session, web_session_id: int) -> None:
+    """Log out: the session is gone for good."""
+    session.execute(delete(WebSession).where(WebSession.id == web_session_id))
+

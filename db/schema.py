@@ -317,3 +317,22 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))  # view_image, review, login, login_failed, ...
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), default=None, index=True)
     detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class WebSession(Base):
+    """A review-app login, kept on the server so that logging out, a new password or a disabled
+    account ends it; the browser holds only a random token, at a path only this session uses."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: SHA-256 (hex) of the cookie's token: a copy of the table logs nobody in.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The secret path segment (`/s/<path_key>/`) the cookie is scoped to.
+    path_key: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    #: SHA-256 (hex) of the user's password hash at login: a new password ends the session.
+    credential_stamp: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -173,6 +173,10 @@ class WebSettings(BaseModel):
     secret: SecretStr | None = None
     #: How long (seconds) a login lasts.
     session_hours: float = Field(default=12.0, gt=0.0)
+    #: `open`: a reviewer's clinics (`users set-prefixes`) are the worklist's default filter and
+    #: every reviewer may open every case; `enforced`: a reviewer with clinics sees, opens,
+    #: downloads and reviews only their clinics' images, in pages, files and API alike.
+    clinic_access: Literal["open", "enforced"] = "open"
 
 
 class BatchSettings(BaseModel):
@@ -229,6 +233,9 @@ class Settings(BaseSettings):
     #: must stay unchanged before it is taken without a close-after-write event.
     rescan_interval: float = Field(default=30.0, gt=0.0)
     stable_seconds: float = Field(default=2.0, ge=0.0)
+    #: The largest inbox file that is read (bytes), checked from its size before any byte is
+    #: read or copied: dermoscopy images are a few megabytes; a shared inbox may hold anything.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     worker_concurrency: int | None = Field(default=None, ge=1)
     #: Redis visibility timeout (seconds): longer than the longest screening task.
     visibility_timeout: int = Field(default=3600, ge=60)

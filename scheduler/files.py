@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -27,8 +28,47 @@ _STORE_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 _CHUNK = 1 << 20
 
 
+#: Folders below the inbox that are watched and scanned; deeper ones are skipped (a shared inbox
+#: may hold a folder thousands deep: it must cost nothing, nor stop the intake).
+MAX_DEPTH = 16
+
+
 class ReplacedWhileReading(OSError):
     """The inbox name was swapped for another file (or a link) while we read it."""
+
+
+class TooLarge(OSError):
+    """The file is over the size limit (MELANOSCREEN_MAX_FILE_BYTES): it is not read further."""
+
+
+def inbox_folders(root: Path, max_depth: int = MAX_DEPTH,
+                  too_deep: Callable[[Path], None] | None = None) -> Iterator[tuple[Path, int, list[str]]]:
+    """(folder, depth, names of its files) for `root` (depth 0) and every folder below it down to
+    `max_depth`, without following links or entering hidden folders; iterative, so a deep tree
+    costs no stack. A folder deeper than that is not entered: `too_deep(folder)` is called."""
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        files: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if entry.name.startswith("."):
+                                continue
+                            if depth >= max_depth:
+                                if too_deep is not None:
+                                    too_deep(Path(entry.path))
+                                continue
+                            stack.append((Path(entry.path), depth + 1))
+                        else:
+                            files.append(entry.name)
+                    except OSError:
+                        continue
+        except OSError:
+            continue  # gone, or not ours to read
+        yield folder, depth, files
 
 
 def is_ignored(relative: PurePath) -> bool:
@@ -136,6 +176,7 @@ class InboxFile:
     info: os.stat_result  # fstat of the open file
     sha256: str = ""
     staged: Path | None = None  # the private copy, when the file itself is not moved
+    read_bytes: int = 0  # how much was read (hashed, copied) so far
     moved: bool = field(default=False, init=False)
 
     @property
@@ -249,11 +290,14 @@ def _open_folder(inbox: Path, parts: tuple[str, ...]) -> int | None:
     return folder
 
 
-def open_inbox_file(inbox: Path, relative: PurePath, staging_dir: Path) -> InboxFile | None:
+def open_inbox_file(inbox: Path, relative: PurePath, staging_dir: Path,
+                    max_bytes: int | None = None) -> InboxFile | None:
     """Open and hash the inbox file `relative`; None when it is gone, a link or not a regular file.
 
     A regular file of ours with one link is hashed in place and later renamed; anything else
-    (other hard links, another owner) is copied into `staging_dir` while it is hashed.
+    (other hard links, another owner) is copied into `staging_dir` while it is hashed. A file
+    over `max_bytes` (by fstat, or while it is read: it may grow) raises TooLarge, with
+    nothing copied beyond the limit.
     """
     folder = _open_folder(inbox, relative.parts[:-1])
     if folder is None:
@@ -272,11 +316,15 @@ def open_inbox_file(inbox: Path, relative: PurePath, staging_dir: Path) -> Inbox
         os.close(folder)
         return None
     opened = InboxFile(inbox / relative, folder, relative.name, fd, info)
+    limit = max_bytes if max_bytes is not None else -1
     try:
+        if limit >= 0 and info.st_size > limit:
+            raise TooLarge(errno.EFBIG, f"{info.st_size} bytes, over the limit of {limit}")
         digest = hashlib.sha256()
         if info.st_nlink == 1 and info.st_uid == os.geteuid():
             while chunk := os.read(fd, _CHUNK):
                 digest.update(chunk)
+                _check_limit(opened, limit, len(chunk))
         else:
             staging_dir.mkdir(parents=True, exist_ok=True)
             staged = staging_dir / f"{os.getpid()}-{info.st_ino}.part"
@@ -285,6 +333,7 @@ def open_inbox_file(inbox: Path, relative: PurePath, staging_dir: Path) -> Inbox
             opened.staged = staged
             try:
                 while chunk := os.read(fd, _CHUNK):
+                    _check_limit(opened, limit, len(chunk))
                     digest.update(chunk)
                     os.write(out, chunk)
                 os.fsync(out)
@@ -300,3 +349,10 @@ def open_inbox_file(inbox: Path, relative: PurePath, staging_dir: Path) -> Inbox
             opened.staged.unlink(missing_ok=True)
         raise
     return opened
+
+
+def _check_limit(opened: InboxFile, limit: int, more: int) -> None:
+    """Count bytes read; TooLarge as soon as they pass the limit (a file that grew meanwhile)."""
+    opened.read_bytes += more
+    if 0 <= limit < opened.read_bytes:
+        raise TooLarge(errno.EFBIG, f"grew past the limit of {limit} bytes while it was read")

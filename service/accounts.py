@@ -98,29 +98,40 @@ def password_matches(stored_hash: str, password: str) -> bool:
 
 
 class LoginRefused(Exception):
-    """A login that did not succeed; the message is safe to show (it never says which part was wrong)."""
+    """A login that did not succeed; the message is safe to show (it never says which part was
+    wrong, nor whether the name exists or is locked)."""
+
+
+#: The one answer to every refused login: a locked name answers exactly as a wrong password
+#: (and takes as long), so the lock tells nobody which names exist.
+REFUSED = ("wrong name or password (after 5 wrong passwords a name waits 15 minutes; "
+           "an admin can let it in at once with `melanoscreen users set-password`)")
 
 
 def authenticate(session: Session, name: str, password: str, now: datetime) -> User:
     """The user whose name and password these are, or LoginRefused.
 
     Five wrong passwords in a row for a name lock it for a while (db.accounts.LOCK_FOR), even
-    for the right password; each attempt is written to the audit log.
+    for the right password; each attempt is written to the audit log. Every refusal says the
+    same and costs one password check, whatever the reason.
     """
     user = accounts.find_user(session, name)
     if user is None:
         password_matches(_DUMMY_HASH, password)
         audit.audit(session, user=None, username=name[:64], action="login_failed", now=now,
                     detail="unknown name")
-        raise LoginRefused("wrong name or password")
+        raise LoginRefused(REFUSED)
+    right = password_matches(user.password_hash, password)
+    # Re-read the row: concurrent wrong guesses may have locked it while the password was checked.
+    accounts.reload(session, user)
     if accounts.is_locked(user, now):
         audit.audit(session, user=user, username=user.name, action="login_locked", now=now)
-        raise LoginRefused("too many wrong passwords: this account is locked for a while")
-    if not password_matches(user.password_hash, password) or not user.active:
+        raise LoginRefused(REFUSED)
+    if not right or not user.active:
         if user.active:
             accounts.record_login_failure(session, user, now)
         audit.audit(session, user=user, username=user.name, action="login_failed", now=now,
                     detail="locked" if accounts.is_locked(user, now) else None)
-        raise LoginRefused("wrong name or password")
+        raise LoginRefused(REFUSED)
     accounts.record_login_success(session, user)
     return user

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def test_a_reviewer_logs_in_opens_a_flagged_case_and_reviews_it(live_app: LiveAp
             page.fill("input[name=name]", "ann")
             page.fill("input[name=password]", PASSWORD)
             page.click("button[type=submit]")
-            page.wait_for_url(f"{live_app.url}/")
+            # The session lives at its own secret path (its cookie is scoped there).
+            page.wait_for_url(re.compile(re.escape(live_app.url) + r"/s/[A-Za-z0-9_-]+/$"))
+            home = page.url.rstrip("/")
             assert page.locator("h1").inner_text() == "Worklist"
             first = page.locator("table.worklist tbody tr").first
             assert "lesion2.jpg" in first.inner_text() and "to review" in first.inner_text()
@@ -59,7 +62,7 @@ def test_a_reviewer_logs_in_opens_a_flagged_case_and_reviews_it(live_app: LiveAp
             page.screenshot(path=str(shots / "review-worklist.png"), full_page=True)
 
             first.locator("a").nth(1).click()
-            page.wait_for_url(f"{live_app.url}/images/{live_app.flagged}")
+            page.wait_for_url(f"{home}/images/{live_app.flagged}")
             for selector in ("img[alt='the lesion image']", "img[alt='Grad-CAM overlay']"):
                 loaded = page.locator(selector).evaluate("img => img.complete && img.naturalWidth")
                 assert loaded == 64, selector
@@ -69,13 +72,13 @@ def test_a_reviewer_logs_in_opens_a_flagged_case_and_reviews_it(live_app: LiveAp
             page.fill("textarea[name=note]", "Asymmetric, blue-white veil: excise.")
             page.screenshot(path=str(shots / "review-case.png"), full_page=True)
             page.click("text=Save review")
-            page.wait_for_url(f"{live_app.url}/images/{live_app.flagged}#reviews")
+            page.wait_for_url(f"{home}/images/{live_app.flagged}#reviews")
             assert "Asymmetric, blue-white veil" in page.locator("#reviews").inner_text()
 
-            page.goto(f"{live_app.url}/?q=lesion2")
+            page.goto(f"{home}/?q=lesion2")
             row = page.locator("table.worklist tbody tr").first.inner_text()
             assert "refer" in row and "ann" in row and "to review" not in row
-            page.goto(f"{live_app.url}/audit")
+            page.goto(f"{home}/audit")
             log = page.locator("table.audit").inner_text()
             assert "review" in log and "view_image" in log and "verdict refer" in log
         finally:

@@ -92,6 +92,9 @@ class LiveApp:
         answer = client.post("/login", data={"name": name, "password": password,
                                              "csrf_token": token, "next": "/"})
         assert answer.status_code == 303, answer.text
+        # The session lives at its own secret path, where its cookie is scoped: the client's
+        # requests go there from now on.
+        client.base_url = httpx.URL(self.url + answer.headers["location"].rstrip("/"))
         return client
 
 
@@ -106,7 +109,7 @@ HOSTILE_NAME = 'clinic-b/<script>alert(1)</script><img src=x onerror=alert(2)>.j
 
 
 @pytest.fixture
-def live_app(tmp_path: Path, database_url: str) -> Iterator[LiveApp]:
+def live_app(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Iterator[LiveApp]:
     """The app under uvicorn on a free loopback port, with a reviewer `ann` and an admin `root`."""
     sessions = make_session_factory(database_url)
     store, overlays = tmp_path / "store", tmp_path / "overlays"
@@ -125,7 +128,9 @@ def live_app(tmp_path: Path, database_url: str) -> Iterator[LiveApp]:
     add_account(sessions, "ann")
     add_account(sessions, "root", Role.ADMIN)
     config = WebConfig(database_url=database_url, secret="test-secret-" + "x" * 40,
-                       overlays_dir=overlays, session_seconds=3600)
+                       overlays_dir=overlays, session_seconds=3600,
+                       # WebConfig fields a test module sets differently (WEB_CONFIG there).
+                       **getattr(request.module, "WEB_CONFIG", {}))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
                                            log_level="warning"))

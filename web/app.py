@@ -17,11 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from starlette.middleware.sessions import SessionMiddleware
 
 from db.session import make_session_factory
-from web.deps import CsrfRefused, Forbidden, LoginRequired, WebConfig, csrf_token
+from web.deps import CsrfRefused, Forbidden, LoginRequired, WebConfig, base_path, csrf_token, route_path
 from web.routers import api, audit, auth, health, images, performance, reviews, users
+from web.security import SessionPathAndBodyGuard
 
 HERE = Path(__file__).resolve().parent
 #: Routes anyone may call: the login form itself, the logout and the health check (for a
@@ -54,7 +54,7 @@ def make_templates(timezone: str) -> Jinja2Templates:
 
     env.filters.update(local=local, share=share, prob=prob)
     env.globals.update(csrf_token=csrf_token, timezone=timezone)
-    return Jinja2Templates(env=env)
+    return Jinja2Templates(env=env, context_processors=[lambda request: {"base": base_path(request)}])
 
 
 def create_app(config: WebConfig) -> FastAPI:
@@ -63,8 +63,8 @@ def create_app(config: WebConfig) -> FastAPI:
     app.state.config = config
     app.state.sessions = make_session_factory(config.database_url)
     app.state.templates = make_templates(config.timezone)
-    app.add_middleware(SessionMiddleware, secret_key=config.secret, session_cookie="melanoscreen_session",
-                       max_age=config.session_seconds, same_site="lax", https_only=config.secure_cookies)
+    # Sessions live at their secret path, and bodies are refused unread without a login.
+    app.add_middleware(SessionPathAndBodyGuard)
 
     @app.middleware("http")
     async def security_headers(request: Request,
@@ -78,10 +78,11 @@ def create_app(config: WebConfig) -> FastAPI:
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, _exc: LoginRequired) -> Response:
-        if request.url.path.startswith("/api/"):
+        path = route_path(request)
+        if path.startswith("/api/"):
             return JSONResponse({"detail": "login required"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Basic realm="melanoscreen"'})
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
     @app.exception_handler(Forbidden)

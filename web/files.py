@@ -17,15 +17,22 @@ class NotShowable(Exception):
     """The file is gone or Pillow cannot read it."""
 
 
-def image_bytes(location: str) -> tuple[bytes, str]:
-    """(bytes, media type) of a stored image as a browser can show it."""
+def browser_type(location: str) -> str | None:
+    """The media type a browser shows this stored image as, or None when it must be converted
+    (Pillow reads only the header here)."""
     try:
         with PILImage.open(location) as picture:
-            kind = picture.format or ""
-            if kind in _BROWSER_FORMATS:
-                return Path(location).read_bytes(), _BROWSER_FORMATS[kind]
+            return _BROWSER_FORMATS.get(picture.format or "")
+    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise NotShowable(str(exc)) from exc
+
+
+def converted_png(location: str) -> bytes:
+    """A stored image a browser cannot show (TIFF, BMP, ...) as PNG (Pillow's pixel limit holds)."""
+    try:
+        with PILImage.open(location) as picture:
             picture.load()
-            return _png(picture), "image/png"
+            return _png(picture)
     except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
         raise NotShowable(str(exc)) from exc
 

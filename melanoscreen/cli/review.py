@@ -39,6 +39,7 @@ def web() -> None:
         database_url=settings.database, secret=web_secret(settings),
         overlays_dir=settings.overlays_dir, timezone=settings.timezone,
         session_seconds=int(settings.web.session_hours * 3600),
+        clinic_access=settings.web.clinic_access,
         secure_cookies=bool(settings.public_url and settings.public_url.startswith("https://")))
     typer.echo(f"review app: {web_address(settings)}  (accounts: melanoscreen users add)")
     uvicorn.run(create_app(config), host=settings.web.address, port=settings.web.port,

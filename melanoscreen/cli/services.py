@@ -182,8 +182,9 @@ def flower() -> None:
     _check_flower(settings)
     password, generated = flower_password(settings)
     if generated:
-        typer.echo(f"dashboard user {dashboard.login}, password {password} (shown once; kept in "
-                   f"{settings.flower_password_file})")
+        # Never on standard output, which ends up in whatever log the operator keeps.
+        typer.echo(f"dashboard user {dashboard.login}; its password is in "
+                   f"{settings.flower_password_file} (readable by this user only)")
     # Secrets go through the environment (readable by this user only), never the command line.
     # With auth on, Flower sends no `Access-Control-Allow-Origin: *`.
     env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
@@ -215,7 +216,15 @@ def _consumes_the_queue(broker: str) -> Callable[[Child], bool]:
 
 def up() -> None:
     """Start everything: Redis (unless MELANOSCREEN_BROKER_URL), watcher, worker, beat, Flower."""
-    from melanoscreen.cli.supervisor import Child, Supervisor, free_port, redis_argv, wait_for_redis
+    from melanoscreen.cli.supervisor import (
+        Child,
+        Supervisor,
+        free_port,
+        redis_argv,
+        redis_executable,
+        redis_version,
+        wait_for_redis,
+    )
 
     settings = load_settings()
     make_private(settings)
@@ -245,6 +254,8 @@ def up() -> None:
         # A fresh password per start: only this user can read it (broker.url, 0600, in the
         # 0700 data folder; the children get it through their environment).
         password = secrets.token_hex(32)
+        server = redis_executable()
+        typer.echo(f"broker:    embedded redis-server {redis_version(server)} ({server})")
         redis = Child("redis", redis_argv(port, data_dir / "redis", password=password))
         redis.start()
         children.append(redis)
@@ -256,7 +267,7 @@ def up() -> None:
         broker = f"redis://:{password}@127.0.0.1:{port}/0"
         write_private(broker_file, broker + "\n")
     env["MELANOSCREEN_BROKER_URL"] = broker
-    flower_secret, generated = flower_password(settings)
+    flower_password(settings)  # made (0600) before Flower's child reads it
     me = [sys.executable, "-m", "melanoscreen"]
     # The worker is asked through the broker whether it consumes: a worker told to stop
     # consuming (Flower's cancel-consumer) stays up doing nothing, and must be restarted.
@@ -271,9 +282,7 @@ def up() -> None:
                "--email ADDR --password-stdin)")
     typer.echo(f"dashboard: http://{settings.flower.address}:{settings.flower.port}  "
                f"(user {settings.flower.login})")
-    if generated:
-        typer.echo(f"dashboard password: {flower_secret}  (shown once; kept in "
-                   f"{settings.flower_password_file})")
+    typer.echo(f"           its password is in {settings.flower_password_file} (this user only)")
     typer.echo(f"results:   melanoscreen results   (data in {data_dir})")
     stop = _stop_on_signals()
     threading.Thread(target=_say_ready, args=(settings, worker_child, broker, stop),

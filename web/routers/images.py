@@ -13,7 +13,17 @@ from db import audit, cases, readmodel
 from db import worklist as worklist_queries
 from db.schema import ImageStatus, Verdict
 from web import files
-from web.deps import CurrentUser, DbSession, config, image_or_404, now
+from web.deps import (
+    MAX_PAGE,
+    CurrentUser,
+    DbSession,
+    base_path,
+    clinics_of,
+    config,
+    image_or_404,
+    may_see,
+    now,
+)
 
 router = APIRouter(tags=["images"])
 PAGE_SIZE = 50
@@ -51,22 +61,29 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
         page = max(1, int(request.query_params.get("page", "1")))
     except ValueError:
         page = 1
+    if page > MAX_PAGE:
+        raise HTTPException(422, f"page: at most {MAX_PAGE}")
     where = parse_filter(params)
-    # A reviewer given clinics (`users set-prefixes`) sees theirs unless they pick one or all.
+    # A reviewer given clinics (`users set-prefixes`) sees theirs unless they pick one or all;
+    # with clinic access enforced, theirs only.
     mine = tuple(p for p in user.prefixes.split("\n") if p)
-    if mine and not where.clinic and params.get("all") != "1":
+    allowed = clinics_of(request, user)
+    if allowed is not None:
+        where = replace(where, prefixes=allowed)
+    elif mine and not where.clinic and params.get("all") != "1":
         where = replace(where, prefixes=mine)
     rows = readmodel.image_rows(session, worklist_queries.worklist(
         session, where, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE))
     total = worklist_queries.worklist_count(session, where)
 
     def page_link(number: int) -> str:
-        return "/?" + urlencode({**params, "page": number})
+        return f"{base_path(request)}/?" + urlencode({**params, "page": number})
 
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return request.app.state.templates.TemplateResponse(request, "worklist.html", {
         "user": user, "rows": rows, "total": total, "page": page, "pages": pages, "params": params,
-        "my_clinics": where.prefixes, "all_link": "/?" + urlencode({**params, "all": "1"}),
+        "my_clinics": where.prefixes,
+        "all_link": f"{base_path(request)}/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
         "next": page_link(page + 1) if page < pages else None,
         "statuses": [s.value for s in ImageStatus], "clinics": worklist_queries.clinics(session),
@@ -77,7 +94,7 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
 def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """Everything about one image, and the review form; the view is written to the audit log."""
     case = cases.find_case(session, sha256)
-    if case is None:
+    if case is None or not may_see(request, user, case.image):
         raise HTTPException(404, "no such image")
     audit.audit(session, user=user, username=user.name, action="view_image", now=now(),
                   image_id=case.image.id)
@@ -99,20 +116,23 @@ def _private(response: Response) -> Response:
 
 
 @router.get("/images/{sha256}/file", summary="login: the stored image")
-def image_file(session: DbSession, user: CurrentUser, sha256: str) -> Response:
+def image_file(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """The image at full size."""
-    image = image_or_404(session, sha256)
+    image = image_or_404(session, sha256, request, user)
     try:
-        content, media_type = files.image_bytes(image.location)
+        media_type = files.browser_type(image.location)
+        if media_type is not None:
+            # Streamed from disk in chunks: a large file never sits in memory whole.
+            return _private(FileResponse(image.location, media_type=media_type))
+        return _private(Response(files.converted_png(image.location), media_type="image/png"))
     except files.NotShowable:
         raise HTTPException(404, "this file cannot be shown") from None
-    return _private(Response(content, media_type=media_type))
 
 
 @router.get("/images/{sha256}/thumbnail", summary="login: a thumbnail")
-def image_thumbnail(session: DbSession, user: CurrentUser, sha256: str) -> Response:
+def image_thumbnail(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """A small JPEG of the image for the worklist."""
-    image = image_or_404(session, sha256)
+    image = image_or_404(session, sha256, request, user)
     try:
         return _private(Response(files.thumbnail_bytes(image.location), media_type="image/jpeg"))
     except files.NotShowable:
@@ -120,10 +140,11 @@ def image_thumbnail(session: DbSession, user: CurrentUser, sha256: str) -> Respo
 
 
 @router.get("/images/{sha256}/overlay", summary="login: the stored Grad-CAM overlay")
-def image_overlay(request: Request, user: CurrentUser, sha256: str) -> Response:
+def image_overlay(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """The Grad-CAM overlay the worker stored (made for the alert), else 404."""
     if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
         raise HTTPException(404, "no such image")
+    image_or_404(session, sha256, request, user)
     path = files.overlay_path(config(request).overlays_dir, sha256)
     if path is None:
         raise HTTPException(404, "no overlay stored for this image")

@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
 from service.reviews import BadReview, store_review
-from web.deps import CheckedForm, CurrentUser, DbSession, image_or_404, now
+from web.deps import CheckedForm, CurrentUser, DbSession, base_path, image_or_404, now
 from web.schemas import ReviewIn
 
 router = APIRouter(tags=["reviews"])
@@ -20,7 +20,7 @@ def review_form(request: Request, session: DbSession, user: CurrentUser, sha256:
                 verdict: Annotated[str, Form()], diagnosis: Annotated[str, Form()] = "",
                 note: Annotated[str, Form()] = "") -> Response:
     """Store the form's review and go back to the case page."""
-    image = image_or_404(session, sha256)
+    image = image_or_404(session, sha256, request, user)
     try:
         review = ReviewIn(verdict=verdict, diagnosis=diagnosis or None, note=note)  # type: ignore[arg-type]
         store_review(session, image, user, verdict=review.verdict, diagnosis=review.diagnosis,
@@ -28,4 +28,4 @@ def review_form(request: Request, session: DbSession, user: CurrentUser, sha256:
         session.commit()  # so the case page the redirect shows sees it
     except (ValidationError, BadReview) as exc:
         raise HTTPException(422, f"review not stored: {exc}") from None
-    return RedirectResponse(f"/images/{image.sha256}#reviews", status_code=303)
+    return RedirectResponse(f"{base_path(request)}/images/{image.sha256}#reviews", status_code=303)

@@ -10,7 +10,7 @@ from fastapi.responses import RedirectResponse
 from db import accounts
 from db.schema import Role
 from service.accounts import AccountIn, AccountRefused, NameTaken, add_account
-from web.deps import AdminUser, CheckedForm, DbSession, now
+from web.deps import AdminUser, CheckedForm, DbSession, base_path, now
 
 router = APIRouter(tags=["users"])
 
@@ -34,4 +34,4 @@ def add_user(request: Request, session: DbSession, user: AdminUser, name: Annota
     except AccountRefused as refused:
         raise HTTPException(422, str(refused)) from None
     session.commit()
-    return RedirectResponse("/users", status_code=303)
+    return RedirectResponse(f"{base_path(request)}/users", status_code=303)

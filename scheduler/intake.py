@@ -1,0 +1,228 @@
+"""Intake of one complete inbox file: hash, record (new or duplicate), move into the data folder.
+
+The inbox may be shared with other users, so a file over `MELANOSCREEN_MAX_FILE_BYTES` is never
+read (it stays in the inbox: moving another user's file would mean copying it), and a file left
+in the inbox (too large, empty) is logged once, not at every rescan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import images
+from db.schema import utcnow
+from melanoscreen.settings import Settings
+from scheduler.files import (
+    InboxFile,
+    TooLarge,
+    is_ignored,
+    open_inbox_file,
+    recorded_name,
+    sha256_of,
+    store_suffix,
+    unique_path,
+)
+
+logger = logging.getLogger(__name__)
+
+#: At most this many files left in the inbox are remembered as logged (then the memory starts over).
+NOTED_MAX = 100_000
+
+
+class Intake:
+    """Takes one complete file: hash, record (new or duplicate), move into the data folder."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.inbox = settings.inbox_dir.resolve()
+        #: Files left in the inbox (empty, too large) as they were when logged: (inode, size,
+        #: mtime), so that a rescan does not log them again until they change.
+        self.noted: dict[Path, tuple[int, int, int]] = {}
+
+    def _note_once(self, path: Path, info: os.stat_result, level: int, message: str,
+                   *args: object) -> None:
+        key = (info.st_ino, info.st_size, info.st_mtime_ns)
+        if self.noted.get(path) == key:
+            return
+        if len(self.noted) >= NOTED_MAX:
+            self.noted.clear()
+        self.noted[path] = key
+        logger.log(level, message, *args)
+
+    def relative_name(self, path: Path) -> Path | None:
+        """The inbox-relative name, or None for anything we must not read."""
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+            return None
+        if self.noted.get(path) == (info.st_ino, info.st_size, info.st_mtime_ns):
+            return None  # logged as it is: left in the inbox until it changes
+        try:
+            relative = Path(os.path.abspath(path)).relative_to(self.inbox)
+            # A symlinked folder could lead outside: the real path must stay inside too.
+            path.resolve().relative_to(self.inbox)
+        except ValueError:
+            return None
+        return None if is_ignored(relative) else relative
+
+    def take(self, path: Path) -> int | None:
+        """Take `path`; returns the new image id to enqueue, or None (duplicate, ignored, gone).
+
+        The file is opened once without following links; what is hashed is what is moved
+        (scheduler.files.InboxFile), so a name swapped for a link meanwhile is never taken.
+        """
+        relative = self.relative_name(path)
+        if relative is None:
+            return None
+        info = path.lstat()
+        limit = self.settings.max_file_bytes
+        if info.st_size > limit:
+            self._too_large(path, relative, info, f"{info.st_size} bytes")
+            return None
+        try:
+            opened = open_inbox_file(self.inbox, relative, self.settings.staging_dir, limit)
+        except TooLarge as exc:
+            self._too_large(path, relative, info, exc.strerror or str(exc))
+            return None
+        if opened is None:
+            return None
+        with opened:
+            if opened.size == 0:
+                # A failed or unfinished write (a full disk makes many): not content, and
+                # never a duplicate of another empty file. It waits in the inbox; a write to
+                # it (close event) or a rescan brings it back.
+                self._note_once(path, opened.info, logging.INFO,
+                                "%s is empty; left in the inbox until it has content", relative)
+                return None
+            self._make_folders_private(relative)
+            return self._record_and_move(opened, relative, path.name)
+
+    def _too_large(self, path: Path, relative: Path, info: os.stat_result, what: str) -> None:
+        """Leave an oversized file where it is, unread (its bytes are never copied), logged once."""
+        self._note_once(path, info, logging.WARNING,
+                        "%s is too large (%s; MELANOSCREEN_MAX_FILE_BYTES is %d): left in the "
+                        "inbox unread", relative, what, self.settings.max_file_bytes)
+
+    def _record_and_move(self, opened: InboxFile, relative: Path, name: str) -> int | None:
+        """Write the row, then move, then commit; if the commit fails the file goes back.
+
+        The store move is preceded by a name note (staging/<sha256>.name, fsynced) that is
+        removed after the commit: a kill between the move and the commit leaves the note, and
+        `recover_store` restores the real name from it.
+        """
+        source = recorded_name(relative)
+        received = utcnow()
+        target: Path | None = None
+        note: Path | None = None
+        try:
+            with self.sessions.begin() as session:
+                known = images.find_image_by_sha256(session, opened.sha256)
+                if known is not None:
+                    target = unique_path(self.settings.duplicates_dir / _stamped(received, name))
+                    images.add_duplicate(session, image_id=known.id, source=source,
+                                          location=str(target), received_at=received)
+                    session.flush()  # a locked or full database fails here, before the move
+                    opened.move_to(target)
+                    logger.info("%s is a duplicate of image %d (%s); kept in %s", relative,
+                                known.id, known.source, target)
+                    image_id = None
+                else:
+                    target = self.store_path(opened.sha256, name)
+                    image = images.add_image(session, sha256=opened.sha256, source=source,
+                                              size_bytes=opened.size, location=str(target),
+                                              received_at=received)
+                    session.flush()
+                    note = self.write_name_note(opened.sha256, source)
+                    opened.move_to(target)
+                    image_id = image.id
+        except BaseException:
+            if target is not None and opened.moved:
+                with contextlib.suppress(OSError):
+                    opened.move_back(target)
+            if note is not None:
+                note.unlink(missing_ok=True)
+            raise
+        if note is not None:
+            note.unlink(missing_ok=True)
+        if image_id is not None:
+            logger.info("%s received as image %d", relative, image_id)
+        return image_id
+
+    def write_name_note(self, sha256: str, source: str) -> Path:
+        """staging/<sha256>.name holding `source`, on disk before the store move."""
+        self.settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        note = self.settings.staging_dir / f"{sha256}.name"
+        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, source.encode("utf-8", "surrogateescape"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return note
+
+    def _make_folders_private(self, relative: Path) -> None:
+        """An inbox inside the data folder is private like the rest of it: subfolders that a
+        dropping tool made with its own umask are closed to other users (ours only)."""
+        if not self.inbox.is_relative_to(self.settings.data_path.resolve()):
+            return
+        folder = self.inbox
+        for part in relative.parent.parts:
+            folder = folder / part
+            with contextlib.suppress(OSError):
+                info = folder.lstat()
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() \
+                        and stat.S_IMODE(info.st_mode) & 0o077:
+                    folder.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+
+    def store_path(self, sha256: str, name: str) -> Path:
+        """store/ab/abcdef...<suffix>: one file per content; a short, plain suffix or none."""
+        return self.settings.store_dir / sha256[:2] / f"{sha256}{store_suffix(name)}"
+
+    def clear_staging(self) -> None:
+        """Private copies left by a crash go: their originals are still in the inbox."""
+        staging = self.settings.staging_dir
+        if staging.is_dir():
+            for leftover in staging.glob("*.part"):
+                leftover.unlink(missing_ok=True)
+
+    def recover_store(self) -> list[int]:
+        """Record files that reached the store without their row (a kill between move and
+        commit), under the name their note kept; then drop the notes."""
+        store = self.settings.store_dir
+        notes = self.settings.staging_dir
+        recovered = []
+        if store.is_dir():
+            with self.sessions.begin() as session:
+                for path in sorted(store.glob("??/*")):
+                    sha256 = path.stem
+                    if len(sha256) != 64 or images.find_image_by_sha256(session, sha256):
+                        continue
+                    note = notes / f"{sha256}.name"
+                    try:
+                        source = note.read_bytes().decode("utf-8", "backslashreplace")
+                    except FileNotFoundError:  # moved by a version without notes
+                        source = f"(recovered)/{path.name}"
+                    image = images.add_image(session, sha256=sha256_of(path), source=source,
+                                              size_bytes=path.stat().st_size, location=str(path),
+                                              received_at=utcnow())
+                    recovered.append(image.id)
+                    logger.warning("recovered %s from the store as image %d", source, image.id)
+        if notes.is_dir():
+            for note in notes.glob("*.name"):
+                note.unlink(missing_ok=True)
+        return recovered
+
+
+def _stamped(when: datetime, name: str) -> str:
+    return f"{when:%Y%m%dT%H%M%S%f}-{name}"
