@@ -60,4 +60,4 @@ def card_path_for(model_path: Path) -> Path:
 
 def shipped_model_path() -> Path:
     """The trained model that ships in this package."""
-    return Path(__file__).resolve().parent / "shipped" / "melanoscreen-v2.keras"
+    return Path(__file__).resolve().parent / "shipped" / "melanoscreen-v3.keras"
