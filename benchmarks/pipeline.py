@@ -18,6 +18,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -125,7 +126,9 @@ def run_keras_loop(classifier: Any, files: list[Path]) -> float:
         started = time.perf_counter()
         for path in files:
             image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(height, width)))
-            probabilities = classifier.model.predict(image[np.newaxis], verbose=0)[0]
+            outputs = classifier.model.predict(image[np.newaxis], verbose=0)
+            # A model with a scope output answers [probabilities, scope distance].
+            probabilities = (outputs[0] if isinstance(outputs, list) else outputs)[0]
             db.execute("INSERT INTO predictions VALUES (?, ?, ?)",
                        (path.name, float(probabilities[3]), json.dumps(probabilities.tolist())))
             db.commit()
@@ -134,9 +137,19 @@ def run_keras_loop(classifier: Any, files: list[Path]) -> float:
     return len(files) / elapsed
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def start_up(data_dir: Path, model: Path | None, concurrency: int) -> subprocess.Popen[bytes]:
-    """`melanoscreen up` on a fresh data folder; returns once its broker answers."""
+    """`melanoscreen up` on a fresh data folder, on ports of its own (so it runs beside a running
+    service); returns once its broker answers."""
     env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data_dir),
+               MELANOSCREEN_FLOWER_PORT=str(free_port()), MELANOSCREEN_WEB_PORT=str(free_port()),
+               MELANOSCREEN_REDIS_PORT=str(free_port()),
                MELANOSCREEN_WORKER_CONCURRENCY=str(concurrency), TF_CPP_MIN_LOG_LEVEL="2",
                MELANOSCREEN_BATCH_SIZE=os.environ.get("MELANOSCREEN_BATCH_SIZE", "32"),
                MELANOSCREEN_BATCH_DELAY=os.environ.get("MELANOSCREEN_BATCH_DELAY", "0.2"))
