@@ -284,7 +284,8 @@ _FLOWER = r"""
 import sys, urllib.request, urllib.error
 base = sys.argv[1]
 for method, path in (("GET", "/api/workers"), ("POST", "/api/worker/shutdown/x"),
-                     ("POST", "/api/task/send-task/worker.tasks.screen_batch")):
+                     ("POST", "/api/task/send-task/worker.tasks.screen_batch"),
+                     ("GET", "/metrics"), ("GET", "/healthcheck")):
     request = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST"
                                      else None, headers={"Origin": "http://evil.example"})
     try:
@@ -320,7 +321,7 @@ def test_flower_needs_auth_and_a_worker_told_to_stop_consuming_is_restarted(up: 
         return result if result[0] else None
 
     answers = wait_until(answered, timeout=60, message="Flower answering")
-    refused = [answer.split() for answer in answers[:3]]
+    refused = [answer.split() for answer in answers[:5]]
     assert all(code in ("401", "403") and origin == "None" for code, origin in refused), answers
 
     def workers() -> dict[str, Any] | None:

@@ -190,7 +190,9 @@ def flower() -> None:
     env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
     env["FLOWER_BASIC_AUTH"] = f"{dashboard.login}:{password}"
     env["CELERY_BROKER_URL"] = broker
-    argv = [sys.executable, "-m", "celery", "flower", f"--address={dashboard.address}",
+    # Flower's own command, with /metrics and /healthcheck behind the login too.
+    argv = [sys.executable, "-m", "melanoscreen.cli.flower_app", "flower",
+            f"--address={dashboard.address}",
             f"--port={dashboard.port}", "--persistent=False",
             # Flower keeps every task it has seen (about 1 KiB each): bounded, its memory is.
             f"--max_tasks={FLOWER_MAX_TASKS}"]
