@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from sqlalchemy import func, select
 from web_fixtures import PASSWORD, LiveApp, live_app
 
 from db.schema import AuditEvent, User
+from tests.mail_fixtures import free_port
 
 __all__ = ["live_app"]
 
@@ -106,11 +106,6 @@ server.serve_forever()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -118,7 +113,7 @@ def _free_port() -> int:
 def test_pages_of_another_origin_cannot_lock_a_reviewer_out(live_app: LiveApp) -> None:
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
+    port = free_port()
     target = live_app.url.removeprefix("http://")
     page_server = subprocess.Popen([*NOBODY, sys.executable, "-I", "-S", "-c", ATTACKER_PAGE,
                                     str(port), target], cwd="/", stdout=subprocess.PIPE, text=True)

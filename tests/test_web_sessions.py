@@ -21,6 +21,8 @@ import httpx
 import pytest
 from web_fixtures import PASSWORD, LiveApp, csrf_of, live_app
 
+from tests.mail_fixtures import free_port
+
 __all__ = ["live_app"]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -47,11 +49,6 @@ server.serve_forever()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _login(live_app: LiveApp) -> tuple[httpx.Client, str, str]:
     """A logged-in client, its session's path and its cookie's token."""
@@ -73,7 +70,7 @@ def test_a_page_another_user_serves_on_another_loopback_port_never_gets_the_sess
         live_app: LiveApp) -> None:
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
+    port = free_port()
     thief = subprocess.Popen([*NOBODY, sys.executable, "-I", "-S", "-c", COOKIE_THIEF, str(port)],
                              cwd="/", stdout=subprocess.PIPE, text=True)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from db.schema import Role
 from db.session import make_session_factory
 from service.accounts import hash_password
 from tests.conftest import synthetic_jpeg
+from tests.mail_fixtures import free_port
 from web.app import create_app
 from web.deps import WebConfig
 
@@ -63,11 +63,6 @@ def add_account(sessions: sessionmaker[Session], name: str, role: Role = Role.RE
         accounts.add_user(session, name=name, email=f"{name}@clinic.example", role=role,
                          password_hash=hash_password(PASSWORD), now=datetime.now(UTC))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -131,7 +126,7 @@ def live_app(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) 
                        overlays_dir=overlays, session_seconds=3600,
                        # WebConfig fields a test module sets differently (WEB_CONFIG there).
                        **getattr(request.module, "WEB_CONFIG", {}))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
