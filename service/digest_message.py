@@ -34,6 +34,8 @@ class DigestImage:
     threshold: float | None = None  # the threshold it was flagged against
     url: str | None = None  # its case page in the review app, when MELANOSCREEN_PUBLIC_URL is set
     unusual: bool = False  # out of scope: an unusual picture that needs a look
+    verdict: str | None = None  # the latest review's verdict ("benign"); None: not reviewed yet
+    reviewer: str | None = None  # who gave that verdict
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,18 @@ def digest_subject(content: DigestContent) -> str:
     return subject
 
 
+def review_state(item: DigestImage) -> str:
+    """`reviewed: benign by dr.lee`, or `not reviewed yet`."""
+    if item.verdict is None:
+        return "not reviewed yet"
+    return f"reviewed: {item.verdict.replace('_', ' ')} by {item.reviewer}"
+
+
 def _digest_context(content: DigestContent) -> dict[str, Any]:
     ranked = sorted(content.flagged_images, key=lambda i: i.melanoma_probability, reverse=True)
     base = f"{digest_key(content.day)}@{DOMAIN}"
-    rows = [{"item": item, "received": local_time(item.received_at, content.timezone,
-                                                  with_zone=False),
+    rows = [{"item": item, "review": review_state(item),
+             "received": local_time(item.received_at, content.timezone, with_zone=False),
              "thumbnail": inline_image(item.thumbnail, DIGEST_THUMBNAIL_PX, base, f"thumb{number}")
              if number <= MAX_DIGEST_THUMBNAILS else None}
             for number, item in enumerate(ranked, start=1)]
