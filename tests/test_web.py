@@ -209,6 +209,18 @@ def test_the_worklist_puts_unreviewed_flagged_first_filters_and_pages(live_app: 
     assert "0 images" in client.get("/", params={"from": "2001-01-01", "to": "2001-01-02"}).text
 
 
+def test_the_worklist_filter_reads_true_and_false_as_the_api_does(live_app: LiveApp) -> None:
+    """`/?flagged=true` (the API's spelling) was silently ignored: the page wanted yes/no."""
+    client = live_app.login()
+    for yes, no in (("yes", "no"), ("true", "false"), ("1", "0")):
+        flagged = client.get("/", params={"flagged": yes}).text
+        assert "patient-17" in flagged and "nevus.jpg" not in flagged and "waiting.jpg" not in flagged
+        assert '<option value="yes" selected>' in flagged
+        unflagged = client.get("/", params={"flagged": no}).text
+        assert "patient-17" not in unflagged and "nevus.jpg" in unflagged
+    assert "patient-17" not in client.get("/", params={"reviewed": "true"}).text
+
+
 def test_the_case_page_shows_the_stored_overlay_or_says_there_is_none(live_app: LiveApp) -> None:
     client = live_app.login()
     sha = live_app.flagged
