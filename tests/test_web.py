@@ -104,6 +104,20 @@ def test_five_wrong_passwords_lock_the_name_even_for_the_right_one(live_app: Liv
     assert actions.count("login_failed") == 5 and "login_locked" in actions
 
 
+def test_a_wrong_password_keeps_the_name_in_the_form_escaped(live_app: LiveApp) -> None:
+    """Only the password is typed again after a mistake; a name with HTML in it stays inert."""
+    client = live_app.client()
+    token = csrf_of(client.get("/login").text)
+    answer = client.post("/login", data={"name": "ann", "password": "wrong", "csrf_token": token})
+    assert answer.status_code == 401
+    assert re.search(r'<input name="name" value="ann"', answer.text)
+    hostile = '"><script>alert(1)</script>'
+    answer = client.post("/login", data={"name": hostile, "password": "wrong", "csrf_token": token})
+    assert answer.status_code == 401 and "<script>alert(1)" not in answer.text
+    assert 'value="&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in answer.text
+    assert 'type="password" autocomplete="current-password" required autofocus' in answer.text
+
+
 def test_a_form_without_its_csrf_token_is_refused(live_app: LiveApp) -> None:
     client = live_app.login()
     sha = live_app.flagged
