@@ -145,6 +145,19 @@ def test_a_reviewer_cannot_add_users_and_an_admin_can(live_app: LiveApp) -> None
     assert "bob@clinic.example" in admin.get("/users").text
 
 
+def test_a_page_a_role_may_not_open_answers_a_page_and_the_api_keeps_json(live_app: LiveApp) -> None:
+    """A reviewer opening `/users` got raw JSON in the browser; a page route now answers an HTML
+    page (403, with a way back), while the API answers JSON as before."""
+    reviewer = live_app.login("ann")
+    page = reviewer.get("/users")
+    assert page.status_code == 403 and page.headers["content-type"].startswith("text/html")
+    assert "your role may not do this" in page.text and "Back to the worklist" in page.text
+    form = reviewer.post(f"/images/{live_app.flagged}/reviews", data={"verdict": "refer"})
+    assert form.status_code == 403 and form.headers["content-type"].startswith("text/html")
+    api = reviewer.post(f"/api/images/{live_app.flagged}/reviews", json={"verdict": "refer"})
+    assert api.status_code == 403 and "CSRF" in api.json()["detail"]
+
+
 def test_html_in_a_source_name_or_a_note_is_shown_escaped(live_app: LiveApp) -> None:
     client = live_app.login()
     sha = live_app.hostile
