@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from model.scores import probability_text
+from service.colours import class_colour
 from service.flags import MELANOMA_SUSPECTED, UNUSUAL_CAVEAT, UNUSUAL_PICTURE
 from service.messages import (
     ComposedMessage,
@@ -105,7 +106,7 @@ def compose_alert(alert: AlertContent, *, message_id: str, sender: str,
                              value, alert.threshold if name == "melanoma" else None, digits=3),
                          "strong": name in (item.predicted_class, "melanoma"),
                          "bar": max(1, round(value * 120)),
-                         "colour": "#b91c1c" if name == "melanoma" else "#6b7280"}
+                         "colour": class_colour(name)}
                         for name, value in item.probabilities.items()],
         })
     context = {"alert": alert, "rows": rows, "caveat": UNUSUAL_CAVEAT,

@@ -248,6 +248,19 @@ def test_the_worklist_filter_reads_true_and_false_as_the_api_does(live_app: Live
     assert "patient-17" not in client.get("/", params={"reviewed": "true"}).text
 
 
+def test_melanomas_bar_is_the_same_red_on_the_case_page_as_in_the_alert(live_app: LiveApp) -> None:
+    """The case page drew melanoma's bar as a default (green) <meter>, the email in red."""
+    from test_mail import alert_to, html_of
+
+    from service.colours import MELANOMA_COLOUR, OTHER_CLASS_COLOUR
+
+    page = live_app.login().get(f"/images/{live_app.flagged}").text
+    melanoma_row = re.search(r'<tr class="mel">.*?</tr>', page, re.S)
+    assert melanoma_row is not None and f'fill="{MELANOMA_COLOUR}"' in melanoma_row.group(0)
+    assert f'fill="{OTHER_CLASS_COLOUR}"' in page and "<meter" not in page
+    assert f"background:{MELANOMA_COLOUR};" in html_of(alert_to("dr.a@clinic.example"))
+
+
 def test_the_case_page_shows_the_stored_overlay_or_says_there_is_none(live_app: LiveApp) -> None:
     client = live_app.login()
     sha = live_app.flagged

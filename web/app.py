@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from db.session import make_session_factory
+from service.colours import class_colour
 from web.deps import CsrfRefused, Forbidden, LoginRequired, WebConfig, base_path, csrf_token, route_path
 from web.routers import api, audit, auth, health, images, performance, reviews, users
 from web.security import SessionPathAndBodyGuard
@@ -53,7 +54,7 @@ def make_templates(timezone: str) -> Jinja2Templates:
         return "—" if value is None else f"{value:.4f}"
 
     env.filters.update(local=local, share=share, prob=prob)
-    env.globals.update(csrf_token=csrf_token, timezone=timezone)
+    env.globals.update(csrf_token=csrf_token, timezone=timezone, class_colour=class_colour)
     return Jinja2Templates(env=env, context_processors=[lambda request: {"base": base_path(request)}])
 
 
