@@ -105,10 +105,13 @@ def image_rows(session: Session, images: Sequence[Image],
 
 def results(session: Session, *, since: datetime | None = None,
             flagged_only: bool = False) -> list[ImageRow]:
-    """Every image (received at or after `since`) with its latest prediction, oldest first."""
+    """Every image (received at or after `since`) with its latest prediction, newest first;
+    with `flagged_only`, highest melanoma probability first (what to look at first, first)."""
+    newest = (Image.received_at.desc(), Image.id.desc())
     query = (select(Image, Prediction)
              .outerjoin(Prediction, Prediction.id == latest_prediction_id())
-             .order_by(Image.received_at, Image.id))
+             .order_by(*((Prediction.melanoma_probability.desc(), *newest) if flagged_only
+                         else newest)))
     if since is not None:
         query = query.where(Image.received_at >= since)
     if flagged_only:

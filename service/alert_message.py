@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from model.scores import probability_text
+from service.colours import MELANOMA_COLOUR, class_colour
 from service.flags import MELANOMA_SUSPECTED, UNUSUAL_CAVEAT, UNUSUAL_PICTURE
 from service.messages import (
     ComposedMessage,
@@ -60,6 +61,9 @@ class AlertContent:
     #: The images are unusual pictures (out of scope): the alert says their scores may be
     #: unreliable and that they need a look, never "melanoma suspected".
     unusual: bool = False
+    #: Where the review app is and how to reach it, when the images carry no links (no
+    #: MELANOSCREEN_PUBLIC_URL): shown under the opening line; None: nothing is said.
+    review_hint: str | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -105,10 +109,11 @@ def compose_alert(alert: AlertContent, *, message_id: str, sender: str,
                              value, alert.threshold if name == "melanoma" else None, digits=3),
                          "strong": name in (item.predicted_class, "melanoma"),
                          "bar": max(1, round(value * 120)),
-                         "colour": "#b91c1c" if name == "melanoma" else "#6b7280"}
+                         "colour": class_colour(name)}
                         for name, value in item.probabilities.items()],
         })
     context = {"alert": alert, "rows": rows, "caveat": UNUSUAL_CAVEAT,
+               "melanoma_colour": MELANOMA_COLOUR,
                "heading": UNUSUAL_PICTURE if alert.unusual else MELANOMA_SUSPECTED}
     return assemble(
         subject=alert_subject([(i.source, i.melanoma_probability) for i in ranked], alert.threshold,

@@ -13,7 +13,7 @@ from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
 from service.alert_message import AlertContent, FlaggedImage, compose_alert
 from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
-from service.messages import ComposedMessage, case_url
+from service.messages import ComposedMessage, case_url, review_hint
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,20 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def local_review_url(settings: Settings) -> str:
+    """The review app's address on the computer that runs it (loopback when it listens on all)."""
+    host = settings.web.address
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.web.port}"
+
+
 def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, recipient: str,
                           sender: str, timezone: str, overlay: Overlay | None,
                           threshold_meaning: str | None = None,
-                          public_url: str | None = None, label: str | None = None) -> ComposedMessage:
-    """The alert email for these flagged images, composed once: every attempt sends its bytes."""
+                          public_url: str | None = None, label: str | None = None,
+                          local_url: str | None = None) -> ComposedMessage:
+    """The alert email for these flagged images, composed once: every attempt sends its bytes.
+    Without `public_url`, the review app's `local_url` and how to reach it are said instead."""
     images = []
     for item in items:
         location = Path(item.location)
@@ -58,7 +67,9 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
     content = AlertContent(images=images, model_version=items[0].model_version,
                            threshold=items[0].threshold, timezone=timezone,
                            threshold_meaning=threshold_meaning, label=label,
-                           unusual=all(item.out_of_scope for item in items))
+                           unusual=all(item.out_of_scope for item in items),
+                           review_hint=review_hint(local_url) if local_url and not public_url
+                           else None)
     return compose_alert(content, message_id=message_id, sender=sender, recipient=recipient)
 
 
@@ -87,7 +98,8 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
                                     threshold_meaning=threshold_sentence(
                                         settings.model, items[0].threshold,
                                         items[0].model_version),
-                                    public_url=settings.public_url, label=label).raw
+                                    public_url=settings.public_url, label=label,
+                                    local_url=local_review_url(settings)).raw
         with sessions.begin() as session:
             outbox.store_raw(session, claimed.id, token=token, raw=raw)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from service.flags import UNUSUAL_PICTURE
 from service.messages import DOMAIN, ComposedMessage, assemble, inline_image, local_time, render
@@ -33,6 +34,8 @@ class DigestImage:
     threshold: float | None = None  # the threshold it was flagged against
     url: str | None = None  # its case page in the review app, when MELANOSCREEN_PUBLIC_URL is set
     unusual: bool = False  # out of scope: an unusual picture that needs a look
+    verdict: str | None = None  # the latest review's verdict ("benign"); None: not reviewed yet
+    reviewer: str | None = None  # who gave that verdict
 
 
 @dataclass(frozen=True)
@@ -123,11 +126,18 @@ def digest_subject(content: DigestContent) -> str:
     return subject
 
 
+def review_state(item: DigestImage) -> str:
+    """`reviewed: benign by dr.lee`, or `not reviewed yet`."""
+    if item.verdict is None:
+        return "not reviewed yet"
+    return f"reviewed: {item.verdict.replace('_', ' ')} by {item.reviewer}"
+
+
 def _digest_context(content: DigestContent) -> dict[str, Any]:
     ranked = sorted(content.flagged_images, key=lambda i: i.melanoma_probability, reverse=True)
     base = f"{digest_key(content.day)}@{DOMAIN}"
-    rows = [{"item": item, "received": local_time(item.received_at, content.timezone,
-                                                  with_zone=False),
+    rows = [{"item": item, "review": review_state(item),
+             "received": local_time(item.received_at, content.timezone, with_zone=False),
              "thumbnail": inline_image(item.thumbnail, DIGEST_THUMBNAIL_PX, base, f"thumb{number}")
              if number <= MAX_DIGEST_THUMBNAILS else None}
             for number, item in enumerate(ranked, start=1)]
@@ -142,12 +152,21 @@ def _digest_context(content: DigestContent) -> dict[str, Any]:
     return {"digest": content, "rows": rows, "out_of_scope": out_of_scope, "unusual": UNUSUAL_PICTURE,
             "unreviewed": unreviewed,
             "period": f"{start} to {end} ({content.timezone})",
-            "long_day": content.day.strftime("%A %d %B %Y"),
+            # The window, not the due date: the digest due Saturday 07:00 covers Friday 07:00 on.
+            "covers": f"{_long_time(content.period_start, content.timezone)} to "
+                      f"{_long_time(content.period_end, content.timezone)}",
             "counts": [("screened", content.screened, False), ("flagged", content.flagged, True),
                        ("rejected", content.rejected, False), ("failed", content.failed, True)],
             "problems": [(title, problems) for title, problems in
                          (("Rejected files", content.rejected_files),
                           ("Failed screenings", content.failed_files)) if problems]}
+
+
+def _long_time(moment: datetime, tz_name: str) -> str:
+    """`Friday 04 December 2026 07:00` on the clinic's clock (a naive value is taken as UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(ZoneInfo(tz_name)).strftime("%A %d %B %Y %H:%M")
 
 
 def render_digest_text(content: DigestContent) -> str:

@@ -123,12 +123,15 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
     failed = [i for i in digests.images_in_period(session, start, end, (ImageStatus.FAILED,))
               if ours(i.source)]
     flagged = [(i, p) for i, p in digests.flagged_in_period(session, start, end) if ours(i.source)]
+    reviewed = reviews.latest_reviews(session, sorted({image.id for image, _ in flagged}))
     images = [
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
                     thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None,
                     threshold=prediction.threshold, url=case_url(public_url, image.sha256),
-                    unusual=bool(prediction.out_of_scope))
+                    unusual=bool(prediction.out_of_scope),
+                    verdict=reviewed[image.id].verdict.value if image.id in reviewed else None,
+                    reviewer=reviewed[image.id].reviewer if image.id in reviewed else None)
         for rank, (image, prediction) in enumerate(flagged)
     ]
     out_of_scope = [OutOfScopeImage(source=image.source, received_at=image.received_at)

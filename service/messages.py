@@ -111,6 +111,15 @@ def case_url(public_url: str | None, sha256: str) -> str | None:
     return f"{public_url.rstrip('/')}/images/{sha256}" if public_url else None
 
 
+def review_hint(local_url: str) -> str:
+    """Where the review app answers when MELANOSCREEN_PUBLIC_URL is not set, and how to get there."""
+    port = local_url.rsplit(":", 1)[-1].strip("/")
+    return (f"Review in the review app at {local_url} on the computer that runs MelanoScreen. "
+            f"From another computer: ssh -L {port}:127.0.0.1:{port} <that computer>, then open "
+            f"http://127.0.0.1:{port}; or ask IT to set MELANOSCREEN_PUBLIC_URL, which puts a "
+            "link to each case page in every alert.")
+
+
 def content_id(base: str, label: str) -> str:
     """A Content-ID derived from a stable base, so a recomposed message is byte-stable."""
     left, right = normalise_message_id(base).strip("<>").split("@", 1)

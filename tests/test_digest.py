@@ -36,6 +36,7 @@ from service.digest_message import (
     digest_key,
     digest_subject,
     render_digest_html,
+    render_digest_text,
 )
 from service.digests import digest_due_dates, digest_period
 from service.mail import deliver
@@ -361,3 +362,17 @@ def test_no_digest_is_owed_for_a_window_that_ended_before_the_first_start() -> N
     installed = datetime(2026, 11, 19, 18, 0, tzinfo=UTC)
     assert digest_due_dates(None, now, time(7, 0), tz, first_start=installed) == [date(2026, 11, 20)]
     assert digest_due_dates(None, now, time(7, 0), tz) == [date(2026, 11, 20)]
+
+
+def test_the_digest_is_headed_with_the_days_it_covers_not_the_day_it_is_due() -> None:
+    """The digest due on Saturday 07:00 covers Friday 07:00 to Saturday 07:00: its heading says so,
+    not "Saturday" alone (which read as if it covered a day not yet begun)."""
+    due = date(2026, 12, 5)
+    start, end = digest_period(due, SEVEN, BERLIN)
+    content = DigestContent(day=due, period_start=start, period_end=end, timezone="Europe/Berlin",
+                            screened=0, flagged=0, rejected=0, failed=0)
+    covers = "Friday 04 December 2026 07:00 to Saturday 05 December 2026 07:00"
+    html = render_digest_html(content)
+    heading = re.search(r"MelanoScreen daily digest</div><div[^>]*>([^<]*)<", html)
+    assert heading is not None and heading.group(1).startswith(covers)
+    assert f"Covers: {covers} (Europe/Berlin)" in render_digest_text(content)

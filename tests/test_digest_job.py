@@ -31,11 +31,24 @@ from mail_fixtures import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import Digest, Image, ImageStatus, OutboxKind, OutboxMessage, OutboxStatus, Prediction
+from db.accounts import add_user
+from db.reviews import add_review
+from db.schema import (
+    Digest,
+    Image,
+    ImageStatus,
+    OutboxKind,
+    OutboxMessage,
+    OutboxStatus,
+    Prediction,
+    Role,
+    Verdict,
+)
 from db.session import make_session_factory
 from melanoscreen.settings import AlertSettings, DigestSettings, Settings, SmtpSettings
 from service.delivery import deliver_outbox
-from service.digests import queue_due_digests
+from service.digest_message import render_digest_html, render_digest_text
+from service.digests import build_digest_content, queue_due_digests
 
 REPO = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -323,3 +336,25 @@ def test_digest_today_shows_the_period_so_far_and_is_never_sent(
     assert f"digest {running.isoformat()}" in shown.stdout
     refused = _cli(env, "digest", "--today", "--send")
     assert refused.returncode == 1 and refused.stderr.startswith("error: --today")
+
+
+def test_the_digest_shows_each_flagged_images_review_state(
+        sessions: sessionmaker[Session], database: str, tmp_path: Path) -> None:
+    """A flagged image a dermatologist already judged benign says so in the digest (verdict and
+    reviewer); one nobody has looked at says it is not reviewed."""
+    seed_day(sessions, tmp_path)
+    with sessions.begin() as s:
+        reviewer = add_user(s, name="dr.lee", email="lee@clinic.example", role=Role.REVIEWER,
+                            password_hash="x", now=berlin(19, 15))
+        second = s.scalars(select(Image).where(Image.source == "clinic-a/second.jpg")).one()
+        add_review(s, second, reviewer, verdict=Verdict.BENIGN, diagnosis="nevus", note="",
+                   now=berlin(19, 16))
+    with sessions.begin() as s:
+        content = build_digest_content(s, DAY, time(7, 0), "Europe/Berlin")
+    text = render_digest_text(content)
+    second_line = next(line for line in text.splitlines() if "0.620  clinic-a/second.jpg" in line)
+    first_line = next(line for line in text.splitlines() if "0.910  clinic-b/first.jpg" in line)
+    assert "reviewed: benign by dr.lee" in second_line
+    assert "not reviewed yet" in first_line
+    html = render_digest_html(content)
+    assert "benign by dr.lee" in html and "not reviewed yet" in html

@@ -197,7 +197,9 @@ def test_status_and_results_report_what_the_database_holds(service: Service) -> 
     # --flagged gives exactly the flagged rows of the full list (tests/test_alerts.py checks it
     # with images that are certainly flagged, and certainly not).
     flagged = json.loads(run("results", "--flagged", "--format", "json"))
-    assert [r["sha256"] for r in flagged] == [r["sha256"] for r in results if r["flagged"]]
+    assert sorted(r["sha256"] for r in flagged) == sorted(r["sha256"] for r in results if r["flagged"])
+    probabilities = [r["melanoma_probability"] for r in flagged]
+    assert probabilities == sorted(probabilities, reverse=True)  # what to look at first, first
     assert status["flagged"] == len(flagged)
     assert "screened" in run("status")
 

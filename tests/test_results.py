@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -22,13 +23,16 @@ from db.session import make_session_factory
 from service.flags import flag_of
 
 REPO = Path(__file__).resolve().parent.parent
+TRUNCATED = "corrupt or truncated image: image file is truncated (0 bytes not processed)"
 
 
 def add(session: Session, source: str, *, p: float | None, threshold: float = 0.05,
-        out_of_scope: bool = False, minutes: int = 0) -> None:
+        out_of_scope: bool = False, minutes: int = 0, reason: str | None = None) -> None:
     at = utcnow() - timedelta(minutes=60 - minutes)
+    status = (ImageStatus.REJECTED if reason else
+              ImageStatus.SCREENED if p is not None else ImageStatus.QUEUED)
     image = Image(sha256=uuid.uuid4().hex * 2, source=source, size_bytes=1, location="/nowhere",
-                  status=ImageStatus.SCREENED if p is not None else ImageStatus.QUEUED,
+                  status=status, reason=reason,
                   received_at=at, attempts=1, screened_at=at if p is not None else None)
     session.add(image)
     session.flush()
@@ -54,6 +58,8 @@ def data_dir(tmp_path: Path) -> Path:
         add(session, "clinic/letter-scan.jpg", p=0.97, out_of_scope=True, minutes=2)
         add(session, "clinic/waiting.jpg", p=None, minutes=3)
         add(session, "clinic/blurred-photo.jpg", p=0.01, out_of_scope=True, minutes=4)
+        add(session, "clinic/half-copied.jpg", p=None, minutes=5, reason=TRUNCATED)
+        add(session, "clinic/notes.txt", p=None, minutes=6, reason="not an image Pillow can read")
     sessions.kw["bind"].dispose()
     return folder
 
@@ -82,7 +88,8 @@ def test_results_json_adds_out_of_scope_and_keeps_raw_probabilities(data_dir: Pa
     assert set(close) >= {"sha256", "source", "status", "reason", "received_at", "screened_at",
                           "predicted_class", "melanoma_probability", "flagged", "model_version"}
     flagged = json.loads(melanoscreen(data_dir, "results", "--flagged", "--format", "json"))
-    assert [r["source"] for r in flagged] == ["clinic/close-call.jpg", "clinic/letter-scan.jpg"]
+    # Highest melanoma probability first.
+    assert [r["source"] for r in flagged] == ["clinic/letter-scan.jpg", "clinic/close-call.jpg"]
 
 
 def test_results_csv_and_table_write_p_so_it_never_reads_like_the_threshold(data_dir: Path) -> None:
@@ -104,7 +111,30 @@ def test_results_csv_and_table_write_p_so_it_never_reads_like_the_threshold(data
     assert "OUT OF SCOPE" in blurred and "ALERT" not in blurred
 
 
+def test_results_are_newest_first_with_zoned_times_and_whole_reasons_in_plain_words(
+        data_dir: Path) -> None:
+    """`results` listed the oldest first, with times that named no zone and reasons cut at 26
+    characters in Pillow's words; the JSON keeps its keys and the recorded reason."""
+    rows = json.loads(melanoscreen(data_dir, "results", "--format", "json"))
+    assert [r["source"] for r in rows][:3] == ["clinic/notes.txt", "clinic/half-copied.jpg",
+                                               "clinic/blurred-photo.jpg"]
+    assert rows[1]["reason"] == TRUNCATED and rows[0]["received_at"].endswith("+00:00")
+
+    lines = melanoscreen(data_dir, "results").splitlines()
+    body = [line for line in lines[2:] if line.strip()]
+    assert "notes.txt" in body[0] and "half-copied" in body[1] and "close-call" in body[-1]
+    assert re.match(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00 ", body[0])
+    [notes] = [line for line in lines if "notes.txt" in line]
+    assert notes.endswith("not an image file, or a kind of image this service cannot read")
+    [half] = [line for line in lines if "half-copied" in line]
+    assert "damaged or incomplete" in half and "Pillow" not in half and "truncated (0" not in half
+
+    table = list(csv.DictReader(io.StringIO(melanoscreen(data_dir, "results", "--format", "csv"))))
+    assert table[0]["source"] == "clinic/notes.txt"
+    assert table[0]["reason"] == "not an image file, or a kind of image this service cannot read"
+
+
 def test_status_json_counts_out_of_scope_images_under_a_new_key(data_dir: Path) -> None:
     report = json.loads(melanoscreen(data_dir, "status", "--json"))
     assert report["out_of_scope"] == 2 and report["flagged"] == 2
-    assert report["counts"] == {"screened": 3, "queued": 1}
+    assert report["counts"] == {"screened": 3, "queued": 1, "rejected": 2}

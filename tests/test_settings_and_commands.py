@@ -111,6 +111,37 @@ def test_flower_refuses_a_public_address_without_a_password(tmp_path: Path) -> N
     assert "MELANOSCREEN_FLOWER_USER" in result.stderr
 
 
+def test_a_failed_start_of_up_leaves_nothing_it_created_behind(tmp_path: Path) -> None:
+    """`up` that stops at one of its start checks used to leave an empty data folder with its
+    lock files; it now removes what that start created, and only that."""
+    import socket
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"not read by the start checks")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        for setting, extra in (
+                ("MELANOSCREEN_MODEL", {"MELANOSCREEN_MODEL": str(tmp_path / "missing.keras")}),
+                ("MELANOSCREEN_FLOWER_ADDRESS", {"MELANOSCREEN_FLOWER_ADDRESS": "0.0.0.0"}),
+                ("MELANOSCREEN_WEB_PORT", {"MELANOSCREEN_WEB_PORT": busy}),
+                ("MELANOSCREEN_BROKER_URL", {"MELANOSCREEN_BROKER_URL": "redis://127.0.0.1:1/0"})):
+            for data, existed in ((tmp_path / "new-data", False), (tmp_path / "kept-data", True)):
+                if existed:
+                    data.mkdir(mode=0o700, exist_ok=True)
+                    (data / "mine.txt").write_text("the operator's")
+                env = _clean_env(**{"MELANOSCREEN_DATA_DIR": str(data),
+                                    "MELANOSCREEN_MODEL": str(model), **extra})
+                result = subprocess.run([sys.executable, "-m", "melanoscreen", "up"], cwd=tmp_path,
+                                        env=env, capture_output=True, text=True, timeout=60)
+                assert result.returncode == 1 and result.stderr.startswith(f"error: {setting}")
+                if existed:
+                    assert sorted(p.name for p in data.iterdir()) == ["mine.txt"], setting
+                else:
+                    assert not data.exists(), setting
+
+
 def test_every_command_has_help_and_help_never_loads_tensorflow() -> None:
     script = ("import sys; from typer.testing import CliRunner; from melanoscreen.cli.app import app\n"
               "r = CliRunner()\n"

@@ -104,6 +104,20 @@ def test_five_wrong_passwords_lock_the_name_even_for_the_right_one(live_app: Liv
     assert actions.count("login_failed") == 5 and "login_locked" in actions
 
 
+def test_a_wrong_password_keeps_the_name_in_the_form_escaped(live_app: LiveApp) -> None:
+    """Only the password is typed again after a mistake; a name with HTML in it stays inert."""
+    client = live_app.client()
+    token = csrf_of(client.get("/login").text)
+    answer = client.post("/login", data={"name": "ann", "password": "wrong", "csrf_token": token})
+    assert answer.status_code == 401
+    assert re.search(r'<input name="name" value="ann"', answer.text)
+    hostile = '"><script>alert(1)</script>'
+    answer = client.post("/login", data={"name": hostile, "password": "wrong", "csrf_token": token})
+    assert answer.status_code == 401 and "<script>alert(1)" not in answer.text
+    assert 'value="&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in answer.text
+    assert 'type="password" autocomplete="current-password" required autofocus' in answer.text
+
+
 def test_a_form_without_its_csrf_token_is_refused(live_app: LiveApp) -> None:
     client = live_app.login()
     sha = live_app.flagged
@@ -129,6 +143,19 @@ def test_a_reviewer_cannot_add_users_and_an_admin_can(live_app: LiveApp) -> None
     form["csrf_token"] = csrf_of(admin.get("/users").text)
     assert admin.post("/users", data=form).status_code == 303
     assert "bob@clinic.example" in admin.get("/users").text
+
+
+def test_a_page_a_role_may_not_open_answers_a_page_and_the_api_keeps_json(live_app: LiveApp) -> None:
+    """A reviewer opening `/users` got raw JSON in the browser; a page route now answers an HTML
+    page (403, with a way back), while the API answers JSON as before."""
+    reviewer = live_app.login("ann")
+    page = reviewer.get("/users")
+    assert page.status_code == 403 and page.headers["content-type"].startswith("text/html")
+    assert "your role may not do this" in page.text and "Back to the worklist" in page.text
+    form = reviewer.post(f"/images/{live_app.flagged}/reviews", data={"verdict": "refer"})
+    assert form.status_code == 403 and form.headers["content-type"].startswith("text/html")
+    api = reviewer.post(f"/api/images/{live_app.flagged}/reviews", json={"verdict": "refer"})
+    assert api.status_code == 403 and "CSRF" in api.json()["detail"]
 
 
 def test_html_in_a_source_name_or_a_note_is_shown_escaped(live_app: LiveApp) -> None:
@@ -207,6 +234,31 @@ def test_the_worklist_puts_unreviewed_flagged_first_filters_and_pages(live_app: 
     assert "waiting.jpg" in client.get("/", params={"status": "queued"}).text
     assert "1 image" in client.get("/", params={"status": "queued"}).text
     assert "0 images" in client.get("/", params={"from": "2001-01-01", "to": "2001-01-02"}).text
+
+
+def test_the_worklist_filter_reads_true_and_false_as_the_api_does(live_app: LiveApp) -> None:
+    """`/?flagged=true` (the API's spelling) was silently ignored: the page wanted yes/no."""
+    client = live_app.login()
+    for yes, no in (("yes", "no"), ("true", "false"), ("1", "0")):
+        flagged = client.get("/", params={"flagged": yes}).text
+        assert "patient-17" in flagged and "nevus.jpg" not in flagged and "waiting.jpg" not in flagged
+        assert '<option value="yes" selected>' in flagged
+        unflagged = client.get("/", params={"flagged": no}).text
+        assert "patient-17" not in unflagged and "nevus.jpg" in unflagged
+    assert "patient-17" not in client.get("/", params={"reviewed": "true"}).text
+
+
+def test_melanomas_bar_is_the_same_red_on_the_case_page_as_in_the_alert(live_app: LiveApp) -> None:
+    """The case page drew melanoma's bar as a default (green) <meter>, the email in red."""
+    from test_mail import alert_to, html_of
+
+    from service.colours import MELANOMA_COLOUR, OTHER_CLASS_COLOUR
+
+    page = live_app.login().get(f"/images/{live_app.flagged}").text
+    melanoma_row = re.search(r'<tr class="mel">.*?</tr>', page, re.S)
+    assert melanoma_row is not None and f'fill="{MELANOMA_COLOUR}"' in melanoma_row.group(0)
+    assert f'fill="{OTHER_CLASS_COLOUR}"' in page and "<meter" not in page
+    assert f"background:{MELANOMA_COLOUR};" in html_of(alert_to("dr.a@clinic.example"))
 
 
 def test_the_case_page_shows_the_stored_overlay_or_says_there_is_none(live_app: LiveApp) -> None:

@@ -26,8 +26,32 @@ def melanoscreen(data: Path, *args: str, stdin: str | None = None, check: bool =
     return result.stdout + result.stderr
 
 
-def test_users_are_added_listed_disabled_and_given_passwords_from_stdin_only(tmp_path: Path) -> None:
+def test_users_add_in_the_wrong_folder_refuses_and_creates_nothing(tmp_path: Path) -> None:
+    """Run where no `melanoscreen up` ran, `users add` used to create a fresh data folder and
+    database whose account could never log in to the running review app."""
+    data = tmp_path / "not-the-data-folder"
+    for command in (("users", "add", "ann", "--email", "ann@clinic.example", "--password-stdin"),
+                    ("users", "list")):
+        env = dict(os.environ, MELANOSCREEN_DATA_DIR=str(data))
+        env.pop("MELANOSCREEN_DATABASE_URL", None)
+        result = subprocess.run([sys.executable, "-m", "melanoscreen", *command], env=env,
+                                input=PASSWORD + "\n", capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        assert result.stderr.startswith("error: MELANOSCREEN_DATA_DIR: no data folder at")
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not data.exists()
+
+
+def _data_folder(tmp_path: Path) -> Path:
+    """A data folder as `melanoscreen up` leaves it: 0700, with its migrated database."""
     data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    upgrade(f"sqlite:///{data / 'melanoscreen.db'}")
+    return data
+
+
+def test_users_are_added_listed_disabled_and_given_passwords_from_stdin_only(tmp_path: Path) -> None:
+    data = _data_folder(tmp_path)
     out = melanoscreen(data, "users", "add", "ann", "--email", "ann@clinic.example", check=False)
     assert "--password-stdin" in out
     melanoscreen(data, "users", "add", "ann", "--email", "ann@clinic.example", "--role", "admin",
@@ -164,7 +188,7 @@ def test_an_address_good_for_alerts_is_good_for_an_account(tmp_path: Path) -> No
     from melanoscreen.settings import is_email_address
     from service.accounts import AccountIn, AccountRefused
 
-    data = tmp_path / "data"
+    data = _data_folder(tmp_path)
     out = melanoscreen(data, "users", "add", "alice", "--email", "alice@clinic.local",
                        "--password-stdin", stdin=PASSWORD + "\n")
     assert "added alice" in out

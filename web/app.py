@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from db.session import make_session_factory
+from service.colours import class_colour
 from web.deps import CsrfRefused, Forbidden, LoginRequired, WebConfig, base_path, csrf_token, route_path
 from web.routers import api, audit, auth, health, images, performance, reviews, users
 from web.security import SessionPathAndBodyGuard
@@ -53,7 +54,7 @@ def make_templates(timezone: str) -> Jinja2Templates:
         return "—" if value is None else f"{value:.4f}"
 
     env.filters.update(local=local, share=share, prob=prob)
-    env.globals.update(csrf_token=csrf_token, timezone=timezone)
+    env.globals.update(csrf_token=csrf_token, timezone=timezone, class_colour=class_colour)
     return Jinja2Templates(env=env, context_processors=[lambda request: {"base": base_path(request)}])
 
 
@@ -85,14 +86,20 @@ def create_app(config: WebConfig) -> FastAPI:
         target = path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
+    def refused(request: Request, message: str) -> Response:
+        """403: JSON for the API, a page (with a way back) for a person in a browser."""
+        if route_path(request).startswith("/api/"):
+            return JSONResponse({"detail": message}, status_code=403)
+        return app.state.templates.TemplateResponse(
+            request, "refused.html", {"message": message, "user": None}, status_code=403)
+
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, _exc: Forbidden) -> Response:
-        return JSONResponse({"detail": "your role may not do this"}, status_code=403)
+        return refused(request, "your role may not do this")
 
     @app.exception_handler(CsrfRefused)
     async def csrf_refused(request: Request, _exc: CsrfRefused) -> Response:
-        return JSONResponse({"detail": "the form's CSRF token is missing or stale: reload the page"},
-                            status_code=403)
+        return refused(request, "the form's CSRF token is missing or stale: reload the page")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -106,6 +106,7 @@ def results(
     if output_format != "json":
         from model.scores import probability_text
         from service.flags import UNUSUAL_PICTURE
+        from service.reasons import plain_reason
 
         # Written, not raw: p never reads like the threshold it was judged against (JSON keeps
         # the floats). The CSV keeps a digit more than the table.
@@ -114,6 +115,8 @@ def results(
             if result.melanoma_probability is not None:
                 row["melanoma_probability"] = probability_text(
                     result.melanoma_probability, result.threshold, digits=digits)
+            if result.reason:  # for people: plain words (the JSON keeps the recorded reason)
+                row["reason"] = plain_reason(result.reason)
     if output_format == "json":
         typer.echo(json.dumps(rows, indent=2))  # control characters come out as \u escapes
     elif output_format == "csv":
@@ -125,9 +128,12 @@ def results(
             row["model_versions"] = " ".join(row["model_versions"])
         writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
     else:
+        from zoneinfo import ZoneInfo
+
+        zone = ZoneInfo(settings.timezone)
         typer.echo(f"data folder: {data_dir}")  # the machine formats stay pure CSV and JSON
-        typer.echo(f"{'received':<20} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
-        for row in rows:
+        typer.echo(f"{'received':<25} {'status':<10} {'class':<26} {'p(mel)':>7}  source")
+        for row, result in zip(rows, found, strict=True):
             p = row["melanoma_probability"]
             mark = ("" if not (row["flagged"] or row["out_of_scope"]) else
                     f"  ALERT ({UNUSUAL_PICTURE})" if row["flagged"] and row["out_of_scope"] else
@@ -135,8 +141,11 @@ def results(
                     "  OUT OF SCOPE (unlike the images the model learnt from)")
             if row["flag_changed"]:
                 mark += "  (flag changed by re-screen)"
-            detail = printable(row["predicted_class"] or row["reason"] or "")
-            typer.echo(f"{row['received_at'][:19]:<20} {row['status']:<10} {detail[:26]:<26} "
+            if row["reason"]:  # whole, after the name: it can be longer than a column
+                mark += f"  {printable(row['reason'])}"
+            received = result.received_at.astimezone(zone).isoformat(timespec="seconds")
+            detail = printable(row["predicted_class"] or "")
+            typer.echo(f"{received:<25} {row['status']:<10} {detail[:26]:<26} "
                        f"{p or '':>7}  {printable(row['source'])}{mark}")
 
 

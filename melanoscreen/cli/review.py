@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from melanoscreen.cli._common import (
+    existing_data_folder,
     fail,
     load_settings,
     make_private,
@@ -58,9 +59,17 @@ def _read_password(password_stdin: bool) -> str:
     return password
 
 
+def _require_database(settings: Settings) -> None:
+    """Accounts go into the database the running service reads: with the default SQLite one,
+    a missing data folder means the wrong folder, never a new install to create here."""
+    if settings.database_url is None:
+        existing_data_folder(settings)
+
+
 def _sessions(settings: Settings) -> sessionmaker[Session]:
     from db.session import make_session_factory
 
+    _require_database(settings)
     upgrade_schema(settings)
     return make_session_factory(settings.database)
 
@@ -79,6 +88,7 @@ def users_add(name: str,
     password = _read_password(password_stdin)
     try:
         account = AccountIn.parse(name, email, password, role)
+        _require_database(settings)
         make_private(settings)
         with _sessions(settings).begin() as session:
             add_account(session, account, by=None, now=datetime.now(UTC))

@@ -20,6 +20,7 @@ import typer
 
 from melanoscreen.cli._common import (
     BROKER_FILE,
+    LOCK_FILES,
     SUPERVISOR_PID,
     broker_or_fail,
     fail,
@@ -35,6 +36,8 @@ from melanoscreen.cli._common import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from melanoscreen.cli.supervisor import Child
     from melanoscreen.settings import Settings
 
@@ -216,6 +219,18 @@ def _consumes_the_queue(broker: str) -> Callable[[Child], bool]:
     return check
 
 
+def _remove_new(paths: list[Path]) -> None:
+    """Remove these files, then these folders if empty: what a failed start had created."""
+    for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass  # not empty (or not ours to remove): left as it is
+
+
 def up() -> None:
     """Start everything: Redis (unless MELANOSCREEN_BROKER_URL), watcher, worker, beat, Flower."""
     from melanoscreen.cli.supervisor import (
@@ -229,17 +244,26 @@ def up() -> None:
     )
 
     settings = load_settings()
-    make_private(settings)
-    hold_data_folder(settings, "up")  # its descriptor stays open: held while we live
-    # An operator's mistake is one line before anything starts, not a child that keeps dying.
-    _check_model(settings)
-    _check_flower(settings)
-    _check_port_free("MELANOSCREEN_FLOWER_PORT", settings.flower.address, settings.flower.port)
-    _check_port_free("MELANOSCREEN_WEB_PORT", settings.web.address, settings.web.port)
-    if settings.redis_port and not settings.broker_url:
-        _check_port_free("MELANOSCREEN_REDIS_PORT", "127.0.0.1", settings.redis_port)
-    if settings.broker_url:
-        ping_broker(settings.broker_url)
+    # What this start creates before its checks pass: removed again when one fails, so a
+    # mistake leaves no empty data folder with lock files behind (and nothing else is touched).
+    data = settings.data_path
+    new = [path for path in (data, *(data / name for name in LOCK_FILES.values()))
+           if not path.exists()]
+    try:
+        make_private(settings)
+        hold_data_folder(settings, "up")  # its descriptor stays open: held while we live
+        # An operator's mistake is one line before anything starts, not a child that keeps dying.
+        _check_model(settings)
+        _check_flower(settings)
+        _check_port_free("MELANOSCREEN_FLOWER_PORT", settings.flower.address, settings.flower.port)
+        _check_port_free("MELANOSCREEN_WEB_PORT", settings.web.address, settings.web.port)
+        if settings.redis_port and not settings.broker_url:
+            _check_port_free("MELANOSCREEN_REDIS_PORT", "127.0.0.1", settings.redis_port)
+        if settings.broker_url:
+            ping_broker(settings.broker_url)
+    except typer.Exit:
+        _remove_new(new)
+        raise
     _prepare(settings)
     warn_if_nobody_is_told(settings)
     data_dir = settings.data_path

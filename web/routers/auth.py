@@ -33,10 +33,11 @@ def _safe_next(target: str | None) -> str:
 
 
 def _login_page(request: Request, *, error: str | None = None, next_path: str = "/",
-                status: int = 200) -> Response:
+                status: int = 200, name: str = "") -> Response:
     templates = request.app.state.templates
     response: Response = templates.TemplateResponse(
-        request, "login.html", {"error": error, "next": next_path, "user": None}, status_code=status)
+        request, "login.html", {"error": error, "next": next_path, "user": None, "name": name},
+        status_code=status)
     # The form's token, also as a cookie only /login receives (checked on the POST).
     response.set_cookie(security.LOGIN_COOKIE, csrf_token(request), path="/login", httponly=True,
                         samesite="strict", secure=config(request).secure_cookies, max_age=3600)
@@ -58,7 +59,9 @@ def login(request: Request, session: DbSession, name: Annotated[str, Form()],
         user = checked_login(request, session, name, password)
     except LoginRefused as refused:
         session.commit()  # the failure count and the audit entry stay
-        return _login_page(request, error=str(refused), next_path=_safe_next(next), status=401)
+        # The name stays (autoescaped by the template); only the password is typed again.
+        return _login_page(request, error=str(refused), next_path=_safe_next(next), status=401,
+                           name=name[:200])
     settings = config(request)
     token, key = security.new_token(), security.new_token()
     accounts.add_session(session, user, token=token, path_key=key, csrf=security.new_token(),

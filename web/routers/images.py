@@ -29,8 +29,13 @@ router = APIRouter(tags=["images"])
 PAGE_SIZE = 50
 
 
+#: The page's own yes/no and the API's true/false (as links and bookmarks are written by hand).
+_YES_NO = {"yes": True, "true": True, "1": True, "on": True,
+           "no": False, "false": False, "0": False, "off": False}
+
+
 def _yes_no(value: str | None) -> bool | None:
-    return {"yes": True, "no": False}.get(value or "")
+    return _YES_NO.get((value or "").strip().lower())
 
 
 def _day(value: str | None) -> date | None:
@@ -57,6 +62,11 @@ def parse_filter(params: dict[str, str]) -> worklist_queries.WorklistFilter:
 def worklist(request: Request, session: DbSession, user: CurrentUser) -> Response:
     """Unreviewed flagged images first, highest probability first, then the rest; filters, pages."""
     params = {k: v for k, v in request.query_params.items() if k != "page" and v}
+    for key in ("flagged", "reviewed"):  # shown and linked in the form's own words
+        if key in params:
+            said = _yes_no(params.pop(key))
+            if said is not None:
+                params[key] = "yes" if said else "no"
     try:
         page = max(1, int(request.query_params.get("page", "1")))
     except ValueError:
