@@ -20,7 +20,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -371,6 +370,17 @@ def test_a_hard_link_from_outside_is_stored_as_a_private_copy(up: Up, tmp_path: 
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
 
 
+def _open_in_some_process(path: Path) -> bool:
+    """Whether any process holds `path` open (read from /proc: the watcher's open is an event)."""
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_a_symlink_swapped_in_while_a_file_is_hashed_never_reaches_the_store(
         up: Up, tmp_path: Path) -> None:
     secret = tmp_path / "secret.jpg"
@@ -385,7 +395,9 @@ def test_a_symlink_swapped_in_while_a_file_is_hashed_never_reaches_the_store(
     link = up.data.parent / "link.jpg"
     link.symlink_to(secret)
     os.rename(big, name)
-    time.sleep(0.4)
+    # Swap the name once the watcher has the file open (or has already taken it whole).
+    wait_until(lambda: _open_in_some_process(name) or up.images("swap/"), timeout=60,
+               interval=0.005, message="the watcher reading the dropped file")
     os.replace(link, name)  # `mv -T link name`
     wait_until(lambda: up.images("swap/") or "replaced while it was read" in up.log(),
                timeout=60, message="the watcher done with the swapped name")
