@@ -50,6 +50,10 @@ class TrainConfig:
     pretrained: str | None = None
     #: Epochs of linear learning-rate warm-up before the cosine decay.
     warmup_epochs: int = 1
+    #: A trained model (.keras, card beside it) whose first network starts the member instead of
+    #: `pretrained`: a second cosine cycle on the same folds. Its card must hold out exactly this
+    #: run's fold 0, so that no image it trained on is ever counted as held out here.
+    init_from: str | None = None
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
@@ -58,7 +62,7 @@ class TrainConfig:
     def from_card(cls, card: ModelCard) -> TrainConfig:
         """The recipe a card's `training` block records (its figures and paths aside)."""
         known = {name: value for name, value in card.training.items()
-                 if name in cls.__dataclass_fields__ and name != "pretrained"}
+                 if name in cls.__dataclass_fields__ and name not in ("pretrained", "init_from")}
         for name in ("input_size", "hold_out_datasets"):
             if isinstance(known.get(name), list):
                 known[name] = tuple(known[name])

@@ -135,7 +135,10 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
         keras.utils.set_random_seed(seed)
         height, width = config.size
         model = ARCHITECTURES[arch]((height, width, 3), k)
-        if config.pretrained and arch == "mobilenet":
+        if config.init_from:
+            copied = continue_from(model, Path(config.init_from), prepared.samples, held)
+            report(f"weights copied into {copied} layers from {config.init_from}")
+        elif config.pretrained and arch == "mobilenet":
             from model.pretrained import imagenet_weights, load_mobilenet_v1
 
             copied = load_mobilenet_v1(model, imagenet_weights(Path(config.pretrained)))
@@ -148,9 +151,11 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
         weights = (sample_weights(y_train, sources, k) if config.source_balanced
                    else np.ones(len(y_train), np.float32))
         steps = math.ceil(len(x_train) / config.batch_size)
-        schedule = keras.optimizers.schedules.CosineDecay(
+        schedule = (keras.optimizers.schedules.CosineDecay(
             0.0, decay_steps=steps * config.epochs, warmup_target=config.learning_rate,
-            warmup_steps=steps * config.warmup_epochs, alpha=0.02)
+            warmup_steps=steps * config.warmup_epochs, alpha=0.02) if config.warmup_epochs
+            else keras.optimizers.schedules.CosineDecay(
+                config.learning_rate, decay_steps=steps * config.epochs, alpha=0.02))
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
                       loss=keras.losses.CategoricalCrossentropy(
                           label_smoothing=config.label_smoothing))
@@ -171,6 +176,50 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
     held_out = np.asarray(model.predict(prepared.inputs[held].astype(np.float32),
                                         batch_size=64, verbose=0))
     return member_path, held_out
+
+
+def _provenance(source: Path) -> dict[str, Any]:
+    """What a continued run started from: the model's version, file digest and recipe."""
+    import hashlib
+
+    card = ModelCard.read(card_path_for(source))
+    return {"version": card.version,
+            "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+            "training": {k: v for k, v in card.training.items() if k != "seconds"}}
+
+
+def continue_from(model: Any, source: Path, samples: list[Any], held: np.ndarray) -> int:
+    """Copy the first network of the trained model `source` into `model`, layer by layer.
+
+    Refuses unless `source`'s card held out exactly the images `held` marks: a network that had
+    trained on one of them would make this run's held-out figures a measure of memory.
+    Returns the number of layers copied.
+    """
+    import keras
+
+    from model import layers  # noqa: F401  registers the custom layers for loading
+
+    card = ModelCard.read(card_path_for(source))
+    validation = set(card.training_set.get("validation_sha256", []))
+    here = {s.sha256 for s, h in zip(samples, held, strict=True) if h}
+    if validation != here:
+        raise ValueError(f"--init-from: {source}'s card holds out {len(validation)} images, this "
+                         f"run's fold 0 {len(here)} ({len(here - validation)} of them trained on "
+                         "there); continue only a model trained on the same folds")
+    trained = keras.models.load_model(source, compile=False)
+    network = next((layer for layer in trained.layers if layer.name == "member_0"), trained)
+    copied = 0
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        try:
+            theirs = network.get_layer(layer.name)
+        except ValueError as exc:
+            raise ValueError(f"--init-from: {source} has no layer {layer.name!r}: "
+                             "not the same architecture") from exc
+        layer.set_weights(theirs.get_weights())
+        copied += 1
+    return copied
 
 
 def held_out_figures(before: np.ndarray, after: np.ndarray, labels: np.ndarray, sources: list[str],
@@ -294,6 +343,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
         training={**{k_: (list(v) if isinstance(v, tuple) else v)
                      for k_, v in asdict(config).items()},
                   **({"pretrained_source": MOBILENET_V1_SOURCE} if config.pretrained else {}),
+                  **({"continued_from": _provenance(Path(config.init_from))}
+                     if config.init_from else {}),
                   "parameters": int(ensemble.count_params()),
                   "seconds": round(seconds, 1)},
         validation=figures,

