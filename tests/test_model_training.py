@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -269,4 +270,44 @@ def test_folds_trained_only_for_calibration_are_not_shipped(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="cannot ship 3 folds"):
         train(root, tmp_path / "more.keras",
               TrainConfig(arch="melanonet", epochs=1, folds=3, members=2, ship_folds=3),
+              report=lambda line: None)
+
+
+def test_a_continued_run_starts_from_the_models_network_and_refuses_other_folds(
+        tmp_path: Path) -> None:
+    """--init-from: the member starts from the trained model's network (zero further epochs of
+    learning leave its held-out predictions where they were), the card says what it continued;
+    a model that held out other images is refused, since its training images would be counted
+    as held out here."""
+    root = tmp_path / "set"
+    _set_with_a_first_chunk(root)
+    first = tmp_path / "first.keras"
+    config = TrainConfig(arch="melanonet", epochs=1, folds=3, batch_size=8, input_size=(32, 32),
+                         seed=5, members=1, augmentation="mild")
+    first_card = train(root, first, config, report=lambda line: None)
+
+    lines: list[str] = []
+    again = tmp_path / "again.keras"
+    card = train(root, again, replace(config, init_from=str(first), learning_rate=0.0,
+                                      warmup_epochs=0), report=lines.append)
+    assert any(line.startswith("weights copied into") for line in lines)
+    assert card.training["continued_from"]["version"] == first_card.version
+    assert card.training["continued_from"]["training"]["epochs"] == 1
+    assert card.validation["n"] == first_card.validation["n"]
+    # With a zero learning rate the kernels stay the first network's trained ones (a fresh start
+    # from the same seed would hold its initial ones; only batch-norm statistics move).
+    import keras
+
+    theirs = keras.models.load_model(tmp_path / "first.folds" / "fold0.keras", compile=False)
+    ours = keras.models.load_model(tmp_path / "again.folds" / "fold0.keras", compile=False)
+    kernels = [layer.name for layer in ours.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert kernels
+    for name in kernels:
+        np.testing.assert_array_equal(ours.get_layer(name).get_weights()[0],
+                                      theirs.get_layer(name).get_weights()[0])
+
+    other = tmp_path / "other.keras"
+    train(root, other, replace(config, seed=6), report=lambda line: None)
+    with pytest.raises(ValueError, match="--init-from: .* holds out"):
+        train(root, tmp_path / "mixed.keras", replace(config, init_from=str(other)),
               report=lambda line: None)
