@@ -96,7 +96,10 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
         "all_link": f"{base_path(request)}/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
         "next": page_link(page + 1) if page < pages else None,
-        "statuses": [s.value for s in ImageStatus], "clinics": worklist_queries.clinics(session),
+        "statuses": [s.value for s in ImageStatus],
+        "clinics": [c for c in worklist_queries.clinics(session)
+                    if allowed is None or any(f"{c}/".startswith(p) or p.startswith(f"{c}/")
+                                              for p in allowed)],
     })
 
 
