@@ -81,7 +81,7 @@ def redis_version(executable: Path) -> str:
 #: SWAPDB and KEYS: swap the queue away, or stall the server on a big keyspace. EVAL: Lua
 #: sent as text (kombu never does; see below). CLIENT: list, kill or pause the other
 #: connections (redis-py's optional CLIENT SETINFO at connect tolerates the refusal).
-#: RESTORE: load a serialised value (crafted payloads are a known way into the server).
+#: RESTORE: load a serialised value (crafted payloads have been a way into the server).
 #: SLOWLOG: read other clients' command arguments.
 #:
 #: EVALSHA and SCRIPT stay, and only they: kombu 5.7 keeps the bindings of expiring queues
