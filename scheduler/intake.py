@@ -30,7 +30,7 @@ from scheduler.files import (
     store_suffix,
     unique_path,
 )
-from scheduler.leftovers import EMPTY, TOO_LARGE, LeftInInbox
+from scheduler.leftovers import EMPTY, NOT_REGULAR, TOO_LARGE, LeftInInbox
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class Intake:
         self.left = LeftInInbox()
 
     def left_reason(self, info: os.stat_result) -> str | None:
-        """Why a file with this stat stays in the inbox without being read (empty, too large);
-        None when it is to be taken."""
+        """Why a file with this lstat stays in the inbox without being read (not a regular file,
+        empty, too large); None when it is to be taken."""
+        if not stat.S_ISREG(info.st_mode):
+            return NOT_REGULAR
         if info.st_size == 0:
             return EMPTY
         return TOO_LARGE if info.st_size > self.settings.max_file_bytes else None

@@ -1,4 +1,5 @@
-"""Files left in the inbox (empty, too large), remembered as they were when seen.
+"""Files left in the inbox (empty, too large, not a regular file), remembered as they were when
+seen.
 
 A shared inbox may hold a hundred thousand of them. Each is looked at once: a rescan passes a
 remembered name by without a stat (an event for it, or a change found by the bounded recheck,
@@ -14,6 +15,7 @@ from melanoscreen.text import printable
 
 EMPTY = "empty"
 TOO_LARGE = "too large"
+NOT_REGULAR = "not a regular file"  # a link, a FIFO, a device: never read
 #: At most this many files are remembered (about 200 bytes each); beyond it a file left in the
 #: inbox is looked at again at each scan (one stat), and still counted in the scan's one line.
 CAPACITY = 300_000
@@ -110,8 +112,9 @@ class LeftInInbox:
             return None
         parts = []
         for reason, count in sorted(self._counts.items()):
-            what = f"{count} empty" if reason == EMPTY else \
-                f"{count} too large (over MELANOSCREEN_MAX_FILE_BYTES, {max_bytes} bytes)"
+            what = f"{count} {reason}" + (
+                f" (over MELANOSCREEN_MAX_FILE_BYTES, {max_bytes} bytes)" if reason == TOO_LARGE
+                else "")
             examples = ", ".join(self._examples.get(reason, []))
             parts.append(f"{what}: {examples}{', ...' if count > EXAMPLES else ''}")
         self._counts, self._examples = {}, {}
