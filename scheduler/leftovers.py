@@ -106,10 +106,12 @@ class LeftInInbox:
             self._turns = deque(p for p in self._turns if p in self.known)
         return found
 
-    def summary(self, max_bytes: int) -> str | None:
-        """One line about what was left in the inbox since the last call; None when nothing was."""
+    def summary(self, max_bytes: int) -> tuple[str, bool] | None:
+        """One line about what was left in the inbox since the last call, and whether it is
+        worth a warning (a file too large: an image may have been meant); None when nothing was."""
         if not self._counts:
             return None
+        serious = TOO_LARGE in self._counts
         parts = []
         for reason, count in sorted(self._counts.items()):
             what = f"{count} {reason}" + (
@@ -120,4 +122,4 @@ class LeftInInbox:
         self._counts, self._examples = {}, {}
         return ("left in the inbox unread, " + "; ".join(parts)
                 + f" ({len(self.known)} such files in all; each is looked at again only when "
-                "it changes)")
+                "it changes)"), serious

@@ -234,7 +234,8 @@ class Watcher:
                            "rescanned the inbox", overflows)
         said = left.summary(self.settings.max_file_bytes)
         if said is not None:
-            logger.info("%s", said)
+            line, serious = said
+            logger.log(logging.WARNING if serious else logging.INFO, "%s", line)
 
     def drain_events(self, timeout: float) -> None:
         """Apply the file-system events that arrived, waiting up to `timeout` for the first."""
