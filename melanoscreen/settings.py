@@ -315,6 +315,11 @@ class Settings(BaseSettings):
         return self.data_path / "overlays"
 
     @property
+    def thumbnails_dir(self) -> Path:
+        """Thumbnails the worker made at screening time, one per image: thumbnails/<sha256>.jpg."""
+        return self.data_path / "thumbnails"
+
+    @property
     def outbox_dir(self) -> Path:
         """Where messages go as `.eml` files when no SMTP host is configured."""
         return self.data_path / "outbox"

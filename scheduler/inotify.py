@@ -60,8 +60,11 @@ class InboxEvents:
     """A thread that watches `root` and its folders (depth-bounded) and puts events on `events`."""
 
     def __init__(self, root: Path, events: queue.Queue[FileSystemEvent],
-                 too_deep: Callable[[Path], None], max_depth: int = MAX_DEPTH) -> None:
+                 too_deep: Callable[[Path], None], max_depth: int = MAX_DEPTH,
+                 overflowed: Callable[[], None] | None = None) -> None:
         self.root = root
+        #: Told when the kernel dropped events (its queue overflowed): time for a rescan.
+        self.overflowed = overflowed
         self.events = events
         self.too_deep = too_deep
         self.max_depth = max_depth
@@ -135,7 +138,8 @@ class InboxEvents:
             name = data[offset + _HEADER.size: offset + _HEADER.size + length].rstrip(b"\0")
             offset += _HEADER.size + length
             if mask & IN_Q_OVERFLOW:
-                logger.warning("inotify queue overflowed; the periodic rescan finds what was missed")
+                if self.overflowed is not None:
+                    self.overflowed()
                 continue
             if mask & IN_IGNORED:
                 self._folders.pop(wd, None)

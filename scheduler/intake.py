@@ -2,7 +2,8 @@
 
 The inbox may be shared with other users, so a file over `MELANOSCREEN_MAX_FILE_BYTES` is never
 read (it stays in the inbox: moving another user's file would mean copying it), and a file left
-in the inbox (too large, empty) is logged once, not at every rescan.
+in the inbox (too large, empty) is remembered (`scheduler.leftovers`): looked at again only when
+it changes, and counted in one line per scan, never logged one by one.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ from scheduler.files import (
     store_suffix,
     unique_path,
 )
+from scheduler.leftovers import EMPTY, NOT_REGULAR, TOO_LARGE, LeftInInbox
 
 logger = logging.getLogger(__name__)
-
-#: At most this many files left in the inbox are remembered as logged (then the memory starts over).
-NOTED_MAX = 100_000
 
 
 class Intake:
@@ -43,19 +42,24 @@ class Intake:
         self.settings = settings
         self.sessions = sessions
         self.inbox = settings.inbox_dir.resolve()
-        #: Files left in the inbox (empty, too large) as they were when logged: (inode, size,
-        #: mtime), so that a rescan does not log them again until they change.
-        self.noted: dict[Path, tuple[int, int, int]] = {}
+        #: Files left in the inbox (empty, too large), as they were when seen.
+        self.left = LeftInInbox()
 
-    def _note_once(self, path: Path, info: os.stat_result, level: int, message: str,
-                   *args: object) -> None:
-        key = (info.st_ino, info.st_size, info.st_mtime_ns)
-        if self.noted.get(path) == key:
-            return
-        if len(self.noted) >= NOTED_MAX:
-            self.noted.clear()
-        self.noted[path] = key
-        logger.log(level, message, *args)
+    def left_reason(self, info: os.stat_result) -> str | None:
+        """Why a file with this lstat stays in the inbox without being read (not a regular file,
+        empty, too large); None when it is to be taken."""
+        if not stat.S_ISREG(info.st_mode):
+            return NOT_REGULAR
+        if info.st_size == 0:
+            return EMPTY
+        return TOO_LARGE if info.st_size > self.settings.max_file_bytes else None
+
+    def leave(self, path: Path, info: os.stat_result, reason: str) -> None:
+        """Leave a file in the inbox, unread, remembered as it is now (counted in the next
+        scan's line)."""
+        text = os.fspath(path)
+        shown = text[len(os.fspath(self.settings.inbox_dir)) + 1:] or text
+        self.left.note(text, shown, info, reason)
 
     def relative_name(self, path: Path) -> Path | None:
         """The inbox-relative name, or None for anything we must not read."""
@@ -65,8 +69,8 @@ class Intake:
             return None
         if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
             return None
-        if self.noted.get(path) == (info.st_ino, info.st_size, info.st_mtime_ns):
-            return None  # logged as it is: left in the inbox until it changes
+        if self.left.unchanged(os.fspath(path), info):
+            return None  # left in the inbox as it is, until it changes
         try:
             relative = Path(os.path.abspath(path)).relative_to(self.inbox)
             # A symlinked folder could lead outside: the real path must stay inside too.
@@ -87,12 +91,12 @@ class Intake:
         info = path.lstat()
         limit = self.settings.max_file_bytes
         if info.st_size > limit:
-            self._too_large(path, relative, info, f"{info.st_size} bytes")
+            self.leave(path, info, TOO_LARGE)
             return None
         try:
             opened = open_inbox_file(self.inbox, relative, self.settings.staging_dir, limit)
-        except TooLarge as exc:
-            self._too_large(path, relative, info, exc.strerror or str(exc))
+        except TooLarge:
+            self.leave(path, info, TOO_LARGE)  # it grew past the limit while it was read
             return None
         if opened is None:
             return None
@@ -100,18 +104,11 @@ class Intake:
             if opened.size == 0:
                 # A failed or unfinished write (a full disk makes many): not content, and
                 # never a duplicate of another empty file. It waits in the inbox; a write to
-                # it (close event) or a rescan brings it back.
-                self._note_once(path, opened.info, logging.INFO,
-                                "%s is empty; left in the inbox until it has content", relative)
+                # it (close event) or the rescan's recheck brings it back.
+                self.leave(path, opened.info, EMPTY)
                 return None
             self._make_folders_private(relative)
             return self._record_and_move(opened, relative, path.name)
-
-    def _too_large(self, path: Path, relative: Path, info: os.stat_result, what: str) -> None:
-        """Leave an oversized file where it is, unread (its bytes are never copied), logged once."""
-        self._note_once(path, info, logging.WARNING,
-                        "%s is too large (%s; MELANOSCREEN_MAX_FILE_BYTES is %d): left in the "
-                        "inbox unread", relative, what, self.settings.max_file_bytes)
 
     def _record_and_move(self, opened: InboxFile, relative: Path, name: str) -> int | None:
         """Write the row, then move, then commit; if the commit fails the file goes back.

@@ -38,6 +38,8 @@ class Pending:
     mtime_ns: int = -1
     changed_at: float = 0.0
     ready: bool = False
+    #: Its lstat when the rule last looked (owner, size: read by the watcher's triage).
+    info: os.stat_result | None = None
 
 
 class Readiness:
@@ -88,7 +90,7 @@ class Readiness:
     def is_ready(self, path: Path, entry: Pending, now: float) -> bool | None:
         """True: take it; False: wait; None: gone, forget it."""
         try:
-            info = path.lstat()
+            info = entry.info = path.lstat()
         except FileNotFoundError:
             return None
         if entry.ready:

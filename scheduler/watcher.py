@@ -5,28 +5,32 @@ When a file is complete is `scheduler.stability`'s rule: on Linux from close-aft
 periodic rescan catch what arrived while it was down. The inbox may be shared with other users,
 so it is read as untrusted input: folders below `scheduler.files.MAX_DEPTH` are skipped, a file
 over `MELANOSCREEN_MAX_FILE_BYTES` is never read, and a file left in the inbox (too large, empty)
-is logged once, not at every rescan. It never imports TensorFlow: work is enqueued by task name.
+is looked at once, then passed by until it changes (`scheduler.leftovers`), with one log line
+per scan for all of them. One user's many files cannot hold up another's: the files that are
+ready are taken in turns, one per owner, for at most TAKE_BUDGET seconds per tick.
+It never imports TensorFlow: work is enqueued by task name.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
-from watchdog.events import FileSystemEvent
+from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent, FileSystemEvent
 
 from db import images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
-from scheduler.files import MAX_DEPTH, inbox_folders
+from scheduler.files import MAX_DEPTH, inbox_folders, is_ignored
 from scheduler.inotify import InboxEvents
 from scheduler.intake import Intake
 from scheduler.queue import chunks
@@ -46,6 +50,12 @@ _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 RESEND_INTERVAL = 2.0
 #: Seconds between touches of the heartbeat file while the loop runs (a health check reads it).
 HEARTBEAT_INTERVAL = 5.0
+
+#: Seconds of taking files per tick: the rest waits for the next tick (events, the batch timer and
+#: the heartbeat are not held up behind a long line of files).
+TAKE_BUDGET = 0.5
+#: Seconds after the kernel dropped inotify events (its queue overflowed) before a rescan.
+OVERFLOW_RESCAN_DELAY = 0.5
 
 #: At most this many too-deep folders are remembered as logged.
 TOO_DEEP_MAX = 10_000
@@ -79,6 +89,10 @@ class Watcher:
         self.heartbeat_at = 0.0
         #: Folders found too deep, already logged (each is logged once).
         self.too_deep_logged: set[Path] = set()
+        #: Times the kernel dropped events since the last scan (set from the inotify thread).
+        self.overflows = 0
+        #: Scans done (each logs at most one line about files left in the inbox).
+        self.scans = 0
 
     @property
     def pending(self) -> dict[Path, Pending]:
@@ -110,7 +124,8 @@ class Watcher:
         """
         self.stop = stop
         self.inbox.mkdir(parents=True, exist_ok=True)
-        watching = InboxEvents(self.inbox, self.events, self.too_deep) if self.fast else None
+        watching = InboxEvents(self.inbox, self.events, self.too_deep,
+                               overflowed=self.overflowed) if self.fast else None
         if watching is not None:
             watching.start()
         # Without events, a scan this often sees files appear and settle.
@@ -130,6 +145,8 @@ class Watcher:
                 self.flush_if_due()
                 if self.resend_at is not None and time.monotonic() >= self.resend_at:
                     self.resend_unenqueued()
+                if self.overflows:
+                    next_rescan = min(next_rescan, time.monotonic() + OVERFLOW_RESCAN_DELAY)
                 if time.monotonic() >= next_rescan:
                     self.rescan()
                     next_rescan = time.monotonic() + (
@@ -138,6 +155,10 @@ class Watcher:
             if watching is not None:
                 watching.stop()
             self.flush()
+
+    def overflowed(self) -> None:
+        """The kernel dropped events (its queue overflowed): rescan soon (inotify thread)."""
+        self.overflows += 1
 
     def touch_heartbeat(self) -> None:
         """Every HEARTBEAT_INTERVAL, set the heartbeat file's mtime to now: the loop is alive
@@ -189,11 +210,32 @@ class Watcher:
 
     def rescan(self) -> None:
         """Put every candidate file in the inbox under observation (taken once stable); folders
-        deeper than MAX_DEPTH are skipped."""
+        deeper than MAX_DEPTH are skipped. Files left in the inbox as they were are passed by
+        without a stat; a bounded number of them is checked for changes in turn. Ends with at
+        most one line about the files left in the inbox since the last scan."""
         now = time.monotonic()
+        overflows, self.overflows = self.overflows, 0
+        left = self.intake.left
+        present: set[str] = set()
         for folder, _depth, names in inbox_folders(self.inbox, MAX_DEPTH, self.too_deep):
+            base = os.fspath(folder) + "/"
             for name in names:
-                self.readiness.observe(folder / name, now)
+                path = base + name
+                if path in left:
+                    present.add(path)  # left as it was: no stat (the recheck below takes turns)
+                else:
+                    self.readiness.observe(Path(path), now)
+        left.keep_only(present)
+        for path in left.changed():
+            self.readiness.observe(Path(path), now)
+        self.scans += 1
+        if overflows:
+            logger.warning("the kernel dropped inotify events %d time(s) (a burst of files); "
+                           "rescanned the inbox", overflows)
+        said = left.summary(self.settings.max_file_bytes)
+        if said is not None:
+            line, serious = said
+            logger.log(logging.WARNING if serious else logging.INFO, "%s", line)
 
     def drain_events(self, timeout: float) -> None:
         """Apply the file-system events that arrived, waiting up to `timeout` for the first."""
@@ -209,12 +251,23 @@ class Watcher:
                 return
 
     def on_event(self, event: FileSystemEvent, now: float | None = None) -> None:
-        """Update a file's readiness from one event (`now`: monotonic seconds)."""
+        """Update a file's readiness from one event (`now`: monotonic seconds). Opening and
+        closing without a write (our own look at it included) bring no file left in the inbox
+        back: only a change does."""
+        if isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent) \
+                and os.fsdecode(event.src_path) in self.intake.left:
+            return
         self.readiness.on_event(event, time.monotonic() if now is None else now)
 
     def take_ready(self, now: float | None = None) -> None:
-        """Take every file that is complete (`now`: monotonic seconds); forget vanished ones."""
+        """Take the files that are complete (`now`: monotonic seconds); forget vanished ones.
+
+        A file that is empty or too large (by its lstat) is left in the inbox unread, without
+        being opened. The others are taken in turns, one per owner (the owner with the fewest
+        waiting first), for at most TAKE_BUDGET seconds; the rest stay ready for the next tick.
+        """
         now = time.monotonic() if now is None else now
+        by_owner: dict[int, list[Path]] = {}
         for path, entry in list(self.pending.items()):
             if self.stop.is_set():
                 return  # stopping: what is left stays in the inbox for the next start
@@ -222,34 +275,62 @@ class Watcher:
             if ready is None:
                 del self.pending[path]
             elif ready:
-                del self.pending[path]
-                try:
-                    image_id = self.intake.take(path)
-                except DBAPIError as exc:
-                    entry.ready = True  # complete: taken first when the database answers
-                    self.pending[path] = entry
-                    self._back_off(f"database error taking {path}: {exc.orig or exc}")
-                    return
-                except OSError as exc:
-                    if exc.errno in _DISK_ERRNOS:
-                        entry.ready = True
-                        self.pending[path] = entry
-                        self._back_off(f"disk error taking {path}: {exc}")
-                        return
+                info = entry.info
+                assert info is not None  # is_ready took it
+                if self.intake.left.unchanged(os.fspath(path), info) or self._ignored(path):
+                    del self.pending[path]  # left in the inbox as it is, or not ours to take
+                    continue
+                reason = self.intake.left_reason(info)
+                if reason is not None:
+                    del self.pending[path]
+                    self.intake.leave(path, info, reason)
+                    continue
+                entry.ready = True
+                by_owner.setdefault(info.st_uid, []).append(path)
+        deadline = time.monotonic() + TAKE_BUDGET
+        for path in _in_turns(by_owner):
+            if self.stop.is_set() or time.monotonic() > deadline:
+                return  # the rest stay ready: taken at the next tick
+            if not self.take_one(path, now):
+                return
 
-                    logger.error("cannot take %s: %s", path, exc)
-                    continue
-                except Exception:
-                    # One file must never stop the intake of all the others.
-                    logger.exception("cannot take %s", path)
-                    continue
-                self.backoff = 0.0
-                if image_id is not None:
-                    if not self.batch:
-                        self.batch_started = now
-                    self.batch.append(image_id)
-                    if len(self.batch) >= self.settings.batch.size:
-                        self.flush()
+    def _ignored(self, path: Path) -> bool:
+        """Hidden, partial or temporary names (`scheduler.files.is_ignored`), or outside the inbox."""
+        try:
+            return is_ignored(path.relative_to(self.inbox))
+        except ValueError:
+            return True
+
+    def take_one(self, path: Path, now: float) -> bool:
+        """Take one complete file; False after a database or disk error (paused: back off)."""
+        entry = self.pending.pop(path)
+        try:
+            image_id = self.intake.take(path)
+        except DBAPIError as exc:
+            entry.ready = True  # complete: taken first when the database answers
+            self.pending[path] = entry
+            self._back_off(f"database error taking {path}: {exc.orig or exc}")
+            return False
+        except OSError as exc:
+            if exc.errno in _DISK_ERRNOS:
+                entry.ready = True
+                self.pending[path] = entry
+                self._back_off(f"disk error taking {path}: {exc}")
+                return False
+            logger.error("cannot take %s: %s", path, exc)
+            return True
+        except Exception:
+            # One file must never stop the intake of all the others.
+            logger.exception("cannot take %s", path)
+            return True
+        self.backoff = 0.0
+        if image_id is not None:
+            if not self.batch:
+                self.batch_started = now
+            self.batch.append(image_id)
+            if len(self.batch) >= self.settings.batch.size:
+                self.flush()
+        return True
 
     def flush_if_due(self, now: float | None = None) -> None:
         """Enqueue the batch once its first image has waited `MELANOSCREEN_BATCH_DELAY`."""
@@ -278,3 +359,15 @@ class Watcher:
                     images.mark_enqueued(session, batch, utcnow())
             except DBAPIError as exc:  # sent: at worst the sweep sends it once more
                 logger.warning("could not note images %s as enqueued: %s", batch, exc)
+
+
+def _in_turns(by_owner: dict[int, list[Path]]) -> Iterator[Path]:
+    """One file of each owner in turn, the owner with the fewest first, each owner's in the
+    order they were seen: a user's thousand files hold up another's one file by one take."""
+    queues = sorted(by_owner.values(), key=len)
+    index = 0
+    while queues:
+        queues = [q for q in queues if index < len(q)]
+        for waiting in queues:
+            yield waiting[index]
+        index += 1

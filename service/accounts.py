@@ -112,26 +112,27 @@ def authenticate(session: Session, name: str, password: str, now: datetime) -> U
     """The user whose name and password these are, or LoginRefused.
 
     Five wrong passwords in a row for a name lock it for a while (db.accounts.LOCK_FOR), even
-    for the right password; each attempt is written to the audit log. Every refusal says the
+    for the right password; refused attempts are counted in the audit log (a row per name and
+    kind every ten minutes, one for all names that are no account). Every refusal says the
     same and costs one password check, whatever the reason.
     """
     user = accounts.find_user(session, name)
     if user is None:
         password_matches(_DUMMY_HASH, password)
-        audit.audit(session, user=None, username=name[:64], action="login_failed", now=now,
-                    detail="unknown name")
+        # Never the name typed: it may be a password typed into the wrong field.
+        audit.count_refusal(session, user=None, action="login_failed", now=now)
         raise LoginRefused(REFUSED)
     right = password_matches(user.password_hash, password)
     # Re-read the row: concurrent wrong guesses may have locked it while the password was checked.
     accounts.reload(session, user)
     if accounts.is_locked(user, now):
-        audit.audit(session, user=user, username=user.name, action="login_locked", now=now)
+        audit.count_refusal(session, user=user, action="login_locked", now=now)
         raise LoginRefused(REFUSED)
     if not right or not user.active:
         if user.active:
             accounts.record_login_failure(session, user, now)
-        audit.audit(session, user=user, username=user.name, action="login_failed", now=now,
-                    detail="locked" if accounts.is_locked(user, now) else None)
+        audit.count_refusal(session, user=user, action="login_failed", now=now,
+                            locked=accounts.is_locked(user, now))
         raise LoginRefused(REFUSED)
     accounts.record_login_success(session, user)
     return user

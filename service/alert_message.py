@@ -39,7 +39,8 @@ class FlaggedImage:
     probabilities: Mapping[str, float]  # class name -> probability, in the model's class order
     predicted_class: str
     received_at: datetime  # aware; a naive value is taken as UTC
-    image: bytes | None  # the lesion image as stored, any format Pillow reads
+    image: bytes | None  # the lesion (any format Pillow reads; `service.pictures.shrunk_jpeg`
+    # gives it at ALERT_IMAGE_PX from the decoded image, never the stored file's bytes)
     gradcam_png: bytes | None = None  # Grad-CAM overlay, PNG
     url: str | None = None  # its case page in the review app, when MELANOSCREEN_PUBLIC_URL is set
 

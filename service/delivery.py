@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import outbox
 from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
-from service.alert_message import AlertContent, FlaggedImage, compose_alert
+from service.alert_message import ALERT_IMAGE_PX, AlertContent, FlaggedImage, compose_alert
 from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
 from service.messages import ComposedMessage, case_url, review_hint
+from service.pictures import shrunk_jpeg
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ class DeliveryOutcome:
     status: str
     retry_in: float | None = None
     detail: str | None = None
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        logger.warning("cannot read %s for the alert: %s", path, exc)
-        return None
 
 
 def local_review_url(settings: Settings) -> str:
@@ -61,7 +54,7 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
         images.append(FlaggedImage(
             source=item.source, melanoma_probability=item.melanoma_probability,
             probabilities=item.probabilities, predicted_class=item.predicted_class,
-            received_at=item.received_at, image=_read(location),
+            received_at=item.received_at, image=shrunk_jpeg(location, ALERT_IMAGE_PX, quality=92),
             gradcam_png=overlay(location) if overlay is not None else None,
             url=case_url(public_url, item.sha256) if item.sha256 else None))
     content = AlertContent(images=images, model_version=items[0].model_version,

@@ -24,6 +24,7 @@ from db import digests, outbox, reviews
 from db.schema import ImageStatus, OutboxKind
 from melanoscreen.settings import Settings
 from service.digest_message import (
+    DIGEST_THUMBNAIL_PX,
     MAX_DIGEST_THUMBNAILS,
     DigestContent,
     DigestImage,
@@ -36,6 +37,7 @@ from service.digest_message import (
     digest_key,
 )
 from service.messages import case_url, recipient_message_id
+from service.pictures import shrunk_jpeg
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -92,13 +94,6 @@ def _due_dates(last_sent: date | None, now: datetime, digest_time: time, tz: Zon
 UNREVIEWED_AFTER = timedelta(hours=24)
 
 
-def _read(location: str) -> bytes | None:
-    try:
-        return Path(location).read_bytes()
-    except OSError:
-        return None
-
-
 def build_digest_content(session: Session, day: date, digest_time: time, timezone: str,
                          model_path: Path | None = None, public_url: str | None = None,
                          keep: Callable[[str], bool] | None = None,
@@ -127,7 +122,8 @@ def build_digest_content(session: Session, day: date, digest_time: time, timezon
     images = [
         DigestImage(source=image.source, melanoma_probability=prediction.melanoma_probability,
                     predicted_class=prediction.predicted_class, received_at=image.received_at,
-                    thumbnail=_read(image.location) if rank < MAX_DIGEST_THUMBNAILS else None,
+                    thumbnail=(shrunk_jpeg(image.location, DIGEST_THUMBNAIL_PX)
+                               if rank < MAX_DIGEST_THUMBNAILS else None),
                     threshold=prediction.threshold, url=case_url(public_url, image.sha256),
                     unusual=bool(prediction.out_of_scope),
                     verdict=reviewed[image.id].verdict.value if image.id in reviewed else None,

@@ -19,6 +19,7 @@ from db.schema import Prediction, utcnow
 from melanoscreen.settings import Settings
 from service.alerts import AlertTarget, write_routed_alerts
 from service.flags import flag_of
+from service.pictures import store_thumbnail
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -75,6 +76,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
             max_attempts=settings.max_attempts)
         work = [(image.id, Path(image.location)) for image in claimed]
         sources = {image.id: image.source for image in claimed}
+        shas = {image.id: image.sha256 for image in claimed}
     skipped = len(set(image_ids)) - len(work)
     if not work:
         return BatchOutcome(skipped=skipped)
@@ -150,6 +152,13 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     if untold:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
                        untold)
+    # Once, here, for the review app's lists: it streams the stored file and never decodes.
+    for image_id, path in work:
+        if image_id not in moved:
+            try:
+                store_thumbnail(path, shas[image_id], settings.thumbnails_dir)
+            except Exception:  # a picture for people must never fail the screening
+                logger.exception("no thumbnail for image %d", image_id)
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
                         flagged=tuple(p.image_id for p in predictions if p.flagged),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +25,14 @@ from mail_fixtures import (
     smtp_server,
 )
 
-from tests.conftest import RedisServer, Service, start_service, synthetic_jpeg, wait_until
+from tests.conftest import (
+    RedisServer,
+    Service,
+    children_of,
+    start_service,
+    synthetic_jpeg,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +97,8 @@ def alert_service(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisS
             "MELANOSCREEN_ALERT_RETRY_BASE": "0.5",
             "MELANOSCREEN_ALERT_MAX_ATTEMPTS": "20",
             "MELANOSCREEN_TIMEZONE": "Europe/Berlin",
+            # A JPEG with a 1 GB tail is let in, to show what the worker reads of it.
+            "MELANOSCREEN_MAX_FILE_BYTES": str(2 << 30),
         })
     yield running
     running.stop_all()
@@ -155,6 +166,47 @@ def test_a_flagged_drop_sends_one_message_per_recipient_with_both_parts_and_imag
     sha = next(r["sha256"] for r in flagged if r["source"] == source)
     kept = alert_service.data_dir / "overlays" / f"{sha}.png"
     assert kept.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bytes_read(pids: list[int]) -> int:
+    """What these processes have read so far (rchar: every read(2), cached or not)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in open(f"/proc/{pid}/io").read().splitlines():  # noqa: SIM115
+                if line.startswith("rchar:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_a_jpeg_with_a_1gb_tail_gets_a_small_thumbnail_and_attachment_without_its_tail_read(
+        alert_service: Service, mail: MailServer) -> None:
+    source = "clinic-a/patient-9/tail.jpg"
+    worker = alert_service.processes["worker"].pid
+    pids = [worker, *children_of(worker)]
+    before = _bytes_read(pids)
+    partial = alert_service.inbox / "clinic-a" / "patient-9" / ".tail.jpg.part"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "wb") as out:
+        out.write(synthetic_jpeg(4100, (1024, 768)))
+        out.truncate(1 << 30)  # a sparse tail: no disk used
+    os.rename(partial, partial.with_name("tail.jpg"))
+    [received] = mail.wait_about(source, 2)[:1]
+    read = _bytes_read(pids) - before
+    assert read < 100 << 20, f"the worker read {read >> 20} MiB"  # the tail is 1024 MiB
+    pictures = image_parts(received.message)
+    assert all(len(part.get_content()) < 300_000 for part in pictures)
+    assert all(max(picture.size) <= 512 for picture in decoded_images(pictures))
+    [row] = alert_service.rows("SELECT sha256 FROM images WHERE source = :s", s=source)
+    thumbnail = alert_service.data_dir / "thumbnails" / f"{row.sha256}.jpg"
+    assert stat.S_IMODE(thumbnail.stat().st_mode) == 0o600 and thumbnail.stat().st_size < 20_000
+    assert max(decoded_images([_as_part(thumbnail.read_bytes())])[0].size) <= 96
+
+
+def _as_part(data: bytes) -> EmailMessage:
+    part = EmailMessage()
+    part.set_content(data, maintype="image", subtype="jpeg")
+    return part
 
 
 def test_a_redelivered_or_rerun_delivery_task_sends_nothing_for_a_sent_alert(

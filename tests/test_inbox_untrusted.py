@@ -31,13 +31,16 @@ from scheduler.watcher import Watcher
 from tests.conftest import synthetic_jpeg
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+#: A second local user, who drops real images into the same shared inbox.
+COLLEAGUE = ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="acting as another local user needs root and setpriv")
 
 
-def as_nobody(code: str, *args: str, timeout: float = 120) -> None:
-    """Run Python code as uid 65534 (standard library only), from a folder anyone reads."""
-    done = subprocess.run([*NOBODY, sys.executable, "-I", "-S", "-c", code, *args], cwd="/",
+def as_nobody(code: str, *args: str, timeout: float = 120, user: Sequence[str] = NOBODY) -> None:
+    """Run Python code as uid 65534 (or `user`; standard library only), from a folder anyone
+    reads."""
+    done = subprocess.run([*user, sys.executable, "-I", "-S", "-c", code, *args], cwd="/",
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
 
@@ -59,6 +62,16 @@ with open(path + ".part", "wb") as out:
     if len(sys.argv) > 3:
         out.truncate(int(sys.argv[3]))  # a sparse tail: no disk used, any size claimed
 os.rename(path + ".part", path)
+"""
+
+
+#: Empty files, made as fast as a script can: each is created, opened and closed (three events).
+EMPTY_FILES = """
+import os, sys
+os.makedirs(sys.argv[1], exist_ok=True)
+os.chdir(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    os.close(os.open("%d.jpg" % i, os.O_WRONLY | os.O_CREAT, 0o644))
 """
 
 
@@ -176,16 +189,66 @@ def test_a_5gb_sparse_file_and_a_jpeg_with_a_1gb_tail_are_left_unread_and_logged
     as_nobody(DROP, str(shared_inbox / "good.jpg"), synthetic_jpeg(8).hex())
     wait_for(lambda: "good.jpg" in sources(sessions))
     assert time.monotonic() - started < 20  # not held up behind gigabytes
-    wait_for(lambda: len(lines(caplog, "too large")) >= 2)
-    # More rescans (by hand, the loop stopped): still one line each, and no byte of them copied.
+    wait_for(lambda: "tail.jpg" in " ".join(lines(caplog, "too large"))
+             and "sparse.jpg" in " ".join(lines(caplog, "too large")))
+    # More rescans (by hand, the loop stopped): named once in all, and no byte of them copied.
     running.halt()
     for _ in range(3):
         watcher.rescan()
         watcher.take_ready(time.monotonic() + 60)
-    too_large = lines(caplog, "too large")
-    assert sorted(m.split(" ")[0] for m in too_large) == ["sparse.jpg", "tail.jpg"], too_large
+    said = " ".join(lines(caplog, "too large"))
+    assert said.count("sparse.jpg") == 1 and said.count("tail.jpg") == 1, said
     assert (shared_inbox / "sparse.jpg").stat().st_size == 5 << 30
     assert (shared_inbox / "tail.jpg").stat().st_size == 1 << 30
     assert sources(sessions) == {"good.jpg"}
     used = sum(p.stat().st_size for p in watcher.settings.data_path.rglob("*") if p.is_file())
     assert used < 50 << 20, used
+
+
+def test_15000_empty_files_hold_up_no_one_elses_image_and_add_one_log_line_per_scan(
+        running: Running, shared_inbox: Path, caplog: pytest.LogCaptureFixture) -> None:
+    watcher, sessions = running.watcher, running.sessions
+    caplog.set_level(logging.INFO)
+    junk = 15_000
+    as_nobody(EMPTY_FILES, str(shared_inbox / "junk"), str(junk))
+    # Another user's image, dropped at once after the junk: the watcher is busy with the junk.
+    started = time.monotonic()
+    as_nobody(DROP, str(shared_inbox / "clinic-b" / "mole.jpg"), synthetic_jpeg(9).hex(),
+              user=COLLEAGUE)
+    wait_for(lambda: "clinic-b/mole.jpg" in sources(sessions))
+    waited = time.monotonic() - started
+    assert waited < 10, f"{waited:.1f} s behind {junk} empty files"  # 22 s before the turns
+    left = watcher.intake.left
+    wait_for(lambda: len(left) == junk)
+    scans = watcher.scans
+    wait_for(lambda: watcher.scans >= scans + 4)  # more rescans with the junk in place
+    running.halt()
+
+    # The log: at most a line or two per scan, never one per file.
+    ours = [r for r in caplog.records if r.name.startswith("scheduler")]
+    assert len(ours) <= 2 * watcher.scans + 5, (len(ours), watcher.scans)
+    said = lines(caplog, "left in the inbox")
+    assert said and all(m.count("junk/") <= 3 for m in said), said[:3]
+    assert sum(int(m.split(" empty")[0].split()[-1]) for m in said if " empty" in m) == junk
+
+    watcher.stop = threading.Event()  # the loop has ended: what follows is done by hand
+    # Rescans pass the junk by: nothing of it is put under observation (stat'ed) again, and
+    # nothing more is said while it stays as it is.
+    before = len(caplog.records)
+    for _ in range(3):
+        waiting = set(watcher.pending)
+        watcher.rescan()
+        assert not [p for p in set(watcher.pending) - waiting if "junk" in p.parts]
+        watcher.take_ready(time.monotonic() + 60)
+    assert len(caplog.records) == before
+    assert len(os.listdir(shared_inbox / "junk")) == junk  # left where they were
+    assert sources(sessions) == {"clinic-b/mole.jpg"}
+
+    # A junk file that gets content is seen again (the recheck takes turns) and taken.
+    as_nobody("import sys; open(sys.argv[1], 'wb').write(bytes.fromhex(sys.argv[2]))",
+              str(shared_inbox / "junk" / "7.jpg"), synthetic_jpeg(10).hex())
+    for _ in range(junk // 2_000 + 2):
+        watcher.rescan()
+    watcher.take_ready(time.monotonic() + 60)  # its size and time noted,
+    watcher.take_ready(time.monotonic() + 120)  # then unchanged long enough
+    assert "junk/7.jpg" in sources(sessions)

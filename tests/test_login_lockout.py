@@ -33,9 +33,15 @@ def _ann(live_app: LiveApp) -> User:
 
 
 def _events(live_app: LiveApp, action: str) -> int:
+    """Refused logins of this kind counted in the audit log (each row says "N attempts")."""
     with live_app.sessions.begin() as session:
-        return int(session.scalar(select(func.count()).select_from(AuditEvent)
-                                  .where(AuditEvent.action == action)) or 0)
+        details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == action))
+        return sum(int((detail or "1").split(" ")[0]) for detail in details)
+
+
+def _rows(live_app: LiveApp) -> int:
+    with live_app.sessions.begin() as session:
+        return int(session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
 
 
 def test_forty_concurrent_guesses_lock_the_name_after_five_checked(live_app: LiveApp) -> None:
@@ -54,6 +60,29 @@ def test_forty_concurrent_guesses_lock_the_name_after_five_checked(live_app: Liv
     assert _events(live_app, "login_locked") >= 40 - 6
     # The right password is refused too while the lock holds.
     assert httpx.get(f"{live_app.url}/api/images", auth=("ann", PASSWORD), timeout=60).status_code == 401
+    # Counted, not written one by one: a row for the wrong passwords, one for the locked name.
+    assert _rows(live_app) <= 2 + 2  # (two more at most where concurrent first refusals raced)
+
+
+def test_anonymous_guesses_under_names_that_are_no_account_add_one_counted_row(
+        live_app: LiveApp) -> None:
+    secret = "correct horse battery staple"
+
+    def guess(n: int) -> int:
+        return httpx.get(f"{live_app.url}/api/images", auth=(f"{secret} {n}", "x"),
+                         timeout=120).status_code
+
+    before = _rows(live_app)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(guess, range(60)))
+    assert answers == [401] * 60
+    assert _rows(live_app) - before <= 2  # one row (a second where two first refusals raced)
+    assert _events(live_app, "login_failed") == 60  # each one counted
+    with live_app.sessions.begin() as session:
+        stored = " ".join(f"{e.username} {e.detail}" for e in session.scalars(select(AuditEvent)))
+    assert secret not in stored and "(unknown name)" in stored  # what was typed is not kept
+    page = live_app.login().get("/audit").text
+    assert secret not in page and "60 attempts" in page
 
 
 def _timed_login(live_app: LiveApp, name: str, password: str) -> tuple[int, str, float]:

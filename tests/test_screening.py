@@ -3,6 +3,7 @@ passed in; a real tiny model, a migrated SQLite database and real files."""
 
 from __future__ import annotations
 
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,6 +105,10 @@ def test_a_batch_is_screened_and_unreadable_files_are_quarantined_with_their_rea
     assert rejected.reason and "truncated" in rejected.reason
     assert "truncated" in kept.with_name(kept.name + ".reason.txt").read_text()
     assert loader.calls == 1
+    # Each screened image's thumbnail is made once, here, for the review app; none for the other.
+    thumbnails = {p.name for p in settings.thumbnails_dir.iterdir()}
+    assert thumbnails == {f"{rows[name].sha256}.jpg" for name in ("a.jpg", "b.jpg")}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in settings.thumbnails_dir.iterdir())
 
 
 def test_a_redelivered_batch_skips_finished_images_without_loading_the_model(

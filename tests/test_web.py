@@ -13,6 +13,7 @@ from starlette.routing import Mount
 from web_fixtures import HOSTILE_NAME, PASSWORD, LiveApp, csrf_of, live_app
 
 from db.schema import AuditEvent, Review, User
+from service.pictures import store_thumbnail
 from web.app import PUBLIC_PATHS, ROUTERS, create_app
 from web.deps import WebConfig
 
@@ -100,8 +101,10 @@ def test_five_wrong_passwords_lock_the_name_even_for_the_right_one(live_app: Liv
     with live_app.sessions.begin() as session:
         user = session.scalars(select(User).where(User.name == "ann")).one()
         assert user.locked_until is not None
-        actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
-    assert actions.count("login_failed") == 5 and "login_locked" in actions
+        events = {e.action: e.detail for e in session.scalars(select(AuditEvent))}
+    # Counted in one row per name and kind: five wrong passwords (the fifth locked), then two
+    # attempts while locked (the form's and the API's).
+    assert events["login_failed"] == "5 attempts; locked" and events["login_locked"] == "2 attempts"
 
 
 def test_a_wrong_password_keeps_the_name_in_the_form_escaped(live_app: LiveApp) -> None:
@@ -271,10 +274,36 @@ def test_the_case_page_shows_the_stored_overlay_or_says_there_is_none(live_app: 
     answer = client.get(f"/images/{sha}/overlay")
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     assert client.get(f"/images/{sha}/file").headers["content-type"] == "image/jpeg"
-    assert client.get(f"/images/{sha}/thumbnail").status_code == 200
     with live_app.sessions.begin() as session:
         views = session.scalars(select(AuditEvent).where(AuditEvent.action == "view_image")).all()
     assert len(views) == 2 and views[0].username == "ann"
+
+
+def _bytes_read() -> int:
+    """What this process (the app runs in it) has read so far: every read(2), cached or not."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+def test_the_thumbnail_is_the_one_the_worker_stored_and_a_1gb_tail_is_never_read(
+        live_app: LiveApp) -> None:
+    client = live_app.login()
+    sha = live_app.flagged
+    [stored] = live_app.store.glob(f"{sha}.*")
+    assert client.get(f"/images/{sha}/thumbnail").status_code == 404  # none stored: none made
+    with open(stored, "ab") as out:  # the stored JPEG gets a 1 GB tail (sparse: no disk used)
+        out.truncate(1 << 30)
+    before = _bytes_read()
+    store_thumbnail(stored, sha, live_app.thumbnails)  # what the worker does at screening time
+    answer = client.get(f"/images/{sha}/thumbnail")
+    page = client.get("/").text
+    read = _bytes_read() - before
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    assert answer.content == (live_app.thumbnails / f"{sha}.jpg").read_bytes()
+    assert len(answer.content) < 20_000 and f"/images/{sha}/thumbnail" in page
+    assert read < 50 << 20, f"read {read >> 20} MiB"  # the tail is 1024 MiB
 
 
 @pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/"])

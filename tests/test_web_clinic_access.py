@@ -56,3 +56,26 @@ def test_a_clinic_a_reviewer_cannot_open_download_or_review_a_clinic_b_case(live
         assert session.scalars(select(Review)).all() == []
     # An admin reaches every image.
     assert live_app.client().get(f"/api/images/{other}", auth=("root", PASSWORD)).status_code == 200
+
+
+def test_a_clinic_a_reviewer_sees_no_clinic_b_image_named_in_the_audit_log_or_the_filters(
+        live_app: LiveApp) -> None:
+    _set_prefixes(live_app, "ann", "clinic-a/")
+    other, mine = live_app.hostile, live_app.flagged
+    # An admin opens and reviews a clinic-b case and a clinic-a case: both are audited.
+    admin = live_app.login("root")
+    for sha in (other, mine):
+        case = admin.get(f"/images/{sha}")
+        assert case.status_code == 200
+        form = {"csrf_token": csrf_of(case.text.split("<main>")[1]), "verdict": "benign", "note": ""}
+        assert admin.post(f"/images/{sha}/reviews", data=form).status_code in (200, 303)
+    full = admin.get("/audit").text
+    assert other in full and mine in full and "lesion2.jpg" in full
+
+    client = live_app.login("ann")
+    audit_page = client.get("/audit").text
+    assert other not in audit_page and "clinic-b" not in audit_page  # not even its name
+    assert mine in audit_page and "lesion2.jpg" in audit_page  # their own clinic's entries stay
+    assert "login" in audit_page  # entries about no image stay
+    for page in (client.get("/").text, client.get("/", params={"all": "1"}).text):
+        assert "clinic-b" not in page  # nor in the worklist's clinic filter

@@ -75,6 +75,7 @@ class LiveApp:
     overlays: Path
     flagged: str  # sha256 of the highest flagged image
     hostile: str  # sha256 of an image whose name is HTML
+    thumbnails: Path  # where the app finds the thumbnails the worker stored
 
     def client(self) -> httpx.Client:
         """A fresh client (no cookies) against the app."""
@@ -107,7 +108,7 @@ HOSTILE_NAME = 'clinic-b/<script>alert(1)</script><img src=x onerror=alert(2)>.j
 def live_app(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Iterator[LiveApp]:
     """The app under uvicorn on a free loopback port, with a reviewer `ann` and an admin `root`."""
     sessions = make_session_factory(database_url)
-    store, overlays = tmp_path / "store", tmp_path / "overlays"
+    store, overlays, thumbnails = tmp_path / "store", tmp_path / "overlays", tmp_path / "thumbnails"
     store.mkdir()
     overlays.mkdir()
     base = datetime.now(UTC) - timedelta(days=2)
@@ -123,7 +124,7 @@ def live_app(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) 
     add_account(sessions, "ann")
     add_account(sessions, "root", Role.ADMIN)
     config = WebConfig(database_url=database_url, secret="test-secret-" + "x" * 40,
-                       overlays_dir=overlays, session_seconds=3600,
+                       overlays_dir=overlays, thumbnails_dir=thumbnails, session_seconds=3600,
                        # WebConfig fields a test module sets differently (WEB_CONFIG there).
                        **getattr(request.module, "WEB_CONFIG", {}))
     port = free_port()
@@ -136,7 +137,8 @@ def live_app(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) 
         assert time.monotonic() < deadline, "the app did not start"
         time.sleep(0.05)
     try:
-        yield LiveApp(f"http://127.0.0.1:{port}", sessions, store, overlays, flagged, hostile)
+        yield LiveApp(f"http://127.0.0.1:{port}", sessions, store, overlays, flagged, hostile,
+                      thumbnails)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -32,6 +32,8 @@ class WebConfig:
     secure_cookies: bool = False
     #: `open` or `enforced` (MELANOSCREEN_WEB_CLINIC_ACCESS): see `clinics_of`.
     clinic_access: str = "open"
+    #: The thumbnails the worker stored (`service.pictures`); None: no thumbnails are shown.
+    thumbnails_dir: Path | None = None
 
 
 #: Password checks at once, per process: each argon2 check takes 64 MiB and a tenth of a second

@@ -1,5 +1,6 @@
 """The image bytes the pages show: the stored image (re-encoded when a browser cannot show its
-format), thumbnails, and the Grad-CAM overlay the worker stored. Pillow only: never TensorFlow."""
+format), and the thumbnail and the Grad-CAM overlay the worker stored (never made here: a list
+of images costs no decoding). Pillow only: never TensorFlow."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
+from service.stored_pictures import thumbnail_path
+
 #: Formats every browser shows as they are; anything else (TIFF, BMP, ...) is sent as PNG.
 _BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
-THUMBNAIL_PX = 96
 
 
 class NotShowable(Exception):
@@ -37,18 +39,12 @@ def converted_png(location: str) -> bytes:
         raise NotShowable(str(exc)) from exc
 
 
-def thumbnail_bytes(location: str, size: int = THUMBNAIL_PX) -> bytes:
-    """A JPEG thumbnail of at most size×size pixels."""
-    try:
-        with PILImage.open(location) as picture:
-            picture.draft("RGB", (size, size))
-            small = picture.convert("RGB")
-            small.thumbnail((size, size))
-            out = io.BytesIO()
-            small.save(out, "JPEG", quality=85)
-            return out.getvalue()
-    except (OSError, ValueError, PILImage.DecompressionBombError) as exc:
-        raise NotShowable(str(exc)) from exc
+def stored_thumbnail(thumbnails_dir: Path | None, sha256: str) -> Path | None:
+    """The thumbnail the worker stored for this image at screening time, if there is one."""
+    if thumbnails_dir is None:
+        return None
+    path = thumbnail_path(thumbnails_dir, sha256)
+    return path if path.is_file() else None
 
 
 def _png(picture: PILImage.Image) -> bytes:

@@ -78,13 +78,28 @@ def redis_version(executable: Path) -> str:
 #: Commands Celery never sends and an intruder would love: write files anywhere (CONFIG, SAVE),
 #: load code (MODULE, DEBUG), wipe or copy the queue (FLUSH*, REPLICAOF, MIGRATE, SYNC),
 #: watch every message (MONITOR), change users (ACL) or stop the server (SHUTDOWN).
-#: SWAPDB and KEYS: swap the queue away, or stall the server on a big keyspace. (EVAL, EVALSHA
-#: and SCRIPT stay: kombu 5.7 keeps its expiring bindings, the control replies', with Lua.)
+#: SWAPDB and KEYS: swap the queue away, or stall the server on a big keyspace. EVAL: Lua
+#: sent as text (kombu never does; see below). CLIENT: list, kill or pause the other
+#: connections (redis-py's optional CLIENT SETINFO at connect tolerates the refusal).
+#: RESTORE: load a serialised value (crafted payloads have been a way into the server).
+#: SLOWLOG: read other clients' command arguments.
+#:
+#: EVALSHA and SCRIPT stay, and only they: kombu 5.7 keeps the bindings of expiring queues
+#: (Celery's control replies, Flower's event queue) alive and sweeps dead ones with two Lua
+#: scripts run through redis-py's `Script`, which sends EVALSHA and, when the server does not
+#: know the script yet, SCRIPT LOAD (in a pipeline, SCRIPT EXISTS first). Without them a
+#: killed Flower's event queue would keep receiving every event, unread, without end.
+#: SCRIPT LOAD plus EVALSHA can run any Lua, so what protects the scripting engine is the
+#: password (a 0600 file in the 0700 data folder), the loopback bind and the build
+#: (docs/security.md).
 DISABLED_REDIS_COMMANDS = (
     "CONFIG", "DEBUG", "MODULE", "FLUSHALL", "FLUSHDB", "SAVE", "BGSAVE", "BGREWRITEAOF",
     "SLAVEOF", "REPLICAOF", "MIGRATE", "SYNC", "PSYNC", "MONITOR", "ACL", "SHUTDOWN",
-    "SWAPDB", "KEYS",
+    "SWAPDB", "KEYS", "EVAL", "CLIENT", "RESTORE", "RESTORE-ASKING", "SLOWLOG",
 )
+#: Redis 7's further ways to run Lua (read-only scripts, functions) and FAILOVER; a 6.2 server
+#: refuses to start on a rename of a command it does not have, so these go only from 7 on.
+DISABLED_REDIS_7_COMMANDS = ("EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO", "FUNCTION", "FAILOVER")
 #: A client that sends and never reads (before or after AUTH) is cut off once its replies
 #: waiting to be read pass 16 MB (or 4 MB for 30 s): our own replies are a few kilobytes.
 REDIS_OUTPUT_BUFFER_LIMIT = "client-output-buffer-limit normal 16mb 4mb 30"
@@ -104,13 +119,21 @@ def redis_argv(port: int, data_dir: Path, *, persistent: bool = True,
              f"appendonly {'yes' if persistent else 'no'}", REDIS_OUTPUT_BUFFER_LIMIT]
     if password is not None:
         lines.append(f"requirepass {password}")
-    lines += [f'rename-command {command} ""' for command in DISABLED_REDIS_COMMANDS]
+    executable = executable or redis_executable()
+    lines += [f'rename-command {command} ""' for command in disabled_redis_commands(executable)]
     config = data_dir / "redis.conf"
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write("\n".join(lines) + "\n")
-    return [str(executable or redis_executable()), str(config)]
+    return [str(executable), str(config)]
+
+
+def disabled_redis_commands(executable: Path) -> tuple[str, ...]:
+    """The commands this build of redis-server runs without (its major version decides)."""
+    major = redis_version(executable).split(".")[0]
+    extra = DISABLED_REDIS_7_COMMANDS if major.isdigit() and int(major) >= 7 else ()
+    return DISABLED_REDIS_COMMANDS + extra
 
 
 def wait_for_redis(port: int, timeout: float = 20.0, password: str | None = None) -> None:

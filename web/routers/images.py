@@ -96,7 +96,10 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
         "all_link": f"{base_path(request)}/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
         "next": page_link(page + 1) if page < pages else None,
-        "statuses": [s.value for s in ImageStatus], "clinics": worklist_queries.clinics(session),
+        "statuses": [s.value for s in ImageStatus],
+        "clinics": [c for c in worklist_queries.clinics(session)
+                    if allowed is None or any(f"{c}/".startswith(p) or p.startswith(f"{c}/")
+                                              for p in allowed)],
     })
 
 
@@ -141,12 +144,13 @@ def image_file(request: Request, session: DbSession, user: CurrentUser, sha256: 
 
 @router.get("/images/{sha256}/thumbnail", summary="login: a thumbnail")
 def image_thumbnail(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
-    """A small JPEG of the image for the worklist."""
+    """The small JPEG the worker stored at screening time, streamed; 404 when there is none
+    (not screened yet, or not an image)."""
     image = image_or_404(session, sha256, request, user)
-    try:
-        return _private(Response(files.thumbnail_bytes(image.location), media_type="image/jpeg"))
-    except files.NotShowable:
-        raise HTTPException(404, "this file cannot be shown") from None
+    path = files.stored_thumbnail(config(request).thumbnails_dir, image.sha256)
+    if path is None:
+        raise HTTPException(404, "no thumbnail stored for this image")
+    return _private(FileResponse(path, media_type="image/jpeg"))
 
 
 @router.get("/images/{sha256}/overlay", summary="login: the stored Grad-CAM overlay")
