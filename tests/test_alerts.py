@@ -141,6 +141,8 @@ def test_a_flagged_drop_sends_one_message_per_recipient_with_both_parts_and_imag
         for name in CLASSES:
             assert name in text
         assert "Model version: tiny-test-1" in text and "Alert threshold: 0.00" in text
+        # How this model's alerts turned out, from the reviews: none yet, so no share is given.
+        assert "Too few alerts of model tiny-test-1 have been reviewed yet (0; 20 are needed)" in text
         assert "Received:" in text and "CET" in text  # arrival time in the configured zone
         assert "cid:" in body(message, "html")
         pictures = decoded_images(image_parts(message))
