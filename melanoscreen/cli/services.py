@@ -107,6 +107,7 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     from worker import runtime
     from worker.celery_app import app
 
+    quiet_celery()  # before TensorFlow loads (its notices read the environment once)
     settings = load_settings()
     broker = broker_or_fail(settings)
     _check_model(settings)
@@ -119,8 +120,30 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     # Each pool process loads and warms the model before its first task (worker_process_init):
     # give it time to, instead of Celery's 4 s before it replaces the process.
     app.conf.worker_proc_alive_timeout = 180.0
-    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
-                     "--events", f"--hostname={worker_node_name(os.getpid())}"])
+    # --quiet: no banner. Task events stay on (Flower); housekeeping tasks send none.
+    app.worker_main(["--quiet", "worker", "--loglevel=INFO", f"--concurrency={processes}",
+                     "--pool=prefork", "--events", f"--hostname={worker_node_name(os.getpid())}"])
+
+
+#: Celery's loggers that say something for every task (received, succeeded), at start
+#: (mingle) or on every beat tick: the service logs one line of its own per batch screened and
+#: per message sent instead, so these speak only of trouble (warnings and errors still show).
+CHATTY_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.consumer.mingle",
+                  "celery.beat")
+
+
+def quiet_celery() -> None:
+    """Keep the service log to what an operator reads: no per-task lines from Celery, no
+    TensorFlow start-up notices, no run-as-root warning (the service never takes pickle)."""
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Read by TensorFlow's C++ side when a pool process loads the model: warnings and errors only.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
 def _check_model(settings: Settings) -> None:
@@ -145,12 +168,16 @@ def beat() -> None:
     hold_data_folder(settings, "beat")  # its descriptor stays open: held while we live
     _prepare(settings)
     app = make_producer(broker, settings.visibility_timeout)
+    # Beat sends only housekeeping (sweep, digest, reminders): no "sent" events for Flower to
+    # keep, so its task list holds screening and deliveries (the worker's tasks say the same).
+    app.conf.task_send_sent_event = False
     app.conf.beat_schedule = beat_schedule(settings.sweep.interval)
     app.conf.beat_max_loop_interval = min(settings.sweep.interval, 30.0)
     schedule = settings.data_path / "celerybeat-schedule"
     # At start too: a digest missed while the service was down goes out now, not a minute later.
     send_queue_digests(app)
-    app.Beat(schedule=str(schedule), loglevel="INFO").run()
+    quiet_celery()
+    app.Beat(schedule=str(schedule), loglevel="INFO", quiet=True).run()
 
 
 #: Tasks Flower keeps in memory (its default, 100,000, grew it ~0.45 MiB/min under load).
@@ -198,7 +225,9 @@ def flower() -> None:
             f"--address={dashboard.address}",
             f"--port={dashboard.port}", "--persistent=False",
             # Flower keeps every task it has seen (about 1 KiB each): bounded, its memory is.
-            f"--max_tasks={FLOWER_MAX_TASKS}"]
+            f"--max_tasks={FLOWER_MAX_TASKS}",
+            # Its start-up listing and per-request lines stay out of the service log.
+            "--logging=warning"]
     os.execve(sys.executable, argv, env)
 
 
@@ -289,7 +318,7 @@ def up() -> None:
             wait_for_redis(port, password=password)
         except TimeoutError as exc:
             redis.signal_group(signal.SIGKILL)
-            fail(str(exc))
+            fail(f"{exc} (its log: {data_dir / 'redis' / 'redis.log'})")
         broker = f"redis://:{password}@127.0.0.1:{port}/0"
         write_private(broker_file, broker + "\n")
     env["MELANOSCREEN_BROKER_URL"] = broker
@@ -316,6 +345,8 @@ def up() -> None:
     code = Supervisor(children).run(stop)
     if not settings.broker_url:
         broker_file.unlink(missing_ok=True)
+    typer.echo(f"stopped: {', '.join(child.name for child in children)} ended; "
+               f"data in {data_dir}")
     if code:
         fail("a service kept dying; see the log above")
 
