@@ -290,6 +290,12 @@ class Settings(BaseSettings):
         return self.data_path / "incoming"
 
     @property
+    def recipients_file(self) -> Path:
+        """Who the running worker emails (JSON): `status` reads it, since its own shell's
+        settings may differ from the service's."""
+        return self.data_path / "recipients.json"
+
+    @property
     def first_start_file(self) -> Path:
         """When the service first started on this data folder (no digest for days before it)."""
         return self.data_path / "first-start"

@@ -113,7 +113,8 @@ NOISE = ("celery beat v", "-------------- [queues]", "SecurityWarning", "superus
 def test_up_logs_a_line_per_batch_and_alert_keeps_housekeeping_out_of_flower_and_says_stopped(
         tmp_path: Path, tiny_model: Path) -> None:
     """372 lines in 5.5 idle minutes (sweeps at INFO, banners, warnings) and no "stopped" line;
-    Flower's task list was mostly the sweep."""
+    Flower's task list was mostly the sweep; `status` said "(no recipients configured)" when
+    its own shell lacked the setting, though the running service had recipients."""
     from celery import Celery
 
     data_dir = tmp_path / "data"
@@ -149,6 +150,17 @@ def test_up_logs_a_line_per_batch_and_alert_keeps_housekeeping_out_of_flower_and
         wait_until(lambda: any(e == "task-succeeded " for e in seen) and
                    any("worker.tasks.deliver_message" in e for e in seen), timeout=60,
                    message=f"the task events\n{seen[-20:]}")
+        # `status` in a shell without the setting tells the recipients the service uses.
+        shell = {k: v for k, v in env.items() if k != "MELANOSCREEN_ALERT_RECIPIENTS"}
+        said = subprocess.run([sys.executable, "-m", "melanoscreen", "status"], env=shell,
+                              capture_output=True, text=True, check=True, timeout=60, cwd=tmp_path)
+        assert "recipients 1: dr.a@clinic.example  (as the worker recorded at its start" in said.stdout
+        assert "no recipients" not in said.stdout and "nobody is emailed" not in said.stdout
+        report = json.loads(subprocess.run(
+            [sys.executable, "-m", "melanoscreen", "status", "--json"], env=shell, capture_output=True,
+            text=True, check=True, timeout=60, cwd=tmp_path).stdout)
+        assert report["alert_recipients"] == 1 and report["alert_recipients_from"] == "service"
+        assert report["alert_recipient_addresses"] == ["dr.a@clinic.example"]
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=90) == 0
     finally:

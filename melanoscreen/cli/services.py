@@ -70,6 +70,17 @@ def warn_if_nobody_is_told(settings: Settings) -> None:
                        "(melanoscreen results --flagged) but nobody will be told")
 
 
+def record_recipients(settings: Settings) -> None:
+    """Write who this worker emails into the data folder (0600), for `status` in any shell."""
+    import json
+
+    alert = settings.alert
+    write_private(settings.recipients_file, json.dumps({
+        "recipients": alert.recipients, "routes": alert.routes,
+        "escalate_to": settings.escalate_to, "pid": os.getpid(),
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -113,6 +124,7 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     _check_model(settings)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
+    record_recipients(settings)
     cores = os.cpu_count() or 1
     processes = concurrency or settings.worker_concurrency or max(1, cores // 2)
     runtime.configure(settings, intra_op_threads=max(1, cores // processes))
