@@ -116,7 +116,8 @@ def test_a_reader_reviews_three_flagged_cases_in_a_row_with_keys_zoom_and_overla
             page.keyboard.press("0")
             expect(viewer).to_have_attribute("data-scale", "1.000")
 
-            # The overlay: hidden, shown by "o" over the image, hidden again; its legend says what the colours mean.
+            # The overlay: hidden, shown by "o" over the image, hidden again; a legend says
+            # what its colours mean.
             overlay = page.locator("#overlay")
             expect(overlay).to_have_css("opacity", "0")
             page.keyboard.press("o")
@@ -162,8 +163,8 @@ def test_a_reader_reviews_three_flagged_cases_in_a_row_with_keys_zoom_and_overla
         finally:
             browser.close()
     with live_app.sessions.begin() as session:
-        verdicts = {sha: verdict.value for sha, verdict, note in session.execute(
-            select(ImageRow.sha256, Review.verdict, Review.note).join(Review, Review.image_id == ImageRow.id))}
+        verdicts = {sha: verdict.value for sha, verdict in session.execute(
+            select(ImageRow.sha256, Review.verdict).join(Review, Review.image_id == ImageRow.id))}
     assert verdicts == {live_app.flagged: "refer", live_app.hostile: "benign", mole: "not_assessable"}
 
 
@@ -181,7 +182,9 @@ def test_without_javascript_the_case_page_reads_with_links_and_a_checkbox(live_a
             page.goto(f"{home}/images/{live_app.flagged}")
             # Zoom tools need the script; the full image is a link.
             expect(page.locator(".zoom-tools")).to_be_hidden()
-            assert page.locator("#full-image").get_attribute("href") == f"/s/{home.rsplit('/', 1)[1]}/images/{live_app.flagged}/file"
+            key = home.rsplit("/", 1)[1]
+            full = page.locator("#full-image").get_attribute("href")
+            assert full == f"/s/{key}/images/{live_app.flagged}/file"
             # The overlay's checkbox shows it (CSS only).
             overlay = page.locator("#overlay")
             expect(overlay).to_have_css("opacity", "0")

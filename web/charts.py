@@ -16,7 +16,7 @@ def daily_chart_svg(days: list[tuple[date, int, int]], width: int = 640, height:
     bar = max(1.0, slot / 2 - 1)
     parts = [f"<svg role='img' aria-label='flagged and reviewed per day' viewBox='0 0 {width} {height + 30}' "
              f"class='chart' xmlns='http://www.w3.org/2000/svg'>",
-             f"<text x='26' y='{height - (height - 20) + 5}' class='axis-label' text-anchor='end'>{top}</text>",
+             f"<text x='26' y='25' class='axis-label' text-anchor='end'>{top}</text>",
              f"<text x='26' y='{height + 5}' class='axis-label' text-anchor='end'>0</text>",
              f"<line x1='30' y1='{height}' x2='{width}' y2='{height}' class='axis'/>"]
     for index, (day, flagged, reviewed) in enumerate(days):

@@ -96,7 +96,8 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items()))
     where = ("as the worker recorded at its start" + (f" ({told['recorded_at']})"
                                                      if told["recorded_at"] else "")
-             if told["from"] == "service" else "from this shell's settings: no worker has recorded its own yet")
+             if told["from"] == "service"
+             else "from this shell's settings: no worker has recorded its own yet")
     if told["recipients"] or told["routes"]:
         addresses = ", ".join(printable(a) for a in told["recipients"]) or "none besides the routes"
         typer.echo(f"recipients {len(told['recipients'])}: {addresses}  ({where})")
