@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,3 +204,63 @@ def test_without_javascript_the_case_page_reads_with_links_and_a_checkbox(live_a
             assert "Same lesion" in page.locator("#patient-images").inner_text()
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_rejected_files_case_page_says_why_and_offers_no_review(live_app: LiveApp) -> None:
+    """It said "Not screened (yet)." and offered a review form with an empty diagnosis list."""
+    from db import images
+
+    when = datetime.now(UTC)
+    (live_app.store / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    with live_app.sessions.begin() as session:
+        image = images.add_image(session, sha256="e" * 64, source="clinic-a/patient-17/broken.jpg",
+                                 size_bytes=12, location=str(live_app.store / "broken.jpg"),
+                                 received_at=when)
+        images.claim_images(session, [image.id], token="t", now=when,
+                            stale_before=when - timedelta(hours=1), max_attempts=5)
+        images.finish_rejected(session, image.id, token="t", now=when,
+                               reason="not an image Pillow can read",
+                               location=str(live_app.store / "broken.jpg"))
+    page = live_app.login().get(f"/images/{'e' * 64}").text
+    assert "Not screened: not an image Pillow can read." in page
+    assert "Not screened (yet)" not in page and 'name="verdict"' not in page
+    # Its patient's page lists it as rejected, without asking for a thumbnail.
+    other = live_app.login().get(f"/images/{live_app.flagged}").text
+    assert "rejected: not an image Pillow can read" in other
+    assert f"/images/{'e' * 64}\"" in other and f"/images/{'e' * 64}/thumbnail" not in other
+
+
+def test_next_and_previous_follow_the_worklist_order_within_the_readers_clinics(
+        tmp_path: Path, database_url: str) -> None:
+    from db.images import find_image_by_sha256
+    from db.session import make_session_factory
+    from db.worklist import neighbours, next_unreviewed
+
+    sessions = make_session_factory(database_url)
+    made = {name: seed_image(sessions, tmp_path, source=name, seed=number, melanoma=p)
+            for number, (name, p) in enumerate((("a/1.jpg", 0.9), ("b/2.jpg", 0.8), ("a/3.jpg", 0.7),
+                                                ("a/4.jpg", 0.7), ("a/5.jpg", 0.1)))}
+    with sessions.begin() as session:
+        def image(name: str) -> ImageRow:
+            found = find_image_by_sha256(session, made[name])
+            assert found is not None
+            return found
+
+        def names(pair: tuple[ImageRow | None, ImageRow | None]) -> tuple[str | None, ...]:
+            return tuple(i.source if i else None for i in pair)
+
+        # Equal probabilities: the later id first, as the worklist shows them.
+        assert names(neighbours(session, image("a/3.jpg"))) == ("a/4.jpg", "a/5.jpg")
+        assert names(neighbours(session, image("a/1.jpg"))) == (None, "b/2.jpg")
+        assert names(neighbours(session, image("a/1.jpg"), ("a/",))) == (None, "a/4.jpg")
+        # Unreviewed flagged come before the rest: the last of them is followed by the unflagged.
+        assert names(neighbours(session, image("a/3.jpg"), ("a/",))) == ("a/4.jpg", "a/5.jpg")
+        assert names(neighbours(session, image("a/5.jpg"))) == ("a/3.jpg", None)
+        step = next_unreviewed(session, image("a/1.jpg"), ("a/",))
+        assert step is not None and step.source == "a/4.jpg"
+        last = next_unreviewed(session, image("a/3.jpg"), ("a/",))
+        assert last is not None and last.source == "a/1.jpg"  # from the top again
+        first = next_unreviewed(session, None, ("b/",))
+        assert first is not None and first.source == "b/2.jpg"
+    sessions.kw["bind"].dispose()
