@@ -88,6 +88,8 @@ def alert_service(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisS
             "MELANOSCREEN_ALERT_RETRY_BASE": "0.5",
             "MELANOSCREEN_ALERT_MAX_ATTEMPTS": "20",
             "MELANOSCREEN_TIMEZONE": "Europe/Berlin",
+            # Housekeeping's lines (the digest job's runs) are what a test here counts.
+            "MELANOSCREEN_LOG_LEVEL": "DEBUG",
         })
     yield running
     running.stop_all()

@@ -55,6 +55,8 @@ def sweep() -> int:
         deliver_message.apply_async(args=[outbox_id])
     if messages:
         logger.warning("sweep re-enqueued %d outbox messages", len(messages))
+    if not count and not messages:
+        logger.debug("sweep: nothing lost")
     return count
 
 
@@ -78,6 +80,7 @@ def queue_digests() -> list[str]:
     here = runtime.process()
     days = digests.queue_due_digests(here.sessions, here.settings, utcnow(),
                                      lambda outbox_id: deliver_message.apply_async(args=[outbox_id]))
+    logger.debug("digest check: %s", ", ".join(d.isoformat() for d in days) or "nothing due")
     return [day.isoformat() for day in days]
 
 

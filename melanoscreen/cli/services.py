@@ -118,8 +118,8 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     from worker import runtime
     from worker.celery_app import app
 
-    quiet_celery()  # before TensorFlow loads (its notices read the environment once)
     settings = load_settings()
+    quiet_celery(settings.log_level)
     broker = broker_or_fail(settings)
     _check_model(settings)
     _prepare(settings)
@@ -133,8 +133,10 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     # give it time to, instead of Celery's 4 s before it replaces the process.
     app.conf.worker_proc_alive_timeout = 180.0
     # --quiet: no banner. Task events stay on (Flower); housekeeping tasks send none.
-    app.worker_main(["--quiet", "worker", "--loglevel=INFO", f"--concurrency={processes}",
-                     "--pool=prefork", "--events", f"--hostname={worker_node_name(os.getpid())}"])
+    app.worker_main(["--quiet", "worker", f"--loglevel={settings.log_level}",
+                     f"--concurrency={processes}",
+                     "--pool=prefork", "--events",
+                     f"--hostname={worker_node_name(os.getpid())}"])
 
 
 #: Celery's loggers that say something for every task (received, succeeded), at start
@@ -144,15 +146,17 @@ CHATTY_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.c
                   "celery.beat")
 
 
-def quiet_celery() -> None:
-    """Keep the service log to what an operator reads: no per-task lines from Celery, no
-    TensorFlow start-up notices, no run-as-root warning (the service never takes pickle)."""
+def quiet_celery(level: str) -> None:
+    """Keep the service log to what an operator reads: no per-task lines from Celery (unless
+    `level` is DEBUG), no TensorFlow start-up notices, no run-as-root warning (the service
+    never takes pickle)."""
     import warnings
 
     from celery.exceptions import SecurityWarning
 
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    if level != "DEBUG":
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     # Read by TensorFlow's C++ side when a pool process loads the model: warnings and errors only.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", category=SecurityWarning)
@@ -188,8 +192,8 @@ def beat() -> None:
     schedule = settings.data_path / "celerybeat-schedule"
     # At start too: a digest missed while the service was down goes out now, not a minute later.
     send_queue_digests(app)
-    quiet_celery()
-    app.Beat(schedule=str(schedule), loglevel="INFO", quiet=True).run()
+    quiet_celery(settings.log_level)
+    app.Beat(schedule=str(schedule), loglevel=settings.log_level, quiet=True).run()
 
 
 #: Tasks Flower keeps in memory (its default, 100,000, grew it ~0.45 MiB/min under load).
