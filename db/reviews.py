@@ -106,6 +106,7 @@ class VersionFigures:
     alerts: int = 0  # flagged predictions
     reviewed: int = 0  # of those, with a review
     referred: int = 0  # of those reviewed, the latest verdict `refer`
+    benign: int = 0  # of those reviewed, the latest verdict `benign`
     below_threshold_referred: int = 0  # not flagged, yet a reviewer said `refer`
     with_diagnosis: int = 0  # reviews giving a diagnosis
     diagnosis_agrees: int = 0  # ... equal to the predicted class
@@ -121,16 +122,21 @@ class VersionFigures:
         return self.diagnosis_agrees / self.with_diagnosis if self.with_diagnosis else None
 
 
-def performance(session: Session) -> list[VersionFigures]:
-    """Per model version, from each image's latest review of that version's prediction."""
-    newest = (select(func.max(Review.id)).where(Review.prediction_id.is_not(None))
-              .group_by(Review.prediction_id).scalar_subquery())
-    verdicts = {r.prediction_id: r for r in session.scalars(select(Review).where(Review.id.in_(newest)))}
+def performance(session: Session, model_version: str | None = None) -> list[VersionFigures]:
+    """Per model version (only `model_version` when given), from each image's latest review of
+    that version's prediction."""
+    newest = select(func.max(Review.id)).where(Review.prediction_id.is_not(None))
+    query = (select(Prediction.id, Prediction.model_version, Prediction.flagged,
+                    Prediction.predicted_class)
+             .where(or_(Prediction.flagged.is_(True), Prediction.id.in_(select(Review.prediction_id)))))
+    if model_version is not None:
+        newest = newest.join_from(Review, Prediction, Prediction.id == Review.prediction_id).where(
+            Prediction.model_version == model_version)
+        query = query.where(Prediction.model_version == model_version)
+    latest = newest.group_by(Review.prediction_id).scalar_subquery()
+    verdicts = {r.prediction_id: r for r in session.scalars(select(Review).where(Review.id.in_(latest)))}
     figures: dict[str, VersionFigures] = {}
-    rows = session.execute(select(Prediction.id, Prediction.model_version, Prediction.flagged,
-                                  Prediction.predicted_class)
-                           .where(or_(Prediction.flagged.is_(True),
-                                      Prediction.id.in_(select(Review.prediction_id)))))
+    rows = session.execute(query)
     for prediction_id, version, flagged, predicted in rows:
         fig = figures.setdefault(version, VersionFigures(version))
         review = verdicts.get(prediction_id)
@@ -141,6 +147,7 @@ def performance(session: Session) -> list[VersionFigures]:
         if flagged:
             fig.reviewed += 1
             fig.referred += review.verdict == Verdict.REFER
+            fig.benign += review.verdict == Verdict.BENIGN
         elif review.verdict == Verdict.REFER:
             fig.below_threshold_referred += 1
         if review.diagnosis:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from db._sql import escape_like
@@ -81,3 +81,66 @@ def clinics(session: Session, limit: int = 200) -> list[str]:
     folder = func.substr(Image.source, 1, slash - 1)
     return list(session.scalars(select(folder).where(slash > 1).group_by(folder)
                                 .order_by(folder).limit(limit)))
+
+
+def _visible(query: Select[Any], prefixes: tuple[str, ...]) -> Select[Any]:
+    if prefixes:
+        query = query.where(or_(*(Image.source.like(escape_like(p) + "%", escape="\\")
+                                  for p in prefixes)))
+    return query
+
+
+def _after(image: Image) -> Any:
+    """Rows after this image in the worklist's order (needs_review, probability, id; all descending)."""
+    same = Image.needs_review.is_(bool(image.needs_review))
+    return or_(Image.needs_review.is_(False) if image.needs_review else false(),
+               same & (Image.melanoma_probability < image.melanoma_probability),
+               same & (Image.melanoma_probability == image.melanoma_probability) & (Image.id < image.id))
+
+
+def _before(image: Image) -> Any:
+    """Rows before this image in the worklist's order."""
+    same = Image.needs_review.is_(bool(image.needs_review))
+    return or_(false() if image.needs_review else Image.needs_review.is_(True),
+               same & (Image.melanoma_probability > image.melanoma_probability),
+               same & (Image.melanoma_probability == image.melanoma_probability) & (Image.id > image.id))
+
+
+_FORWARD = (Image.needs_review.desc(), Image.melanoma_probability.desc(), Image.id.desc())
+_BACKWARD = (Image.needs_review.asc(), Image.melanoma_probability.asc(), Image.id.asc())
+
+
+def neighbours(session: Session, image: Image,
+               prefixes: tuple[str, ...] = ()) -> tuple[Image | None, Image | None]:
+    """The screened images just before and just after this one in the worklist's order (the
+    case page's previous and next), among sources under `prefixes` when given; (None, None)
+    for an image without a probability (not screened, rejected)."""
+    if image.melanoma_probability is None:
+        return None, None
+    screened = _visible(select(Image).where(Image.melanoma_probability.is_not(None)), prefixes)
+    before = session.scalars(screened.where(_before(image)).order_by(*_BACKWARD).limit(1)).first()
+    after = session.scalars(screened.where(_after(image)).order_by(*_FORWARD).limit(1)).first()
+    return before, after
+
+
+def next_unreviewed(session: Session, image: Image | None,
+                    prefixes: tuple[str, ...] = ()) -> Image | None:
+    """The flagged unreviewed image to read after this one: the next in the worklist's order
+    (highest probability first), else the first from the top; None when none is left."""
+    waiting = _visible(select(Image).where(Image.needs_review.is_(True)), prefixes)
+    if image is not None:
+        waiting = waiting.where(Image.id != image.id)
+        if image.melanoma_probability is not None:
+            later = session.scalars(waiting.where(
+                or_(Image.melanoma_probability < image.melanoma_probability,
+                    (Image.melanoma_probability == image.melanoma_probability) & (Image.id < image.id)))
+                .order_by(*_FORWARD).limit(1)).first()
+            if later is not None:
+                return later
+    return session.scalars(waiting.order_by(*_FORWARD).limit(1)).first()
+
+
+def unreviewed_count(session: Session, prefixes: tuple[str, ...] = ()) -> int:
+    """How many flagged images under `prefixes` wait for a review."""
+    return int(session.scalar(_visible(select(func.count()).select_from(Image)
+                                       .where(Image.needs_review.is_(True)), prefixes)) or 0)

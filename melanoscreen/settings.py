@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -237,6 +238,10 @@ class Settings(BaseSettings):
     #: read or copied: dermoscopy images are a few megabytes; a shared inbox may hold anything.
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     worker_concurrency: int | None = Field(default=None, ge=1)
+    #: How much the services log: INFO is what an operator reads (a line per batch and per
+    #: message); DEBUG adds housekeeping (sweeps, digest checks) and Celery's per-task lines.
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+                         BeforeValidator(lambda value: str(value).strip().upper())] = "INFO"
     #: Redis visibility timeout (seconds): longer than the longest screening task.
     visibility_timeout: int = Field(default=3600, ge=60)
     #: Port of the embedded Redis that `up` starts (0: any free port).
@@ -288,6 +293,12 @@ class Settings(BaseSettings):
     def staging_dir(self) -> Path:
         """Private copies of inbox files being taken (hard-linked or another user's)."""
         return self.data_path / "incoming"
+
+    @property
+    def recipients_file(self) -> Path:
+        """Who the running worker emails (JSON): `status` reads it, since its own shell's
+        settings may differ from the service's."""
+        return self.data_path / "recipients.json"
 
     @property
     def first_start_file(self) -> Path:

@@ -65,6 +65,9 @@ class AlertContent:
     #: Where the review app is and how to reach it, when the images carry no links (no
     #: MELANOSCREEN_PUBLIC_URL): shown under the opening line; None: nothing is said.
     review_hint: str | None = None
+    #: How this model's earlier alerts turned out ("Of the 57 alerts ... 41 (72%, ...) were
+    #: benign.") or that too few were reviewed to say; None: nothing is said.
+    benign_record: str | None = None
 
     def __post_init__(self) -> None:
         if not self.images:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import outbox
+from db import outbox, reviews
 from db.schema import OutboxStatus, utcnow
 from melanoscreen.settings import Settings
 from service.alert_message import ALERT_IMAGE_PX, AlertContent, FlaggedImage, compose_alert
 from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
 from service.messages import ComposedMessage, case_url, review_hint
 from service.pictures import shrunk_jpeg
+from service.rates import benign_alerts_sentence
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
                           sender: str, timezone: str, overlay: Overlay | None,
                           threshold_meaning: str | None = None,
                           public_url: str | None = None, label: str | None = None,
-                          local_url: str | None = None) -> ComposedMessage:
+                          local_url: str | None = None,
+                          benign_record: str | None = None) -> ComposedMessage:
     """The alert email for these flagged images, composed once: every attempt sends its bytes.
     Without `public_url`, the review app's `local_url` and how to reach it are said instead."""
     images = []
@@ -62,8 +64,15 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
                            threshold_meaning=threshold_meaning, label=label,
                            unusual=all(item.out_of_scope for item in items),
                            review_hint=review_hint(local_url) if local_url and not public_url
-                           else None)
+                           else None, benign_record=benign_record)
     return compose_alert(content, message_id=message_id, sender=sender, recipient=recipient)
+
+
+def alert_record(session: Session, model_version: str) -> str:
+    """What the alert says of how this model version's reviewed alerts turned out."""
+    figures = next(iter(reviews.performance(session, model_version)), None)
+    return benign_alerts_sentence(figures.benign if figures else 0,
+                                  figures.reviewed if figures else 0, model_version)
 
 
 def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: str,
@@ -75,6 +84,7 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
                                        stale_before=now - timedelta(seconds=settings.sweep.limit))
         items = outbox.alert_items(session, outbox_id) if claimed and claimed.raw is None else []
         label = outbox.alert_label(session, outbox_id) if items else None
+        record = alert_record(session, items[0].model_version) if items else None
     if claimed is None:
         # Sent, failed, or held by another delivery: nothing to do, and nothing is sent.
         logger.info("outbox %d: not pending (already sent, failed or in hand); nothing sent",
@@ -92,7 +102,8 @@ def deliver_outbox(sessions: sessionmaker[Session], outbox_id: int, *, token: st
                                         settings.model, items[0].threshold,
                                         items[0].model_version),
                                     public_url=settings.public_url, label=label,
-                                    local_url=local_review_url(settings)).raw
+                                    local_url=local_review_url(settings),
+                                    benign_record=record).raw
         with sessions.begin() as session:
             outbox.store_raw(session, claimed.id, token=token, raw=raw)
 

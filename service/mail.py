@@ -83,7 +83,7 @@ def deliver(message: ComposedMessage, smtp: SmtpSettings, outbox_dir: Path) -> P
     """
     if smtp.host is None:
         path = _write_outbox(message, outbox_dir)
-        logger.info("no SMTP host: wrote %s to %s", message.message_id, path)
+        logger.debug("no SMTP host: wrote %s to %s", message.message_id, path)
         return path
 
     where = f"{smtp.host}:{smtp.effective_port}"
@@ -109,7 +109,7 @@ def deliver(message: ComposedMessage, smtp: SmtpSettings, outbox_dir: Path) -> P
         raise PermanentMailError(f"the certificate of {where} is not trusted: {exc.verify_message}") from exc
     except (OSError, TimeoutError) as exc:  # refused connection, timeout, DNS, TLS handshake
         raise TransientMailError(f"cannot reach SMTP server {where}: {exc}") from exc
-    logger.info("sent %s to %s", message.message_id, message.recipient)
+    logger.debug("sent %s to %s", message.message_id, message.recipient)
     return None
 
 

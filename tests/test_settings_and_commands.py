@@ -63,6 +63,11 @@ def test_related_variables_fill_one_nested_model_each(monkeypatch: pytest.Monkey
     assert settings.model == Path("/models/m.keras")
 
 
+def test_the_log_level_is_info_unless_set_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _settings(monkeypatch).log_level == "INFO"
+    assert _settings(monkeypatch, LOG_LEVEL=" debug").log_level == "DEBUG"
+
+
 def test_recipients_are_a_comma_separated_list_of_addresses(
         monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(monkeypatch, ALERT_RECIPIENTS=" derm@clinic.example, oncall@clinic.example ")
@@ -85,6 +90,7 @@ def test_recipients_are_checked_for_syntax_only_so_special_use_domains_pass(
 @pytest.mark.parametrize(("name", "value"), [
     ("ALERT_THRESHOLD", "1.5"), ("SMTP_SECURITY", "ssl"), ("TIMEZONE", "Mars/Olympus"),
     ("FLOWER_PORT", "99999"), ("BATCH_SIZE", "0"), ("SMTP_PORT", "0"), ("SWEEP_LIMIT", "-1"),
+    ("LOG_LEVEL", "loud"),
 ])
 def test_a_bad_value_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch, name: str,
                                           value: str) -> None:

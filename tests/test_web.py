@@ -57,13 +57,13 @@ def test_every_route_but_login_and_logout_refuses_an_anonymous_request(live_app:
         assert (route.summary or "").startswith("public") == (route.path in PUBLIC_PATHS)
 
 
-def test_the_static_folder_holds_only_the_stylesheet() -> None:
+def test_the_static_folder_holds_only_the_stylesheet_and_the_case_page_script() -> None:
     app = create_app(WebConfig(database_url="sqlite://", secret="s", overlays_dir=Path(".")))
     mounts = [route for route in app.routes if isinstance(route, Mount)]
     assert [m.path for m in mounts] == ["/static"]
     from web.app import HERE
 
-    assert sorted(p.name for p in (HERE / "static").iterdir()) == ["style.css"]
+    assert sorted(p.name for p in (HERE / "static").iterdir()) == ["case.js", "style.css"]
 
 
 def test_a_login_sets_an_httponly_strict_cookie_scoped_to_the_sessions_own_secret_path(
@@ -174,8 +174,12 @@ def test_html_in_a_source_name_or_a_note_is_shown_escaped(live_app: LiveApp) -> 
     case = client.get(f"/images/{sha}")
     assert html.escape(HOSTILE_NAME, quote=False) in case.text.replace("&#34;", '"').replace("&#39;", "'")
     assert "&lt;b onmouseover=alert(3)&gt;big&lt;/b&gt; &amp; &lt;/textarea&gt;" in case.text
-    assert "script-src" not in case.headers["content-security-policy"]  # default-src 'none'
-    assert "default-src 'none'" in case.headers["content-security-policy"]
+    # Scripts only from the app's own files: never inline, never from elsewhere.
+    policy = dict(part.strip().split(" ", 1) for part in case.headers["content-security-policy"].split(";"))
+    assert policy["script-src"] == "'self'" and policy["default-src"] == "'none'"
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", case.text, re.S)
+    assert scripts and all(re.search(r'src="[^"]*/static/case\.js"', attrs) and not body.strip()
+                           for attrs, body in scripts)
 
 
 def test_the_api_answers_401_without_login_201_on_a_review_and_422_on_bad_input(live_app: LiveApp) -> None:

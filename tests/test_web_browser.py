@@ -1,6 +1,7 @@
 """The review app in a real headless Chromium (Debian's), driven by Playwright.
 
-Set MELANOSCREEN_SCREENSHOTS=docs to write the README's screenshots of the worklist and a case page.
+Set MELANOSCREEN_SCREENSHOTS=DIR to keep its screenshots of the worklist and a case page there (the
+README's pictures are made by docs/screenshots.py).
 """
 
 from __future__ import annotations

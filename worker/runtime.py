@@ -4,9 +4,14 @@ a session factory made by Celery's `worker_process_init` hook and the model, loa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +26,34 @@ if TYPE_CHECKING:
     from model.inference import Classifier
 
 logger = logging.getLogger(__name__)
+
+#: TensorFlow's C++ start-up notices: INFO and WARNING lines (`I0000 ...`, `W0000 ...`),
+#: absl's line about logging before its start, the CPU-instructions hint. Since TensorFlow
+#: 2.19 TF_CPP_MIN_LOG_LEVEL no longer silences them.
+_TENSORFLOW_NOTICE = re.compile(r"^(?:[IW]\d{4} \d|WARNING: All log messages before absl::"
+                                r"|To enable the following instructions:)")
+
+
+@contextlib.contextmanager
+def tensorflow_notices_dropped() -> Iterator[None]:
+    """While TensorFlow loads, what it writes to this process's stderr (file descriptor 2) is
+    caught; on leaving, every line but its start-up notices is passed on (errors and our own
+    log lines are kept, only later)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode("utf-8", "replace").splitlines(True)
+                    if not _TENSORFLOW_NOTICE.match(line)]
+            if kept:
+                os.write(2, "".join(kept).encode("utf-8"))
 
 
 @dataclass
@@ -37,10 +70,11 @@ class WorkerProcess:
         """This process's model, loaded on first use (after the fork: TensorFlow is not fork-safe)."""
         with self._lock:
             if self._classifier is None:
-                from model.inference import Classifier, configure_threads
+                with tensorflow_notices_dropped():
+                    from model.inference import Classifier, configure_threads
 
-                configure_threads(intra_op=self.intra_op_threads, inter_op=1)
-                self._classifier = Classifier(self.settings.model)
+                    configure_threads(intra_op=self.intra_op_threads, inter_op=1)
+                    self._classifier = Classifier(self.settings.model)
                 logger.info("process %d loaded model %s (%d TensorFlow threads)", os.getpid(),
                             self._classifier.version, self.intra_op_threads)
             return self._classifier
@@ -53,7 +87,8 @@ class WorkerProcess:
 
             classifier = self.classifier()
             height, width = classifier.input_size
-            classifier.predict_arrays_scoped(np.zeros((1, height, width, 3), dtype=np.float32))
+            with tensorflow_notices_dropped():  # the first forward pass says more
+                classifier.predict_arrays_scoped(np.zeros((1, height, width, 3), dtype=np.float32))
         except Exception:
             logger.exception("process %d could not load the model at start", os.getpid())
 

@@ -27,8 +27,8 @@ def screen_batch(self: Task, image_ids: list[int]) -> dict[str, Any]:
     here = runtime.process()
     outcome = screening.screen_batch(here.sessions, here.classifier, [int(i) for i in image_ids],
                                      token=str(self.request.id), settings=here.settings)
-    logger.info("batch of %d: %d screened, %d rejected, %d skipped", len(image_ids),
-                outcome.screened, outcome.rejected, outcome.skipped)
+    logger.info("batch of %d: %d screened (%d flagged), %d rejected, %d skipped", len(image_ids),
+                outcome.screened, len(outcome.flagged), outcome.rejected, outcome.skipped)
     # Committed by now: each alert row exists, so its delivery can be enqueued by id.
     for outbox_id in outcome.alerts:
         deliver_message.apply_async(args=[outbox_id])
@@ -36,7 +36,7 @@ def screen_batch(self: Task, image_ids: list[int]) -> dict[str, Any]:
             "skipped": outcome.skipped, "flagged": list(outcome.flagged)}
 
 
-@app.task(name=SWEEP, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)
+@app.task(name=SWEEP, send_events=False, autoretry_for=(OperationalError,), retry_backoff=True, max_retries=3)
 def sweep() -> int:
     """Re-enqueue work the queue lost: images left `queued` or `screening`, and outbox messages
     left `pending` or `sending`, past the sweep limit."""
@@ -55,6 +55,8 @@ def sweep() -> int:
         deliver_message.apply_async(args=[outbox_id])
     if messages:
         logger.warning("sweep re-enqueued %d outbox messages", len(messages))
+    if not count and not messages:
+        logger.debug("sweep: nothing lost")
     return count
 
 
@@ -71,17 +73,18 @@ def deliver_message(self: Task, outbox_id: int) -> str:
     return outcome.status
 
 
-@app.task(name=QUEUE_DIGESTS, autoretry_for=(OperationalError,), retry_backoff=True,
+@app.task(name=QUEUE_DIGESTS, send_events=False, autoretry_for=(OperationalError,), retry_backoff=True,
           retry_jitter=True, max_retries=3)
 def queue_digests() -> list[str]:
     """Write the digests owed now (one row per date, taken first) and enqueue their delivery."""
     here = runtime.process()
     days = digests.queue_due_digests(here.sessions, here.settings, utcnow(),
                                      lambda outbox_id: deliver_message.apply_async(args=[outbox_id]))
+    logger.debug("digest check: %s", ", ".join(d.isoformat() for d in days) or "nothing due")
     return [day.isoformat() for day in days]
 
 
-@app.task(name=ESCALATE, autoretry_for=(OperationalError,), retry_backoff=True,
+@app.task(name=ESCALATE, send_events=False, autoretry_for=(OperationalError,), retry_backoff=True,
           retry_jitter=True, max_retries=3)
 def escalate() -> int:
     """Write the reminders owed now (one per unreviewed flagged image, ever) and enqueue them."""

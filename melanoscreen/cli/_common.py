@@ -36,9 +36,11 @@ def load_settings() -> Settings:
     # Alembic logs every plugin and step at INFO: keep command output to what matters.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        return get_settings()
+        settings = get_settings()
     except ValidationError as exc:
         fail(describe_error(exc))
+    logging.getLogger().setLevel(settings.log_level)
+    return settings
 
 
 #: `up` writes the URL of the Redis it started here, so commands in another shell can find it.

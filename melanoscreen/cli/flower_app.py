@@ -4,6 +4,7 @@ open to anyone who can reach its port. `melanoscreen flower` runs this module in
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +30,10 @@ def main() -> None:
 
     for handler in (monitor.Metrics, monitor.Healthcheck):
         _behind_login(handler)
+    # Flower asks the workers for their configuration at start and every minute; a worker
+    # still loading its model does not answer in time, and each unanswered question was a
+    # warning line in the service log. A worker's own error answer still logs (ERROR).
+    logging.getLogger("flower.inspector").setLevel(logging.ERROR)
     sys.argv = ["celery", *sys.argv[1:]]
     celery_main()
 

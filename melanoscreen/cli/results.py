@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,6 +19,9 @@ from melanoscreen.cli._common import (
     upgrade_schema,
 )
 from melanoscreen.text import csv_cell, printable
+
+if TYPE_CHECKING:
+    from melanoscreen.settings import Settings
 
 
 def _queue_length(broker: str | None) -> int | None:
@@ -33,6 +36,19 @@ def _queue_length(broker: str | None) -> int | None:
         return int(client.llen(QUEUE))
     except redis.RedisError:
         return None
+
+
+def service_recipients(settings: Settings) -> dict[str, Any]:
+    """Who alerts go to as the running worker sees them (what it recorded at its start), else
+    as this shell's settings say, with where the answer came from."""
+    try:
+        recorded = json.loads(settings.recipients_file.read_text())
+        recipients, routes = list(recorded["recipients"]), dict(recorded["routes"])
+        return {"recipients": recipients, "routes": routes, "from": "service",
+                "recorded_at": recorded.get("recorded_at")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"recipients": list(settings.alert.recipients), "routes": dict(settings.alert.routes),
+                "from": "this shell", "recorded_at": None}
 
 
 def status(json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
@@ -57,10 +73,13 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     last_digest: dict[str, Any] | None = None if last is None else {
         "date": last.day.isoformat(), "created_at": last.created_at.isoformat(),
         "recipients": last.recipients}
+    told = service_recipients(settings)
     report: dict[str, Any] = {
         "counts": counts, "flagged": flagged, "queue_length": _queue_length(known_broker(settings)),
         "duplicates": duplicates, "alerts": alerts, "digest_messages": digest_messages,
-        "last_digest": last_digest, "alert_recipients": len(settings.alert.recipients),
+        "last_digest": last_digest, "alert_recipients": len(told["recipients"]),
+        "alert_recipient_addresses": told["recipients"], "alert_routes": told["routes"],
+        "alert_recipients_from": told["from"],
         "out_of_scope": out_of_scope, "unreviewed_flagged": unreviewed, "data_dir": str(data_dir)}
     if json_output:
         typer.echo(json.dumps(report))
@@ -74,8 +93,18 @@ def status(json_output: Annotated[bool, typer.Option("--json", help="Print one J
     typer.echo(f"{'duplicate':<10}{duplicates:>8}")
     queue = report["queue_length"]
     typer.echo(f"{'in queue':<10}{'unknown' if queue is None else queue:>8}")
-    typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items())
-               + ("" if settings.alert.anyone else "  (no recipients configured)"))
+    typer.echo("alerts    " + "  ".join(f"{k} {v}" for k, v in alerts.items()))
+    where = ("as the worker recorded at its start" + (f" ({told['recorded_at']})"
+                                                     if told["recorded_at"] else "")
+             if told["from"] == "service"
+             else "from this shell's settings: no worker has recorded its own yet")
+    if told["recipients"] or told["routes"]:
+        addresses = ", ".join(printable(a) for a in told["recipients"]) or "none besides the routes"
+        typer.echo(f"recipients {len(told['recipients'])}: {addresses}  ({where})")
+        for prefix, routed in told["routes"].items():
+            typer.echo(f"  route {printable(prefix)} -> {', '.join(printable(a) for a in routed)}")
+    else:
+        typer.echo(f"recipients none: flagged images are recorded, nobody is emailed  ({where})")
     if last_digest is None:
         typer.echo("last digest: none yet")
     else:

@@ -45,7 +45,7 @@ def web() -> None:
         secure_cookies=bool(settings.public_url and settings.public_url.startswith("https://")))
     typer.echo(f"review app: {web_address(settings)}  (accounts: melanoscreen users add)")
     uvicorn.run(create_app(config), host=settings.web.address, port=settings.web.port,
-                log_level="info", server_header=False, proxy_headers=False)
+                log_level="warning", server_header=False, proxy_headers=False)
 
 
 def _read_password(password_stdin: bool) -> str:

@@ -70,6 +70,17 @@ def warn_if_nobody_is_told(settings: Settings) -> None:
                        "(melanoscreen results --flagged) but nobody will be told")
 
 
+def record_recipients(settings: Settings) -> None:
+    """Write who this worker emails into the data folder (0600), for `status` in any shell."""
+    import json
+
+    alert = settings.alert
+    write_private(settings.recipients_file, json.dumps({
+        "recipients": alert.recipients, "routes": alert.routes,
+        "escalate_to": settings.escalate_to, "pid": os.getpid(),
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -108,10 +119,12 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     from worker.celery_app import app
 
     settings = load_settings()
+    quiet_celery(settings.log_level)
     broker = broker_or_fail(settings)
     _check_model(settings)
     _prepare(settings)
     warn_if_nobody_is_told(settings)
+    record_recipients(settings)
     cores = os.cpu_count() or 1
     processes = concurrency or settings.worker_concurrency or max(1, cores // 2)
     runtime.configure(settings, intra_op_threads=max(1, cores // processes))
@@ -119,8 +132,34 @@ def worker(concurrency: Annotated[int | None, typer.Option(
     # Each pool process loads and warms the model before its first task (worker_process_init):
     # give it time to, instead of Celery's 4 s before it replaces the process.
     app.conf.worker_proc_alive_timeout = 180.0
-    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={processes}", "--pool=prefork",
-                     "--events", f"--hostname={worker_node_name(os.getpid())}"])
+    # --quiet: no banner. Task events stay on (Flower); housekeeping tasks send none.
+    app.worker_main(["--quiet", "worker", f"--loglevel={settings.log_level}",
+                     f"--concurrency={processes}",
+                     "--pool=prefork", "--events",
+                     f"--hostname={worker_node_name(os.getpid())}"])
+
+
+#: Celery's loggers that say something for every task (received, succeeded), at start
+#: (mingle) or on every beat tick: the service logs one line of its own per batch screened and
+#: per message sent instead, so these speak only of trouble (warnings and errors still show).
+CHATTY_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.consumer.mingle",
+                  "celery.beat")
+
+
+def quiet_celery(level: str) -> None:
+    """Keep the service log to what an operator reads: no per-task lines from Celery (unless
+    `level` is DEBUG), no TensorFlow start-up notices, no run-as-root warning (the service
+    never takes pickle)."""
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    if level != "DEBUG":
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    # Read by TensorFlow's C++ side when a pool process loads the model: warnings and errors only.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
 def _check_model(settings: Settings) -> None:
@@ -145,12 +184,16 @@ def beat() -> None:
     hold_data_folder(settings, "beat")  # its descriptor stays open: held while we live
     _prepare(settings)
     app = make_producer(broker, settings.visibility_timeout)
+    # Beat sends only housekeeping (sweep, digest, reminders): no "sent" events for Flower to
+    # keep, so its task list holds screening and deliveries (the worker's tasks say the same).
+    app.conf.task_send_sent_event = False
     app.conf.beat_schedule = beat_schedule(settings.sweep.interval)
     app.conf.beat_max_loop_interval = min(settings.sweep.interval, 30.0)
     schedule = settings.data_path / "celerybeat-schedule"
     # At start too: a digest missed while the service was down goes out now, not a minute later.
     send_queue_digests(app)
-    app.Beat(schedule=str(schedule), loglevel="INFO").run()
+    quiet_celery(settings.log_level)
+    app.Beat(schedule=str(schedule), loglevel=settings.log_level, quiet=True).run()
 
 
 #: Tasks Flower keeps in memory (its default, 100,000, grew it ~0.45 MiB/min under load).
@@ -198,7 +241,9 @@ def flower() -> None:
             f"--address={dashboard.address}",
             f"--port={dashboard.port}", "--persistent=False",
             # Flower keeps every task it has seen (about 1 KiB each): bounded, its memory is.
-            f"--max_tasks={FLOWER_MAX_TASKS}"]
+            f"--max_tasks={FLOWER_MAX_TASKS}",
+            # Its start-up listing and per-request lines stay out of the service log.
+            "--logging=warning"]
     os.execve(sys.executable, argv, env)
 
 
@@ -289,7 +334,7 @@ def up() -> None:
             wait_for_redis(port, password=password)
         except TimeoutError as exc:
             redis.signal_group(signal.SIGKILL)
-            fail(str(exc))
+            fail(f"{exc} (its log: {data_dir / 'redis' / 'redis.log'})")
         broker = f"redis://:{password}@127.0.0.1:{port}/0"
         write_private(broker_file, broker + "\n")
     env["MELANOSCREEN_BROKER_URL"] = broker
@@ -316,6 +361,8 @@ def up() -> None:
     code = Supervisor(children).run(stop)
     if not settings.broker_url:
         broker_file.unlink(missing_ok=True)
+    typer.echo(f"stopped: {', '.join(child.name for child in children)} ended; "
+               f"data in {data_dir}")
     if code:
         fail("a service kept dying; see the log above")
 

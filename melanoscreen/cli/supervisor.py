@@ -115,7 +115,10 @@ def redis_argv(port: int, data_dir: Path, *, persistent: bool = True,
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     lines = ["bind 127.0.0.1", f"port {port}", f'dir "{data_dir}"', "daemonize no",
-             "protected-mode yes", 'save ""', 'logfile ""',
+             # Its notices (start, version, the host's memory overcommit) go to its own file,
+             # not the service log.
+             "protected-mode yes", 'save ""', f'logfile "{data_dir / "redis.log"}"',
+             "loglevel warning",
              f"appendonly {'yes' if persistent else 'no'}", REDIS_OUTPUT_BUFFER_LIMIT]
     if password is not None:
         lines.append(f"requirepass {password}")

@@ -7,11 +7,12 @@ from datetime import UTC, date, datetime, timedelta
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
-from db import audit, cases, readmodel
+from db import audit, cases, lesions, readmodel
 from db import worklist as worklist_queries
-from db.schema import ImageStatus, Verdict
+from db.images import find_image_by_sha256
+from db.schema import ImageStatus, User, Verdict
 from web import files
 from web.deps import (
     MAX_PAGE,
@@ -61,7 +62,7 @@ def parse_filter(params: dict[str, str]) -> worklist_queries.WorklistFilter:
 @router.get("/", summary="login: the worklist")
 def worklist(request: Request, session: DbSession, user: CurrentUser) -> Response:
     """Unreviewed flagged images first, highest probability first, then the rest; filters, pages."""
-    params = {k: v for k, v in request.query_params.items() if k != "page" and v}
+    params = {k: v for k, v in request.query_params.items() if k not in ("page", "done") and v}
     for key in ("flagged", "reviewed"):  # shown and linked in the form's own words
         if key in params:
             said = _yes_no(params.pop(key))
@@ -92,6 +93,7 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
     pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
     return request.app.state.templates.TemplateResponse(request, "worklist.html", {
         "user": user, "rows": rows, "total": total, "page": page, "pages": pages, "params": params,
+        "done": request.query_params.get("done") == "1",
         "my_clinics": where.prefixes,
         "all_link": f"{base_path(request)}/?" + urlencode({**params, "all": "1"}),
         "previous": page_link(page - 1) if page > 1 else None,
@@ -101,6 +103,13 @@ def worklist(request: Request, session: DbSession, user: CurrentUser) -> Respons
                     if allowed is None or any(f"{c}/".startswith(p) or p.startswith(f"{c}/")
                                               for p in allowed)],
     })
+
+
+def reading_prefixes(request: Request, user: User) -> tuple[str, ...]:
+    """The sources a user reads through by default: their clinics (with access enforced, the
+    only ones they may see), else every image."""
+    allowed = clinics_of(request, user)
+    return allowed if allowed is not None else tuple(p for p in user.prefixes.split("\n") if p)
 
 
 @router.get("/images/{sha256}", summary="login: the case page (audited)")
@@ -115,12 +124,30 @@ def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: s
     latest = case.predictions[0] if case.predictions else None
     classes = sorted(latest.probabilities, key=lambda c: -float(latest.probabilities[c])) if latest else []
     has_overlay = files.overlay_path(config(request).overlays_dir, case.image.sha256) is not None
+    prefixes = reading_prefixes(request, user)
+    previous, following = worklist_queries.neighbours(session, case.image, prefixes)
+    allowed = clinics_of(request, user)
     return request.app.state.templates.TemplateResponse(request, "case.html", {
         "user": user, "case": case, "image": case.image, "latest": latest, "classes": classes,
         "has_overlay": has_overlay, "verdicts": [v.value for v in Verdict],
         "diagnoses": sorted(latest.probabilities) if latest else [],
+        "previous": previous, "following": following,
+        "waiting": worklist_queries.unreviewed_count(session, prefixes),
+        "related": lesions.other_images_of_patient(session, case.image, allowed or ()),
         "audit": audit.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
     })
+
+
+@router.get("/next", summary="login: the next unreviewed flagged case")
+def next_case(request: Request, session: DbSession, user: CurrentUser) -> Response:
+    """Redirect to the highest unreviewed flagged case (after `?after=<sha256>` when given), or
+    to the worklist when none is left."""
+    after = request.query_params.get("after")
+    current = find_image_by_sha256(session, after) if after else None
+    found = worklist_queries.next_unreviewed(session, current, reading_prefixes(request, user))
+    if found is None:
+        return RedirectResponse(f"{base_path(request)}/?done=1", status_code=303)
+    return RedirectResponse(f"{base_path(request)}/images/{found.sha256}", status_code=303)
 
 
 def _private(response: Response) -> Response:

@@ -18,8 +18,9 @@ router = APIRouter(tags=["reviews"])
 @router.post("/images/{sha256}/reviews", summary="login: save a review (form)", dependencies=[CheckedForm])
 def review_form(request: Request, session: DbSession, user: CurrentUser, sha256: str,
                 verdict: Annotated[str, Form()], diagnosis: Annotated[str, Form()] = "",
-                note: Annotated[str, Form()] = "") -> Response:
-    """Store the form's review and go back to the case page."""
+                note: Annotated[str, Form()] = "", then: Annotated[str, Form()] = "") -> Response:
+    """Store the form's review, then go back to the case page or, with `then=next`, on to the
+    next unreviewed flagged case."""
     image = image_or_404(session, sha256, request, user)
     try:
         review = ReviewIn(verdict=verdict, diagnosis=diagnosis or None, note=note)  # type: ignore[arg-type]
@@ -28,4 +29,6 @@ def review_form(request: Request, session: DbSession, user: CurrentUser, sha256:
         session.commit()  # so the case page the redirect shows sees it
     except (ValidationError, BadReview) as exc:
         raise HTTPException(422, f"review not stored: {exc}") from None
+    if then == "next":
+        return RedirectResponse(f"{base_path(request)}/next?after={image.sha256}", status_code=303)
     return RedirectResponse(f"{base_path(request)}/images/{image.sha256}#reviews", status_code=303)
