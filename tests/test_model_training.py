@@ -308,6 +308,6 @@ def test_a_continued_run_starts_from_the_models_network_and_refuses_other_folds(
 
     other = tmp_path / "other.keras"
     train(root, other, replace(config, seed=6), report=lambda line: None)
-    with pytest.raises(ValueError, match="--init-from: .* holds out"):
+    with pytest.raises(ValueError, match=r"--init-from: .* holds out"):
         train(root, tmp_path / "mixed.keras", replace(config, init_from=str(other)),
               report=lambda line: None)
