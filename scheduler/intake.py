@@ -16,9 +16,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import images
+from db import dicom, images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
+from service.dicom import DicomFacts, pseudonym_key, pseudonymised, read_facts, starts_like_dicom
 from scheduler.files import (
     InboxFile,
     TooLarge,
@@ -142,6 +143,10 @@ class Intake:
                                               size_bytes=opened.size, location=str(target),
                                               received_at=received)
                     session.flush()
+                    facts = self.dicom_facts(opened)
+                    if facts is not None:
+                        dicom.add_instance(session, image.id, **facts.columns())
+                        session.flush()
                     note = self.write_name_note(opened.sha256, source)
                     opened.move_to(target)
                     image_id = image.id
@@ -157,6 +162,22 @@ class Intake:
         if image_id is not None:
             logger.info("%s received as image %d", relative, image_id)
         return image_id
+
+    def dicom_facts(self, opened: InboxFile) -> DicomFacts | None:
+        """The patient and study of a DICOM file (pseudonymised when the settings say so);
+        None for any other file, or a DICOM header that cannot be read."""
+        head = os.pread(opened.fd, 132, 0)
+        if not starts_like_dicom(head):
+            return None
+        if opened.staged is not None:
+            with open(opened.staged, "rb") as handle:
+                facts = read_facts(handle)
+        else:
+            with os.fdopen(os.dup(opened.fd), "rb") as handle:
+                facts = read_facts(handle)
+        if facts is not None and self.settings.dicom.pseudonymise:
+            facts = pseudonymised(facts, pseudonym_key(self.settings.dicom_key_file))
+        return facts
 
     def write_name_note(self, sha256: str, source: str) -> Path:
         """staging/<sha256>.name holding `source`, on disk before the store move."""
