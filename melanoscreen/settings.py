@@ -418,6 +418,12 @@ class Settings(BaseSettings):
         return self.data_path / "overlays"
 
     @property
+    def previews_dir(self) -> Path:
+        """PNG pictures of screened DICOM images (browsers cannot show DICOM), made by the
+        worker: previews/<sha256>.png."""
+        return self.data_path / "previews"
+
+    @property
     def dicom_key_file(self) -> Path:
         """The key (0600) of the patient ID's keyed hash in pseudonymised DICOM intake, made
         on first use and kept: the same patient keeps the same pseudonym across starts."""

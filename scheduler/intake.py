@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import dicom, images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
-from service.dicom import DicomFacts, pseudonym_key, pseudonymised, read_facts, starts_like_dicom
 from scheduler.files import (
     InboxFile,
     TooLarge,
@@ -30,6 +29,7 @@ from scheduler.files import (
     store_suffix,
     unique_path,
 )
+from service.dicom import DicomFacts, pseudonym_key, pseudonymised, read_facts, starts_like_dicom
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from melanoscreen.settings import Settings
 from service.alert_message import AlertContent, FlaggedImage, compose_alert
 from service.mail import PermanentMailError, TransientMailError, backoff_delay, deliver
 from service.messages import ComposedMessage, case_url, review_hint
+from service.pictures import email_picture
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -33,12 +34,11 @@ class DeliveryOutcome:
     detail: str | None = None
 
 
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        logger.warning("cannot read %s for the alert: %s", path, exc)
-        return None
+def _named(item: outbox.AlertItem) -> str:
+    """How the alert names an image: its source, and its study's accession number if DICOM."""
+    if item.accession_number:
+        return f"{item.source} (accession {item.accession_number})"
+    return item.source
 
 
 def local_review_url(settings: Settings) -> str:
@@ -59,9 +59,9 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
     for item in items:
         location = Path(item.location)
         images.append(FlaggedImage(
-            source=item.source, melanoma_probability=item.melanoma_probability,
+            source=_named(item), melanoma_probability=item.melanoma_probability,
             probabilities=item.probabilities, predicted_class=item.predicted_class,
-            received_at=item.received_at, image=_read(location),
+            received_at=item.received_at, image=email_picture(location),
             gradcam_png=overlay(location) if overlay is not None else None,
             url=case_url(public_url, item.sha256) if item.sha256 else None))
     content = AlertContent(images=images, model_version=items[0].model_version,

@@ -36,6 +36,7 @@ from service.digest_message import (
     digest_key,
 )
 from service.messages import case_url, recipient_message_id
+from service.pictures import email_picture
 from service.thresholds import threshold_sentence
 
 logger = logging.getLogger(__name__)
@@ -93,10 +94,7 @@ UNREVIEWED_AFTER = timedelta(hours=24)
 
 
 def _read(location: str) -> bytes | None:
-    try:
-        return Path(location).read_bytes()
-    except OSError:
-        return None
+    return email_picture(location)
 
 
 def build_digest_content(session: Session, day: date, digest_time: time, timezone: str,

@@ -75,6 +75,7 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
             max_attempts=settings.max_attempts)
         work = [(image.id, Path(image.location)) for image in claimed]
         sources = {image.id: image.source for image in claimed}
+        hashes = {image.id: image.sha256 for image in claimed}
     skipped = len(set(image_ids)) - len(work)
     if not work:
         return BatchOutcome(skipped=skipped)
@@ -150,10 +151,35 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     if untold:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
                        untold)
+    locations = dict(work)
+    for prediction in predictions:
+        write_dicom_preview(locations[prediction.image_id],
+                            settings.previews_dir / f"{hashes[prediction.image_id]}.png")
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
                         flagged=tuple(p.image_id for p in predictions if p.flagged),
                         alerts=tuple(alerts), out_of_scope=tuple(out_of_scope))
+
+
+def write_dicom_preview(location: Path, target: Path) -> bool:
+    """For a DICOM image, its picture as PNG at `target` (the review app shows it: browsers
+    cannot show DICOM); nothing for any other file. Whether one was written."""
+    from model.dicom import is_dicom, read_head
+    from model.imaging import DecodeError, load_rgb
+
+    try:
+        if not is_dicom(read_head(location)):
+            return False
+        picture = load_rgb(location)
+    except (OSError, DecodeError) as exc:
+        logger.warning("no preview of %s: %s", location.name, getattr(exc, "reason", exc))
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.part")
+    with picture:
+        picture.save(partial, "PNG")
+    os.replace(partial, target)
+    return True
 
 
 def _first_and_new_flags(session: Session, predictions: list[Prediction]

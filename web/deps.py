@@ -32,6 +32,13 @@ class WebConfig:
     secure_cookies: bool = False
     #: `open` or `enforced` (MELANOSCREEN_WEB_CLINIC_ACCESS): see `clinics_of`.
     clinic_access: str = "open"
+    #: The worker's PNG pictures of DICOM images; None: `previews` beside `overlays_dir`.
+    previews_dir: Path | None = None
+
+    @property
+    def previews(self) -> Path:
+        """Where the DICOM images' pictures are."""
+        return self.previews_dir or self.overlays_dir.with_name("previews")
 
 
 #: Password checks at once, per process: each argon2 check takes 64 MiB and a tenth of a second

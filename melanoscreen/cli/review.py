@@ -38,7 +38,8 @@ def web() -> None:
     upgrade_schema(settings)
     config = WebConfig(
         database_url=settings.database, secret=web_secret(settings),
-        overlays_dir=settings.overlays_dir, timezone=settings.timezone,
+        overlays_dir=settings.overlays_dir, previews_dir=settings.previews_dir,
+        timezone=settings.timezone,
         session_seconds=int(settings.web.session_hours * 3600),
         clinic_access=settings.web.clinic_access,
         secure_cookies=bool(settings.public_url and settings.public_url.startswith("https://")))

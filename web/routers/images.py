@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
 
 from db import audit, cases, readmodel
+from db import dicom as dicom_queries
 from db import worklist as worklist_queries
 from db.schema import ImageStatus, Verdict
 from web import files
@@ -117,6 +118,10 @@ def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: s
         "has_overlay": has_overlay, "verdicts": [v.value for v in Verdict],
         "diagnoses": sorted(latest.probabilities) if latest else [],
         "audit": audit.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
+        "dicom": dicom_queries.instances_of(session, [case.image.id]).get(case.image.id),
+        "same_patient": [(other, facts) for other, facts
+                         in dicom_queries.other_images_of_patient(session, case.image.id)
+                         if may_see(request, user, other)],
     })
 
 
@@ -129,12 +134,13 @@ def _private(response: Response) -> Response:
 def image_file(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """The image at full size."""
     image = image_or_404(session, sha256, request, user)
+    location = files.shown_location(config(request).previews, image.sha256, image.location)
     try:
-        media_type = files.browser_type(image.location)
+        media_type = files.browser_type(location)
         if media_type is not None:
             # Streamed from disk in chunks: a large file never sits in memory whole.
-            return _private(FileResponse(image.location, media_type=media_type))
-        return _private(Response(files.converted_png(image.location), media_type="image/png"))
+            return _private(FileResponse(location, media_type=media_type))
+        return _private(Response(files.converted_png(location), media_type="image/png"))
     except files.NotShowable:
         raise HTTPException(404, "this file cannot be shown") from None
 
@@ -143,8 +149,9 @@ def image_file(request: Request, session: DbSession, user: CurrentUser, sha256: 
 def image_thumbnail(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """A small JPEG of the image for the worklist."""
     image = image_or_404(session, sha256, request, user)
+    location = files.shown_location(config(request).previews, image.sha256, image.location)
     try:
-        return _private(Response(files.thumbnail_bytes(image.location), media_type="image/jpeg"))
+        return _private(Response(files.thumbnail_bytes(location), media_type="image/jpeg"))
     except files.NotShowable:
         raise HTTPException(404, "this file cannot be shown") from None
 
