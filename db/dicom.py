@@ -27,6 +27,13 @@ def add_instance(session: Session, image_id: int, **values: object) -> DicomInst
     return instance
 
 
+def image_of_sop_instance(session: Session, sop_instance_uid: str) -> Image | None:
+    """The image recorded for this DICOM object (its SOP instance UID), if there is one."""
+    return session.scalar(select(Image).join(DicomInstance, DicomInstance.image_id == Image.id)
+                          .where(DicomInstance.sop_instance_uid == sop_instance_uid)
+                          .order_by(Image.id).limit(1))
+
+
 def instances_of(session: Session, image_ids: Iterable[int]) -> dict[int, DicomInstance]:
     """image id -> its DICOM facts, for those of these images that came as DICOM."""
     found: dict[int, DicomInstance] = {}

@@ -125,9 +125,14 @@ class Intake:
         received = utcnow()
         target: Path | None = None
         note: Path | None = None
+        facts = self.dicom_facts(opened)
         try:
             with self.sessions.begin() as session:
                 known = images.find_image_by_sha256(session, opened.sha256)
+                if known is None and facts is not None and facts.sop_instance_uid:
+                    # One DICOM object (its SOP instance UID) is one image, whatever transfer
+                    # syntax a resend chose: a retry in another encoding is a duplicate too.
+                    known = dicom.image_of_sop_instance(session, facts.sop_instance_uid)
                 if known is not None:
                     target = unique_path(self.settings.duplicates_dir / _stamped(received, name))
                     images.add_duplicate(session, image_id=known.id, source=source,
@@ -143,7 +148,6 @@ class Intake:
                                               size_bytes=opened.size, location=str(target),
                                               received_at=received)
                     session.flush()
-                    facts = self.dicom_facts(opened)
                     if facts is not None:
                         dicom.add_instance(session, image.id, **facts.columns())
                         session.flush()

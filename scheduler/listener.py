@@ -126,7 +126,10 @@ class Listener:
         """Reject an association from a caller not in MELANOSCREEN_DICOM_PEERS (permanent,
         calling AE title not recognised)."""
         requestor = event.assoc.requestor
-        title, address = str(requestor.ae_title).strip(), str(requestor.address)
+        # At this event only the request itself names the caller (pynetdicom copies the title
+        # onto `requestor` later, while negotiating).
+        title = str(requestor.primitive.calling_ae_title or "").strip()
+        address = str(requestor.address)
         if self.dicom.allows(title, address):
             return
         logger.warning("refused a DICOM association from AE title %r at %s: not in "

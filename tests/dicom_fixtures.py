@@ -152,3 +152,22 @@ def malformed_bytes(seed: int = 98) -> bytes:
     ds = dicom_dataset(seed)
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     return dicom_bytes(ds)
+
+
+#: Transfer syntaxes a sending modality offers, one presentation context each per SOP class.
+OFFERED_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.JPEGBaseline8Bit,
+                    uid.RLELossless, uid.JPEG2000Lossless)
+
+
+def modality(ae_title: str = "MODALITY1") -> Any:
+    """A pynetdicom AE that sends the image SOP classes (each syntax its own context) and C-ECHO."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=ae_title)
+    for sop_class in SOP_CLASSES.values():
+        for syntax in OFFERED_SYNTAXES:
+            ae.add_requested_context(sop_class, syntax)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    return ae

@@ -242,3 +242,17 @@ def test_the_listener_refuses_to_start_without_a_port_or_peers(
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}:"), done.stderr
+
+
+def test_one_object_resent_in_another_transfer_syntax_is_a_duplicate(
+        tmp_path: Path, database_url: str) -> None:
+    settings, intake = _intake(tmp_path, database_url)
+    ds = dicom_dataset(15)
+    (settings.inbox_dir / "first.dcm").write_bytes(dicom_bytes(ds))
+    ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+    (settings.inbox_dir / "again.dcm").write_bytes(dicom_bytes(ds))
+    assert intake.take(settings.inbox_dir / "first.dcm") is not None
+    assert intake.take(settings.inbox_dir / "again.dcm") is None  # recorded as a duplicate
+    with intake.sessions.begin() as session:
+        assert [row.source for row in readmodel.results(session)] == ["first.dcm"]
+        assert len(session.scalars(select(DicomInstance)).all()) == 1
