@@ -22,13 +22,14 @@ import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from melanoscreen.settings import DicomSettings
 from service.dicom import pseudonymise_dataset
 
 if TYPE_CHECKING:
     from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
     from pynetdicom.transport import ThreadedAssociationServer
 
@@ -57,7 +58,7 @@ def transfer_syntaxes() -> list[str]:
     from pydicom import uid
     from pydicom.pixels import get_decoder
 
-    offered = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
+    offered: list[str] = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
                uid.DeflatedExplicitVRLittleEndian, uid.ExplicitVRBigEndian]
     for syntax in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless,
                    uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEGLSNearLossless,
@@ -109,12 +110,14 @@ class Listener:
         """Listen (in threads) on the configured address and port."""
         from pynetdicom import evt
 
-        handlers = [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_C_ECHO, self.on_echo),
-                    (evt.EVT_C_STORE, self.on_store)]
+        handlers: list[Any] = [(evt.EVT_REQUESTED, self.on_requested),
+                               (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store)]
         assert self.dicom.port is not None
-        self.server = self.application_entity().start_server(
+        server = self.application_entity().start_server(
             (self.dicom.address, self.dicom.port), block=False, evt_handlers=handlers)
-        return self.server
+        assert server is not None  # block=False: the server, running in its threads
+        self.server = server
+        return server
 
     def stop(self) -> None:
         """Stop listening; associations in progress are ended."""
@@ -128,7 +131,8 @@ class Listener:
         requestor = event.assoc.requestor
         # At this event only the request itself names the caller (pynetdicom copies the title
         # onto `requestor` later, while negotiating).
-        title = str(requestor.primitive.calling_ae_title or "").strip()
+        request = requestor.primitive
+        title = str(request.calling_ae_title if request is not None else "").strip()
         address = str(requestor.address)
         if self.dicom.allows(title, address):
             return
@@ -145,7 +149,8 @@ class Listener:
     def on_store(self, event: Event) -> int:
         """C-STORE: write the object durably into the inbox, then answer success."""
         caller = str(event.assoc.requestor.ae_title).strip()
-        uid = str(event.request.AffectedSOPInstanceUID or "")
+        request = cast("C_STORE", event.request)
+        uid = str(request.AffectedSOPInstanceUID or "")
         try:
             data = self.encoded(event)
         except Exception as exc:
@@ -170,7 +175,9 @@ class Listener:
         out.write(b"\x00" * 128 + b"DICM")
         if not self.dicom.pseudonymise:
             write_file_meta_info(out, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
-            out.write(event.request.DataSet.getvalue())
+            dataset_bytes = cast("C_STORE", event.request).DataSet
+            assert dataset_bytes is not None  # a C-STORE request always carries its dataset
+            out.write(dataset_bytes.getvalue())
             return out.getvalue()
         dataset = event.dataset
         dataset.file_meta = event.file_meta

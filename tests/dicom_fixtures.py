@@ -37,7 +37,7 @@ def synthetic_pixels(seed: int, size: tuple[int, int] = (64, 64)) -> np.ndarray:
 
 
 def dicom_dataset(seed: int, *, kind: str = "photographic", size: tuple[int, int] = (64, 64),
-                  grey: bool = False, syntax: str = uid.ExplicitVRLittleEndian,
+                  grey: bool = False, syntax: uid.UID = uid.ExplicitVRLittleEndian,
                   patient_id: str = PATIENT_ID, patient_name: str = PATIENT_NAME,
                   study_uid: str | None = None, accession: str = "ACC0001",
                   **extra: Any) -> Dataset:
@@ -72,7 +72,7 @@ def dicom_dataset(seed: int, *, kind: str = "photographic", size: tuple[int, int
     return ds
 
 
-def _base(sop_class: str, syntax: str, *, patient_id: str, patient_name: str,
+def _base(sop_class: uid.UID, syntax: uid.UID, *, patient_id: str, patient_name: str,
           study_uid: str | None, accession: str) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class

@@ -50,7 +50,7 @@ LOSSLESS = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.RLELossl
 @pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda s: s.keyword)
 @pytest.mark.parametrize("grey", [False, True], ids=["colour", "grey"])
 def test_each_image_class_and_lossless_syntax_decodes_to_its_pixels(
-        kind: str, syntax: str, grey: bool) -> None:
+        kind: str, syntax: uid.UID, grey: bool) -> None:
     picture = np.asarray(load_rgb(dicom_bytes(dicom_dataset(5, kind=kind, syntax=syntax,
                                                             grey=grey))))
     expected = synthetic_pixels(5)
@@ -85,7 +85,7 @@ def test_a_dicom_file_on_disk_gives_the_model_input(tmp_path: Path) -> None:
     (malformed_bytes, "DICOM pixel data cannot be decoded"),
     (lambda: b"\0" * 128 + b"DICM" + b"\xff" * 40, "DICOM object without pixel data"),
 ], ids=["report", "waveform", "multi-frame", "pixel-bomb", "truncated-pixels", "garbage-header"])
-def test_objects_with_nothing_to_screen_are_refused_with_a_reason(make, starts: str) -> None:  # type: ignore[no-untyped-def]
+def test_objects_with_nothing_to_screen_are_refused_with_a_reason(make, starts: str) -> None:
     with pytest.raises(DecodeError) as refused:
         load_rgb(make())
     assert refused.value.reason.startswith(starts), refused.value.reason
