@@ -256,3 +256,16 @@ def test_one_object_resent_in_another_transfer_syntax_is_a_duplicate(
     with intake.sessions.begin() as session:
         assert [row.source for row in readmodel.results(session)] == ["first.dcm"]
         assert len(session.scalars(select(DicomInstance)).all()) == 1
+
+
+def test_the_compose_deployment_has_the_listener_off_by_default_and_on_loopback() -> None:
+    import yaml
+
+    from tests.conftest import REPO
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    listener = services["dicom"]
+    assert listener["profiles"] == ["dicom"]  # started only with --profile dicom
+    assert listener["command"] == "melanoscreen dicom"
+    assert all(str(port).startswith("127.0.0.1:") for port in listener["ports"])
+    assert all("profiles" not in service for name, service in services.items() if name != "dicom")
