@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 #: The folder of the inbox that received objects go to (one subfolder per calling AE title).
 INBOX_FOLDER = "dicom"
 #: C-STORE statuses (PS3.4 B.2.3): success; out of resources (the sender retries later);
-#: cannot understand.
+#: cannot understand; refused: out of resources for good (an object over the size limit).
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+OUT_OF_RESOURCES_REFUSED = 0xA701
 _UID = re.compile(r"[0-9.]{1,64}")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -85,9 +86,13 @@ def _fsync_dir(directory: Path) -> None:
 class Listener:
     """The Storage SCP: who may call, and where what they send is written."""
 
-    def __init__(self, dicom: DicomSettings, inbox: Path, key: Callable[[], bytes]) -> None:
+    def __init__(self, dicom: DicomSettings, inbox: Path, key: Callable[[], bytes], *,
+                 max_bytes: int) -> None:
         self.dicom = dicom
         self.inbox = inbox
+        #: MELANOSCREEN_MAX_FILE_BYTES: a larger object would be left in the inbox unread, so it
+        #: is refused here instead, and the sender told.
+        self.max_bytes = max_bytes
         self.key = key  # the pseudonyms' key, read when first needed
         self._naming = threading.Lock()  # one rename at a time picks a free name
         self.server: ThreadedAssociationServer | None = None
@@ -157,6 +162,10 @@ class Listener:
             logger.warning("DICOM object from %s not stored: cannot be read (%s)", caller,
                            type(exc).__name__)
             return CANNOT_UNDERSTAND
+        if len(data) > self.max_bytes:
+            logger.warning("DICOM object from %s refused: %d bytes is over "
+                           "MELANOSCREEN_MAX_FILE_BYTES (%d)", caller, len(data), self.max_bytes)
+            return OUT_OF_RESOURCES_REFUSED
         try:
             path = self.write(caller, uid, data)
         except OSError as exc:

@@ -228,7 +228,8 @@ def dicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     listener = Listener(settings.dicom, settings.inbox_dir,
-                        lambda: pseudonym_key(settings.dicom_key_file))
+                        lambda: pseudonym_key(settings.dicom_key_file),
+                        max_bytes=settings.max_file_bytes)
     if settings.dicom.pseudonymise:
         pseudonym_key(settings.dicom_key_file)  # made now: a full disk fails at start, not later
     stop = _stop_on_signals()
