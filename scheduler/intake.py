@@ -179,6 +179,17 @@ class Intake:
         else:
             with os.fdopen(os.dup(opened.fd), "rb") as handle:
                 facts = read_facts(handle)
+        return self._as_settings_say(facts)
+
+    def _stored_facts(self, path: Path) -> DicomFacts | None:
+        """The facts of a file already in the store (recovered after a kill), if DICOM."""
+        with open(path, "rb") as handle:
+            if not starts_like_dicom(handle.read(132)):
+                return None
+            return self._as_settings_say(read_facts(handle))
+
+    def _as_settings_say(self, facts: DicomFacts | None) -> DicomFacts | None:
+        """Pseudonymised when MELANOSCREEN_DICOM_PSEUDONYMISE says so."""
         if facts is not None and self.settings.dicom.pseudonymise:
             facts = pseudonymised(facts, pseudonym_key(self.settings.dicom_key_file))
         return facts
@@ -241,6 +252,10 @@ class Intake:
                     image = images.add_image(session, sha256=sha256_of(path), source=source,
                                               size_bytes=path.stat().st_size, location=str(path),
                                               received_at=utcnow())
+                    session.flush()
+                    facts = self._stored_facts(path)
+                    if facts is not None:
+                        dicom.add_instance(session, image.id, **facts.columns())
                     recovered.append(image.id)
                     logger.warning("recovered %s from the store as image %d", source, image.id)
         if notes.is_dir():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -41,6 +42,9 @@ INBOX_FOLDER = "dicom"
 #: cannot understand; refused: out of resources for good (an object over the size limit).
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 OUT_OF_RESOURCES_REFUSED = 0xA701
+#: The calling AE title of `melanoscreen healthcheck dicom`: refused like any caller not listed,
+#: but (from loopback) logged quietly, so a probe every few seconds does not fill the log.
+HEALTH_PROBE_AE_TITLE = "HEALTHCHECK"
 _UID = re.compile(r"[0-9.]{1,64}")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -73,6 +77,29 @@ def transfer_syntaxes() -> list[str]:
 def folder_name(ae_title: str) -> str:
     """A calling AE title as a folder name: letters, digits, `-` and `_` (others become `_`)."""
     return _SAFE.sub("_", ae_title.strip()) or "_"
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
+    """Whether a DICOM listener answers an association request at host:port (accepted or
+    refused: either is an answer); nothing is sent beyond the request."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=HEALTH_PROBE_AE_TITLE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -141,8 +168,10 @@ class Listener:
         address = str(requestor.address)
         if self.dicom.allows(title, address):
             return
-        logger.warning("refused a DICOM association from AE title %r at %s: not in "
-                       "MELANOSCREEN_DICOM_PEERS", title, address)
+        probing = title == HEALTH_PROBE_AE_TITLE and _is_loopback(address)
+        logger.log(logging.DEBUG if probing else logging.WARNING,
+                   "refused a DICOM association from AE title %r at %s: not in "
+                   "MELANOSCREEN_DICOM_PEERS", title, address)
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         event.assoc.is_rejected = True
         event.assoc.kill()

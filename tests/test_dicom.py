@@ -269,3 +269,18 @@ def test_the_compose_deployment_has_the_listener_off_by_default_and_on_loopback(
     assert listener["command"] == "melanoscreen dicom"
     assert all(str(port).startswith("127.0.0.1:") for port in listener["ports"])
     assert all("profiles" not in service for name, service in services.items() if name != "dicom")
+
+
+def test_a_dicom_file_recovered_from_the_store_keeps_its_study(
+        tmp_path: Path, database_url: str) -> None:
+    import hashlib
+
+    settings, intake = _intake(tmp_path, database_url)
+    data = dicom_bytes(dicom_dataset(16, study_uid="1.2.3.16"))
+    sha = hashlib.sha256(data).hexdigest()
+    stored = settings.store_dir / sha[:2] / f"{sha}.dcm"  # moved, then killed before the commit
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(data)
+    [image_id] = intake.recover_store()
+    with intake.sessions.begin() as session:
+        assert dicom_queries.instances_of(session, [image_id])[image_id].study_uid == "1.2.3.16"

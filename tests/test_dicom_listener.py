@@ -143,6 +143,12 @@ def test_echo_answers_and_callers_not_listed_are_refused_at_association(
     assert _echo(port, "PINNED", bind="127.0.0.3") == "ok"
     assert _echo(port, "MODALITY1", called="SOMEONE_ELSE") == "refused"
     assert "refused a DICOM association from AE title 'INTRUDER'" in running_up.log.read_text()
+    # The container health check: an answer (here a refusal) from the listener is health.
+    check = subprocess.run([sys.executable, "-m", "melanoscreen", "healthcheck", "dicom"],
+                           env=running_up.env, capture_output=True, text=True, timeout=120,
+                           cwd=running_up.tmp)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "'HEALTHCHECK'" not in running_up.log.read_text()  # probes are not logged as refusals
 
 
 def test_stored_objects_are_screened_once_with_their_study_and_bad_ones_rejected_with_reasons(
