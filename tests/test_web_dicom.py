@@ -56,7 +56,7 @@ def test_the_case_page_shows_the_study_facts_first_the_patients_other_images_and
     page = client.get(f"/images/{first}").text
     assert "<h2>Study</h2>" in page and "ACC1" in page and "Upper arm" in page
     assert page.index("Body part") < page.index("Other images of this patient") \
-        < page.index("Patient ID")  # clinical facts first, identifiers last
+        < page.index("Audit log of this image") < page.index("Patient ID")  # identifiers last
     assert f"/images/{second}" in page and f"/images/{stranger}" not in page
     assert "<script>alert(1)" not in page and "&lt;script&gt;" in page  # escaped
     picture = client.get(f"/images/{first}/file")
