@@ -419,8 +419,8 @@ class Settings(BaseSettings):
 
     @property
     def previews_dir(self) -> Path:
-        """PNG pictures of screened DICOM images (browsers cannot show DICOM), made by the
-        worker: previews/<sha256>.png."""
+        """JPEG pictures of screened DICOM images (browsers cannot show DICOM), made by the
+        worker: previews/<sha256>.jpg."""
         return self.data_path / "previews"
 
     @property

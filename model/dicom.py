@@ -134,8 +134,11 @@ def load_dicom_rgb(source: Path | bytes, *, max_pixels: int) -> Image.Image:
         raise DicomRejected(f"not a readable DICOM file: {_line(exc)}") from exc
     except Exception as exc:  # a hostile header can fail the parser in any way
         raise DicomRejected(f"malformed DICOM file ({type(exc).__name__}: {_line(exc)})") from exc
-    check_header(dataset, max_pixels)
+    rows, columns = check_header(dataset, max_pixels)
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    fast = _baseline_jpeg(dataset, syntax, rows, columns)
+    if fast is not None:
+        return fast
     try:
         pixels = dataset.pixel_array
     except Exception as exc:
@@ -159,6 +162,34 @@ def load_dicom_rgb(source: Path | bytes, *, max_pixels: int) -> Image.Image:
     except Exception as exc:
         raise DicomRejected(f"DICOM pixel data cannot be decoded ({_line(exc)})") from exc
     raise DicomRejected(f"DICOM pixel data of an unexpected shape {pixels.shape}")
+
+
+def _baseline_jpeg(dataset: object, syntax: object, rows: int,
+                   columns: int) -> Image.Image | None:
+    """A JPEG-baseline frame decoded by Pillow, as a JPEG picture file is (its YCbCr to RGB in C,
+    several times faster than pydicom's); None where the general path must decode it."""
+    from pydicom import uid
+    from pydicom.encaps import generate_frames
+
+    photometric = str(getattr(dataset, "PhotometricInterpretation", "")).strip().upper()
+    if syntax != uid.JPEGBaseline8Bit or photometric in ("MONOCHROME1", "PALETTE COLOR"):
+        return None
+    try:
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=1))  # type: ignore[attr-defined]
+        picture = Image.open(io.BytesIO(frame))
+        if picture.format != "JPEG":
+            return None
+        # The codestream's own size must be the header's, which the pixel limit checked.
+        if picture.size != (columns, rows):
+            raise DicomRejected(f"DICOM pixel data does not match its header: a "
+                                f"{picture.size[0]}x{picture.size[1]} JPEG in a "
+                                f"{columns}x{rows} image")
+        picture.load()
+        return picture.convert("RGB") if picture.mode != "RGB" else picture
+    except DicomRejected:
+        raise
+    except Exception:
+        return None  # the general path decodes it, or says why it cannot
 
 
 def _line(exc: BaseException) -> str:

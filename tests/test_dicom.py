@@ -103,6 +103,13 @@ def test_the_pixel_limit_counts_every_frame_from_the_header_before_any_decode() 
         load_rgb(dicom_bytes(ds), max_pixels=5_000_000)
 
 
+def test_a_jpeg_codestream_larger_than_its_header_says_is_refused_before_decoding() -> None:
+    small = dicom_dataset(17, syntax=uid.JPEGBaseline8Bit)  # a 64x64 JPEG...
+    small.Rows = small.Columns = 32  # ...in an image that says 32x32 (within the pixel limit)
+    with pytest.raises(DecodeError, match="does not match its header"):
+        load_rgb(dicom_bytes(small))
+
+
 def test_the_facts_of_an_object_are_read_without_its_pixels(tmp_path: Path) -> None:
     ds = dicom_dataset(9, study_uid="1.2.3.4", accession="A-77")
     path = tmp_path / "x.dcm"

@@ -29,7 +29,7 @@ def _seed_dicom(app: LiveApp, seed: int, *, patient: str, name: str, body_part: 
     path.write_bytes(data)
     previews = app.overlays.with_name("previews")
     previews.mkdir(exist_ok=True)
-    Image.fromarray(synthetic_pixels(seed)).save(previews / f"{sha}.png")
+    Image.fromarray(synthetic_pixels(seed)).save(previews / f"{sha}.jpg")
     when = datetime.now(UTC) - timedelta(minutes=minutes)
     with app.sessions.begin() as session:
         image = images.add_image(session, sha256=sha, source=f"dicom/PACS/{seed}.dcm",
@@ -60,7 +60,7 @@ def test_the_case_page_shows_the_study_facts_first_the_patients_other_images_and
     assert f"/images/{second}" in page and f"/images/{stranger}" not in page
     assert "<script>alert(1)" not in page and "&lt;script&gt;" in page  # escaped
     picture = client.get(f"/images/{first}/file")
-    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
     thumb = client.get(f"/images/{first}/thumbnail")
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
     # A picture file's page has no study block.
@@ -82,7 +82,7 @@ def test_the_api_carries_patient_study_and_sop_instance_or_nulls(live_app: LiveA
 
 def test_a_dicom_image_without_a_picture_yet_is_not_shown_raw(live_app: LiveApp) -> None:
     sha = _seed_dicom(live_app, 5, patient="P-5", name="A^B", body_part="ARM", minutes=1)
-    (live_app.overlays.with_name("previews") / f"{sha}.png").unlink()
+    (live_app.overlays.with_name("previews") / f"{sha}.jpg").unlink()
     answer = live_app.login().get(f"/images/{sha}/file")
     assert answer.status_code == 404  # never the DICOM object itself
     assert Path(live_app.store / f"{sha}.dcm").exists()

@@ -32,7 +32,7 @@ class WebConfig:
     secure_cookies: bool = False
     #: `open` or `enforced` (MELANOSCREEN_WEB_CLINIC_ACCESS): see `clinics_of`.
     clinic_access: str = "open"
-    #: The worker's PNG pictures of DICOM images; None: `previews` beside `overlays_dir`.
+    #: The worker's JPEG pictures of DICOM images; None: `previews` beside `overlays_dir`.
     previews_dir: Path | None = None
 
     @property

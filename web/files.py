@@ -58,9 +58,9 @@ def _png(picture: PILImage.Image) -> bytes:
 
 
 def shown_location(previews_dir: Path, sha256: str, location: str) -> str:
-    """What the pages show of a stored image: the worker's PNG picture of a DICOM image when
+    """What the pages show of a stored image: the worker's JPEG picture of a DICOM image when
     there is one (browsers cannot show DICOM), else the stored file."""
-    preview = previews_dir / f"{sha256}.png"
+    preview = previews_dir / f"{sha256}.jpg"
     return str(preview) if preview.is_file() else location
 
 
