@@ -11,8 +11,8 @@ Reports, in one run and on one machine:
 - the ratio (the DICOM path should keep at least 80% of the JPEG path's throughput);
 - that an association from an AE title not in MELANOSCREEN_DICOM_PEERS is refused.
 
-    python benchmarks/dicom.py                   # 200 images each way
-    python benchmarks/dicom.py --n 50 --model path/to/model.keras
+    python benchmarks/dicom.py                   # 200 images each way, two alternating rounds
+    python benchmarks/dicom.py --n 50 --rounds 1 --model path/to/model.keras
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ for name in sys.argv[2:]:
     status = assoc.send_c_store(ds)
     if status and status.Status == 0:
         print(ds.SOPInstanceUID, flush=True)
+print("done", time.time(), flush=True)
 assoc.release()
 """
 
@@ -106,7 +107,9 @@ def run_dicom(data_dir: Path, port: int, files: list[Path], study: str,
     # The clock starts when the association stands (the JPEG drop's starts at the first
     # rename): the sender's own start-up (Python, pydicom) is not the service's time.
     started = float(lines[0].split()[1])
-    acknowledged = {line.strip() for line in lines[1:] if line.strip()}
+    sent_at = float(next(line for line in lines if line.startswith("done")).split()[1])
+    acknowledged = {line.strip() for line in lines[1:] if line.strip()
+                    and not line.startswith("done")}
     engine = create_engine(f"sqlite:///{data_dir / 'melanoscreen.db'}")
     query = text("SELECT d.sop_instance_uid, i.status, i.screened_at FROM images i "
                  "JOIN dicom_instances d ON d.image_id = i.id WHERE d.study_uid = :s "
@@ -125,6 +128,7 @@ def run_dicom(data_dir: Path, port: int, files: list[Path], study: str,
                     for r in screened), default=float("nan"))
     return {"images": len(files), "acknowledged": len(acknowledged),
             "screened": len(screened), "screened_once": len({r[0] for r in screened}) == len(screened),
+            "send_seconds": sent_at - started, "last_row_seconds": finished - started,
             "images_per_s": len(screened) / (finished - started) if screened else float("nan")}
 
 
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="images each way (180x180)")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--concurrency", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
     model = args.model or (Path(os.environ["MELANOSCREEN_MODEL"])
@@ -164,27 +169,36 @@ def main() -> None:
     report: dict[str, object] = {"cpu_count": os.cpu_count(), "concurrency": args.concurrency}
     from pydicom import uid
 
-    study = str(uid.generate_uid())
+    jpeg_runs: list[dict[str, float]] = []
+    dicom_runs: list[dict[str, object]] = []
+    studies = [str(uid.generate_uid()) for _ in range(args.rounds)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        jpegs = make_images(root / "jpeg", args.n, (180, 180), seed=1)
-        dicoms = make_dicom(make_images(root / "for-dicom", args.n, (180, 180), seed=2),
-                            root / "dicom", study)
         data_dir = root / "data"
         data_dir.mkdir()
         up = start_up(data_dir, model, args.concurrency)
         try:
-            run_pipeline(data_dir, make_images(root / "warm", 1, (180, 180), seed=9), "warm",
-                         args.timeout)
-            report["jpeg_drop"] = run_pipeline(data_dir, jpegs, "jpeg", args.timeout)
-            report["dicom_c_store"] = run_dicom(data_dir, port, dicoms, study, args.timeout)
-            report["results_with_study_uid"] = results_with_study(data_dir, study)
+            # A burst first, so the model's first batches (TensorFlow traces each new batch
+            # size) count against neither path.
+            warm = make_images(root / "warm", max(1, args.n // 2), (180, 180), seed=9)
+            run_pipeline(data_dir, warm, "warm", args.timeout)
+            # Alternating rounds, the best of each kept: the machine's other load varies.
+            for number, study in enumerate(studies):
+                jpegs = make_images(root / f"jpeg-{number}", args.n, (180, 180), seed=10 + number)
+                dicoms = make_dicom(make_images(root / f"for-dicom-{number}", args.n, (180, 180),
+                                                seed=20 + number), root / f"dicom-{number}", study)
+                jpeg_runs.append(run_pipeline(data_dir, jpegs, f"jpeg-{number}", args.timeout))
+                dicom_runs.append(run_dicom(data_dir, port, dicoms, study, args.timeout))
+            report["jpeg_drop"] = jpeg_runs
+            report["dicom_c_store"] = dicom_runs
+            report["results_with_study_uid"] = min(results_with_study(data_dir, study)
+                                                   for study in studies)
             report["unlisted_ae_title_refused"] = refused(port)
         finally:
             up.send_signal(signal.SIGTERM)
             up.wait(timeout=120)
-    jpeg_rate = float(report["jpeg_drop"]["images_per_s"])  # type: ignore[index]
-    dicom_rate = float(report["dicom_c_store"]["images_per_s"])  # type: ignore[index]
+    jpeg_rate = max(float(run["images_per_s"]) for run in jpeg_runs)
+    dicom_rate = max(float(run["images_per_s"]) for run in dicom_runs)  # type: ignore[arg-type]
     report["dicom_over_jpeg"] = dicom_rate / jpeg_rate if jpeg_rate else float("nan")
     print(json.dumps(report, indent=2))
     ok = (report["dicom_over_jpeg"] >= 0.8  # type: ignore[operator]
