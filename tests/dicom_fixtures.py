@@ -61,8 +61,9 @@ def dicom_dataset(seed: int, *, kind: str = "photographic", size: tuple[int, int
         ds.PixelData = encapsulate([out.getvalue()])
         if not grey:
             ds.PhotometricInterpretation = "YBR_FULL_422"
-    elif syntax in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian):
-        ds.PixelData = pixels.tobytes()
+    elif syntax in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
+                    uid.DeflatedExplicitVRLittleEndian):
+        ds.PixelData = pixels.tobytes()  # deflated: pydicom deflates the whole dataset on write
     else:  # RLE, JPEG 2000: pydicom's encoders (RLE its own, JPEG 2000 through pylibjpeg)
         ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
         ds.PixelData = pixels.tobytes()
