@@ -36,7 +36,7 @@ COPY melanoscreen ./melanoscreen
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/python -c "import model.inference, service.screening, worker.tasks, web.app, scheduler.watcher, melanoscreen.cli.app, pathlib, sys; sys.exit(not any(pathlib.Path(model.inference.__file__).parent.glob('shipped/*.keras')))"
+ && /opt/venv/bin/python -c "import model.inference, service.screening, worker.tasks, web.app, scheduler.watcher, scheduler.listener, pydicom, pynetdicom, melanoscreen.cli.app, pathlib, sys; sys.exit(not any(pathlib.Path(model.inference.__file__).parent.glob('shipped/*.keras')))"
 
 FROM ${BASE_IMAGE}
 ENV PYTHONUNBUFFERED=1 \

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from db.schema import (
     AlertImage,
     DeliveryAttempt,
+    DicomInstance,
     Image,
     OutboxKind,
     OutboxMessage,
@@ -178,6 +179,9 @@ class AlertItem:
     threshold: float
     sha256: str = ""
     out_of_scope: bool = False
+    #: The study's accession number, for an image that came as DICOM (emails name the study by
+    #: it, never by the patient).
+    accession_number: str | None = None
 
 
 def alert_label(session: Session, outbox_id: int) -> str | None:
@@ -188,14 +192,15 @@ def alert_label(session: Session, outbox_id: int) -> str | None:
 def alert_items(session: Session, outbox_id: int) -> list[AlertItem]:
     """The flagged images an alert message is about, highest melanoma probability first."""
     rows = session.execute(
-        select(Image, Prediction)
+        select(Image, Prediction, DicomInstance.accession_number)
         .join(AlertImage, AlertImage.image_id == Image.id)
         .join(Prediction, Prediction.id == AlertImage.prediction_id)
+        .outerjoin(DicomInstance, DicomInstance.image_id == Image.id)
         .where(AlertImage.outbox_id == outbox_id)
         .order_by(Prediction.melanoma_probability.desc(), Image.id)
     )
     return [AlertItem(image.source, image.location, image.received_at,
                       prediction.melanoma_probability, dict(prediction.probabilities),
                       prediction.predicted_class, prediction.model_version, prediction.threshold,
-                      image.sha256, bool(prediction.out_of_scope))
-            for image, prediction in rows]
+                      image.sha256, bool(prediction.out_of_scope), accession)
+            for image, prediction, accession in rows]

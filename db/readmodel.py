@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.dicom import instances_of
 from db.predictions import flag_history, latest_prediction_id, latest_predictions
 from db.reviews import ReviewRow, latest_reviews
-from db.schema import Image, ImageStatus, Prediction
+from db.schema import DicomInstance, Image, ImageStatus, Prediction
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class ImageRow:
     #: whether the latest one's flag differs from the one before it (a re-screen changed it).
     model_versions: tuple[str, ...] = ()
     flag_changed: bool = False
+    #: For an image that came as DICOM: its patient (a keyed hash with pseudonymised intake),
+    #: study and SOP instance; None for picture files.
+    patient_id: str | None = None
+    study_uid: str | None = None
+    sop_instance_uid: str | None = None
     #: The image, its latest prediction and latest review themselves (pages show more of them;
     #: not output columns).
     image: Image | None = None
@@ -56,14 +62,16 @@ class ImageRow:
             "melanoma_probability": self.melanoma_probability, "flagged": self.flagged,
             "model_version": self.model_version, "out_of_scope": self.out_of_scope,
             "review": self.review, "model_versions": list(self.model_versions),
-            "flag_changed": self.flag_changed,
+            "flag_changed": self.flag_changed, "patient_id": self.patient_id,
+            "study_uid": self.study_uid, "sop_instance_uid": self.sop_instance_uid,
         }
 
 
 #: The output columns of `melanoscreen results` (JSON keys, CSV header), in order.
 RESULT_COLUMNS = ("sha256", "source", "status", "reason", "received_at", "screened_at",
                   "predicted_class", "melanoma_probability", "flagged", "model_version",
-                  "out_of_scope", "review", "model_versions", "flag_changed")
+                  "out_of_scope", "review", "model_versions", "flag_changed", "patient_id",
+                  "study_uid", "sop_instance_uid")
 
 
 def flag_changed(history: Sequence[tuple[str, bool]]) -> bool:
@@ -72,9 +80,10 @@ def flag_changed(history: Sequence[tuple[str, bool]]) -> bool:
 
 
 def image_row(image: Image, prediction: Prediction | None, review: ReviewRow | None = None,
-              history: Sequence[tuple[str, bool]] = ()) -> ImageRow:
+              history: Sequence[tuple[str, bool]] = (),
+              dicom: DicomInstance | None = None) -> ImageRow:
     """An image, its latest prediction and latest review as one row; `history`: (model
-    version, flagged) of its predictions, oldest first."""
+    version, flagged) of its predictions, oldest first; `dicom`: its patient and study."""
     return ImageRow(
         sha256=image.sha256, source=image.source, status=image.status, reason=image.reason,
         received_at=image.received_at, screened_at=image.screened_at,
@@ -87,6 +96,9 @@ def image_row(image: Image, prediction: Prediction | None, review: ReviewRow | N
         threshold=prediction.threshold if prediction else None,
         model_versions=tuple(version for version, _ in history),
         flag_changed=flag_changed(history),
+        patient_id=dicom.patient_id if dicom else None,
+        study_uid=dicom.study_uid if dicom else None,
+        sop_instance_uid=dicom.sop_instance_uid if dicom else None,
         image=image, prediction=prediction, latest_review=review,
     )
 
@@ -99,8 +111,9 @@ def image_rows(session: Session, images: Sequence[Image],
         predictions = latest_predictions(session, ids)
     reviews = latest_reviews(session, ids)
     history = flag_history(session, ids)
+    dicom = instances_of(session, ids)
     return [image_row(image, predictions.get(image.id), reviews.get(image.id),
-                      history.get(image.id, [])) for image in images]
+                      history.get(image.id, []), dicom.get(image.id)) for image in images]
 
 
 def results(session: Session, *, since: datetime | None = None,

@@ -336,3 +336,27 @@ class WebSession(Base):
     credential_stamp: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class DicomInstance(Base):
+    """The patient and study of an image that came as DICOM (one row per image, none for
+    picture files). With pseudonymised intake `patient_id` is a keyed hash and the name is None.
+    Acquisition time is the object's own text (`2026-12-04 10:15:30`): DICOM gives it on the
+    modality's clock, with no zone."""
+
+    __tablename__ = "dicom_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(256), default=None)
+    study_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    accession_number: Mapped[str | None] = mapped_column(String(64), default=None)
+    body_part: Mapped[str | None] = mapped_column(String(64), default=None)
+    anatomic_region: Mapped[str | None] = mapped_column(String(256), default=None)
+    laterality: Mapped[str | None] = mapped_column(String(16), default=None)
+    acquired_at: Mapped[str | None] = mapped_column(String(32), default=None)
+    pseudonymised: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

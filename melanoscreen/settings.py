@@ -180,6 +180,108 @@ class WebSettings(BaseModel):
     clinic_access: Literal["open", "enforced"] = "open"
 
 
+#: An AE title (PS3.5 6.2): 1 to 16 characters of the default repertoire, no backslash or
+#: control character, not only spaces.
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+
+
+def _ae_title(text: str) -> str:
+    title = text.strip()
+    if not _AE_TITLE.fullmatch(title):
+        raise ValueError(f"not an AE title (1 to 16 printable characters, no backslash): {text!r}")
+    return title
+
+
+class DicomPeer(BaseModel):
+    """One allowed caller: its AE title and, optionally, the one address it may call from."""
+
+    ae_title: str
+    address: str | None = None
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        """Whether a caller with this AE title, from this address, is this peer."""
+        if ae_title.strip() != self.ae_title:
+            return False
+        if self.address is None:
+            return True
+        try:
+            return ipaddress.ip_address(address) == ipaddress.ip_address(self.address)
+        except ValueError:
+            return False
+
+
+class DicomSettings(BaseModel):
+    """`MELANOSCREEN_DICOM_*`: the DICOM listener (a Storage SCP), off without a port.
+
+    `peers` (`MODALITY1@10.0.0.5,PACS`) are the calling AE titles allowed, each optionally
+    from one IP address; anyone else is refused at association. `pseudonymise` keeps only a
+    keyed hash of the patient ID and drops names and birth dates at intake.
+    """
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    address: str = "127.0.0.1"
+    ae_title: str = "MELANOSCREEN"
+    peers: Annotated[list[DicomPeer], NoDecode] = Field(default_factory=list)
+    pseudonymise: bool = False
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        if value == "localhost":
+            return "127.0.0.1"
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"not an IP address: {value!r}") from None
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _split_peers(cls, value: object) -> list[DicomPeer]:
+        if value is None or value == "":
+            return []
+        if isinstance(value, list):
+            return [v if isinstance(v, DicomPeer) else DicomPeer.model_validate(v) for v in value]
+        peers = []
+        for item in (part.strip() for part in str(value).split(",")):
+            if not item:
+                continue
+            title, at, address = item.rpartition("@") if "@" in item else (item, "", "")
+            if at and not address.strip():
+                raise ValueError(f"a peer is AE_TITLE or AE_TITLE@IP-ADDRESS, not {item!r}")
+            peer_address = None
+            if at:
+                try:
+                    peer_address = str(ipaddress.ip_address(address.strip()))
+                except ValueError:
+                    raise ValueError(f"peer {item!r}: not an IP address: {address!r}") from None
+            peers.append(DicomPeer(ae_title=_ae_title(title), address=peer_address))
+        return peers
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the listener runs (a port is set)."""
+        return self.port is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the listener binds only to this machine."""
+        return ipaddress.ip_address(self.address).is_loopback
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        """Whether a caller (its AE title, the address it calls from) may associate."""
+        return any(peer.allows(ae_title, address) for peer in self.peers)
+
+
 class BatchSettings(BaseModel):
     """`MELANOSCREEN_BATCH_*`: image ids per screening task, and how long (seconds) the watcher
     waits to fill a batch."""
@@ -220,6 +322,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
     #: The review app's address as emails should link to it (e.g. https://melanoscreen.clinic.example).
     public_url: str | None = None
 
@@ -329,6 +432,18 @@ class Settings(BaseSettings):
     def thumbnails_dir(self) -> Path:
         """Thumbnails the worker made at screening time, one per image: thumbnails/<sha256>.jpg."""
         return self.data_path / "thumbnails"
+
+    @property
+    def previews_dir(self) -> Path:
+        """JPEG pictures of screened DICOM images (browsers cannot show DICOM), made by the
+        worker: previews/<sha256>.jpg."""
+        return self.data_path / "previews"
+
+    @property
+    def dicom_key_file(self) -> Path:
+        """The key (0600) of the patient ID's keyed hash in pseudonymised DICOM intake, made
+        on first use and kept: the same patient keeps the same pseudonym across starts."""
+        return self.data_path / "dicom.key"
 
     @property
     def outbox_dir(self) -> Path:

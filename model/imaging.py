@@ -1,4 +1,8 @@
-"""Decoding what clinics really send into the model's input tensor (Pillow and NumPy only)."""
+"""Decoding what clinics really send into the model's input tensor (Pillow, pydicom and NumPy).
+
+Picture files are read with Pillow; DICOM files (`DICM` at byte 128) with `model.dicom`: one
+decode path for every entry point (the worker, `predict`, the training data).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from model.dicom import DicomRejected, is_dicom, load_dicom_rgb, read_head
 
 #: Refuse images above this many pixels (a 64-megapixel photo is already far beyond a dermatoscope).
 MAX_PIXELS = 64_000_000
@@ -86,6 +92,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def _load_dicom(source: ImageSource, max_pixels: int) -> Image.Image | None:
+    """The RGB picture of a DICOM file, None for any other file (Pillow's to read)."""
+    try:
+        head = source[:132] if isinstance(source, bytes) else read_head(Path(source))
+    except OSError:
+        return None  # `_open` says why it cannot be read
+    if not is_dicom(head):
+        return None
+    try:
+        return load_dicom_rgb(source if isinstance(source, bytes) else Path(source),
+                              max_pixels=max_pixels)
+    except DicomRejected as exc:
+        raise DecodeError(exc.reason) from exc
+
+
 def load_rgb(source: ImageSource, *, max_pixels: int = MAX_PIXELS,
              draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode `source` to an upright 8-bit RGB Pillow image, or raise `DecodeError`.
@@ -93,6 +114,9 @@ def load_rgb(source: ImageSource, *, max_pixels: int = MAX_PIXELS,
     `draft_size` (width, height) lets JPEG decode at 1/2, 1/4 or 1/8 scale when the image is
     much larger than needed, which is several times faster for camera-sized files.
     """
+    dicom = _load_dicom(source, max_pixels)
+    if dicom is not None:
+        return dicom
     image = _open(source)
     try:
         width, height = image.size

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import images
+from db import dicom, images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
 from scheduler.files import (
@@ -31,6 +31,7 @@ from scheduler.files import (
     unique_path,
 )
 from scheduler.leftovers import EMPTY, NOT_REGULAR, TOO_LARGE, LeftInInbox
+from service.dicom import DicomFacts, pseudonym_key, pseudonymised, read_facts, starts_like_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,14 @@ class Intake:
         received = utcnow()
         target: Path | None = None
         note: Path | None = None
+        facts = self.dicom_facts(opened)
         try:
             with self.sessions.begin() as session:
                 known = images.find_image_by_sha256(session, opened.sha256)
+                if known is None and facts is not None and facts.sop_instance_uid:
+                    # One DICOM object (its SOP instance UID) is one image, whatever transfer
+                    # syntax a resend chose: a retry in another encoding is a duplicate too.
+                    known = dicom.image_of_sop_instance(session, facts.sop_instance_uid)
                 if known is not None:
                     target = unique_path(self.settings.duplicates_dir / _stamped(received, name))
                     images.add_duplicate(session, image_id=known.id, source=source,
@@ -139,6 +145,9 @@ class Intake:
                                               size_bytes=opened.size, location=str(target),
                                               received_at=received)
                     session.flush()
+                    if facts is not None:
+                        dicom.add_instance(session, image.id, **facts.columns())
+                        session.flush()
                     note = self.write_name_note(opened.sha256, source)
                     opened.move_to(target)
                     image_id = image.id
@@ -154,6 +163,33 @@ class Intake:
         if image_id is not None:
             logger.info("%s received as image %d", relative, image_id)
         return image_id
+
+    def dicom_facts(self, opened: InboxFile) -> DicomFacts | None:
+        """The patient and study of a DICOM file (pseudonymised when the settings say so);
+        None for any other file, or a DICOM header that cannot be read."""
+        head = os.pread(opened.fd, 132, 0)
+        if not starts_like_dicom(head):
+            return None
+        if opened.staged is not None:
+            with open(opened.staged, "rb") as handle:
+                facts = read_facts(handle)
+        else:
+            with os.fdopen(os.dup(opened.fd), "rb") as handle:
+                facts = read_facts(handle)
+        return self._as_settings_say(facts)
+
+    def _stored_facts(self, path: Path) -> DicomFacts | None:
+        """The facts of a file already in the store (recovered after a kill), if DICOM."""
+        with open(path, "rb") as handle:
+            if not starts_like_dicom(handle.read(132)):
+                return None
+            return self._as_settings_say(read_facts(handle))
+
+    def _as_settings_say(self, facts: DicomFacts | None) -> DicomFacts | None:
+        """Pseudonymised when MELANOSCREEN_DICOM_PSEUDONYMISE says so."""
+        if facts is not None and self.settings.dicom.pseudonymise:
+            facts = pseudonymised(facts, pseudonym_key(self.settings.dicom_key_file))
+        return facts
 
     def write_name_note(self, sha256: str, source: str) -> Path:
         """staging/<sha256>.name holding `source`, on disk before the store move."""
@@ -213,6 +249,10 @@ class Intake:
                     image = images.add_image(session, sha256=sha256_of(path), source=source,
                                               size_bytes=path.stat().st_size, location=str(path),
                                               received_at=utcnow())
+                    session.flush()
+                    facts = self._stored_facts(path)
+                    if facts is not None:
+                        dicom.add_instance(session, image.id, **facts.columns())
                     recovered.append(image.id)
                     logger.warning("recovered %s from the store as image %d", source, image.id)
         if notes.is_dir():

@@ -35,6 +35,13 @@ class DeliveryOutcome:
     detail: str | None = None
 
 
+def _named(item: outbox.AlertItem) -> str:
+    """How the alert names an image: its source, and its study's accession number if DICOM."""
+    if item.accession_number:
+        return f"{item.source} (accession {item.accession_number})"
+    return item.source
+
+
 def local_review_url(settings: Settings) -> str:
     """The review app's address on the computer that runs it (loopback when it listens on all)."""
     host = settings.web.address
@@ -54,7 +61,7 @@ def compose_alert_message(items: list[outbox.AlertItem], *, message_id: str, rec
     for item in items:
         location = Path(item.location)
         images.append(FlaggedImage(
-            source=item.source, melanoma_probability=item.melanoma_probability,
+            source=_named(item), melanoma_probability=item.melanoma_probability,
             probabilities=item.probabilities, predicted_class=item.predicted_class,
             received_at=item.received_at, image=shrunk_jpeg(location, ALERT_IMAGE_PX, quality=92),
             gradcam_png=overlay(location) if overlay is not None else None,

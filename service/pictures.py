@@ -1,11 +1,11 @@
-"""Pictures of a stored image for people, each made from the decoded, size-bounded image: the
-thumbnail the worker stores once, at screening time, for the review app's lists, and the
-picture an alert or a digest carries.
+"""Pictures of a stored image for people, each made from the decoded, size-bounded image (a
+DICOM object's pixels too, never the object itself): the thumbnail the worker stores once, at
+screening time, for the review app's lists, and the picture an alert or a digest carries.
 
-Decoding goes through `model.imaging.load_rgb` (Pillow): only what the format needs is read (a
-JPEG stops at its end-of-image marker, whatever follows it), within its pixel limit, and a JPEG
-is decoded at 1/2 to 1/8 scale when that still gives the size asked for. No file is ever read
-whole into memory. TensorFlow-free.
+Decoding goes through `model.imaging.load_rgb` (Pillow, or pydicom for a DICOM file): only what
+the format needs is read (a JPEG stops at its end-of-image marker, whatever follows it), within
+its pixel limit, and a JPEG is decoded at 1/2 to 1/8 scale when that still gives the size asked
+for. No file is ever read whole into memory. TensorFlow-free.
 """
 
 from __future__ import annotations

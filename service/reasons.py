@@ -12,6 +12,15 @@ _PLAIN = (
     ("corrupt or truncated image", "the image file is damaged or incomplete: was it copied in full?"),
     ("too many pixels", "the image is too large to screen safely (too many pixels)"),
     ("unreadable image", "the image file is damaged and cannot be read"),
+    ("DICOM object without pixel data", "a DICOM object with no picture in it (a report, a "
+     "waveform or a note): nothing to screen"),
+    ("multi-frame DICOM", "a DICOM object with several frames (a video or a stack): send each "
+     "view as its own image"),
+    ("not a readable DICOM", "the DICOM file is damaged and cannot be read"),
+    ("malformed DICOM", "the DICOM file is damaged and cannot be read"),
+    ("DICOM pixel data cannot be decoded", "the DICOM picture is compressed in a way this "
+     "service cannot read, or is damaged"),
+    ("DICOM", "a DICOM object this service cannot screen"),
 )
 
 

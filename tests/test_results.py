@@ -95,7 +95,8 @@ def test_results_json_adds_out_of_scope_and_keeps_raw_probabilities(data_dir: Pa
 def test_results_csv_and_table_write_p_so_it_never_reads_like_the_threshold(data_dir: Path) -> None:
     table = list(csv.DictReader(io.StringIO(melanoscreen(data_dir, "results", "--format", "csv"))))
     by_source = {row["source"]: row for row in table}
-    assert list(table[0])[-4:] == ["out_of_scope", "review", "model_versions", "flag_changed"]
+    assert list(table[0])[-7:] == ["out_of_scope", "review", "model_versions", "flag_changed",
+                                   "patient_id", "study_uid", "sop_instance_uid"]
     assert by_source["clinic/close-call.jpg"]["review"] == ""
     assert by_source["clinic/close-call.jpg"]["melanoma_probability"] == "0.0503"
     assert by_source["clinic/close-call.jpg"]["out_of_scope"] == "False"

@@ -15,7 +15,8 @@ from melanoscreen.settings import Settings, describe_error
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_COMMANDS = {"up", "watch", "worker", "beat", "flower", "status", "results", "digest",
-                    "alerts", "train", "evaluate", "predict", "web", "migrate", "healthcheck"}
+                    "alerts", "train", "evaluate", "predict", "web", "migrate", "healthcheck",
+                    "dicom"}
 
 
 def _clean_env(**values: str) -> dict[str, str]:

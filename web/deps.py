@@ -34,6 +34,13 @@ class WebConfig:
     clinic_access: str = "open"
     #: The thumbnails the worker stored (`service.pictures`); None: no thumbnails are shown.
     thumbnails_dir: Path | None = None
+    #: The worker's JPEG pictures of DICOM images; None: `previews` beside `overlays_dir`.
+    previews_dir: Path | None = None
+
+    @property
+    def previews(self) -> Path:
+        """Where the DICOM images' pictures are."""
+        return self.previews_dir or self.overlays_dir.with_name("previews")
 
 
 #: Password checks at once, per process: each argon2 check takes 64 MiB and a tenth of a second

@@ -53,6 +53,13 @@ def _png(picture: PILImage.Image) -> bytes:
     return out.getvalue()
 
 
+def shown_location(previews_dir: Path, sha256: str, location: str) -> str:
+    """What the pages show of a stored image: the worker's JPEG picture of a DICOM image when
+    there is one (browsers cannot show DICOM), else the stored file."""
+    preview = previews_dir / f"{sha256}.jpg"
+    return str(preview) if preview.is_file() else location
+
+
 def overlay_path(overlays_dir: Path, sha256: str) -> Path | None:
     """The worker's stored Grad-CAM overlay of this image, if there is one."""
     path = overlays_dir / f"{sha256}.png"

@@ -37,6 +37,7 @@ class Role(StrEnum):
     BEAT = "beat"
     WEB = "web"
     FLOWER = "flower"
+    DICOM = "dicom"
 
 
 def _check_worker(settings: Settings) -> None:
@@ -94,6 +95,20 @@ def _check_flower(settings: Settings) -> None:
          {"Authorization": f"Basic {login}"})
 
 
+def _check_dicom(settings: Settings) -> None:
+    """The DICOM listener answers an association request on its port (a refusal is an answer:
+    the probe's AE title is not a peer, and it sends nothing)."""
+    from scheduler.listener import HEALTH_PROBE_AE_TITLE, probe
+
+    dicom = settings.dicom
+    if dicom.port is None:
+        fail("MELANOSCREEN_DICOM_PORT: not set; there is no DICOM listener to check")
+    host = "127.0.0.1" if dicom.address in ("0.0.0.0", "::") else dicom.address
+    if not probe(host, dicom.port, dicom.ae_title, timeout=PROBE_TIMEOUT):
+        fail(f"the DICOM listener does not answer at {host}:{dicom.port} "
+             f"(probed as {HEALTH_PROBE_AE_TITLE})")
+
+
 def _get(url: str, what: str, headers: dict[str, str] | None = None) -> None:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -106,12 +121,13 @@ def _get(url: str, what: str, headers: dict[str, str] | None = None) -> None:
 
 
 _CHECKS = {Role.WORKER: _check_worker, Role.WATCH: _check_watch, Role.BEAT: _check_beat,
-           Role.WEB: _check_web, Role.FLOWER: _check_flower}
+           Role.WEB: _check_web, Role.FLOWER: _check_flower, Role.DICOM: _check_dicom}
 
 
 def healthcheck(role: Annotated[Role, typer.Argument(help="The service to check.")]) -> None:
     """Exit 0 if this host's ROLE service can work (worker: answers a ping; watch: heartbeat
-    fresh; beat: broker and database answer; web: /healthz; flower: /healthcheck)."""
+    fresh; beat: broker and database answer; web: /healthz; flower: /healthcheck; dicom: the
+    listener answers an association request)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _CHECKS[role](load_settings())
 

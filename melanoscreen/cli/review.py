@@ -39,6 +39,7 @@ def web() -> None:
     config = WebConfig(
         database_url=settings.database, secret=web_secret(settings),
         overlays_dir=settings.overlays_dir, thumbnails_dir=settings.thumbnails_dir,
+        previews_dir=settings.previews_dir,
         timezone=settings.timezone,
         session_seconds=int(settings.web.session_hours * 3600),
         clinic_access=settings.web.clinic_access,

@@ -1,4 +1,4 @@
-"""The service's commands: up, watch, worker, beat, flower, migrate.
+"""The service's commands: up, watch, worker, beat, flower, dicom, migrate.
 
 Imports stay inside the commands so that `melanoscreen --help` is fast and never loads TensorFlow.
 """
@@ -247,6 +247,53 @@ def flower() -> None:
     os.execve(sys.executable, argv, env)
 
 
+def _check_dicom(settings: Settings) -> None:
+    """The listener's settings, before it starts: a port, and someone allowed to call."""
+    dicom = settings.dicom
+    if dicom.port is None:
+        fail("MELANOSCREEN_DICOM_PORT: not set; the DICOM listener needs a port (104 or 11112 "
+             "are usual)")
+    if not dicom.peers:
+        fail("MELANOSCREEN_DICOM_PEERS: empty; list the AE titles allowed to send "
+             "(MODALITY1@10.0.0.5,PACS): the listener accepts no one else")
+    _check_port_free("MELANOSCREEN_DICOM_PORT", dicom.address, dicom.port)
+
+
+def dicom() -> None:
+    """Run the DICOM listener (a Storage SCP): C-ECHO, and C-STORE of VL Photographic, VL
+    Microscopic and Secondary Capture images from MELANOSCREEN_DICOM_PEERS into the inbox."""
+    from scheduler.listener import Listener
+    from service.dicom import pseudonym_key
+
+    settings = load_settings()
+    make_private(settings)
+    _check_dicom(settings)
+    # pynetdicom's own INFO lines describe each request; ours say what matters, without the
+    # dataset (whose patient module must never reach a log).
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
+    listener = Listener(settings.dicom, settings.inbox_dir,
+                        lambda: pseudonym_key(settings.dicom_key_file),
+                        max_bytes=settings.max_file_bytes)
+    if settings.dicom.pseudonymise:
+        pseudonym_key(settings.dicom_key_file)  # made now: a full disk fails at start, not later
+    stop = _stop_on_signals()
+    try:
+        listener.start()
+    except OSError as exc:
+        fail(f"MELANOSCREEN_DICOM_PORT: cannot listen on {settings.dicom.address}:"
+             f"{settings.dicom.port}: {exc.strerror or exc}")
+    dicom_settings = settings.dicom
+    logger.info("DICOM listener %s on %s:%d; peers %s", dicom_settings.ae_title,
+                dicom_settings.address, dicom_settings.port,
+                ", ".join(p.ae_title + (f"@{p.address}" if p.address else "")
+                          for p in dicom_settings.peers))
+    try:
+        stop.wait()
+    finally:
+        listener.stop()
+
+
 def _consumes_the_queue(broker: str) -> Callable[[Child], bool]:
     """A check for `up`'s worker: asked through the broker, does it still consume the queue?"""
     from melanoscreen.celeryconfig import QUEUE
@@ -302,6 +349,8 @@ def up() -> None:
         _check_flower(settings)
         _check_port_free("MELANOSCREEN_FLOWER_PORT", settings.flower.address, settings.flower.port)
         _check_port_free("MELANOSCREEN_WEB_PORT", settings.web.address, settings.web.port)
+        if settings.dicom.enabled:
+            _check_dicom(settings)
         if settings.redis_port and not settings.broker_url:
             _check_port_free("MELANOSCREEN_REDIS_PORT", "127.0.0.1", settings.redis_port)
         if settings.broker_url:
@@ -346,6 +395,8 @@ def up() -> None:
                          check_interval=settings.worker_check_interval)
     children.append(worker_child)
     children += [Child(name, [*me, name], env) for name in ("beat", "flower", "watch", "web")]
+    if settings.dicom.enabled:
+        children.append(Child("dicom", [*me, "dicom"], env))
     # The review app's cookie key is made here, before its child starts (it is kept across starts).
     web_secret(settings)
     typer.echo(f"inbox:     {settings.inbox_dir}  (drop images here)")
@@ -355,6 +406,10 @@ def up() -> None:
                f"(user {settings.flower.login})")
     typer.echo(f"           its password is in {settings.flower_password_file} (this user only)")
     typer.echo(f"results:   melanoscreen results   (data in {data_dir})")
+    if settings.dicom.enabled:
+        typer.echo(f"dicom:     AE title {settings.dicom.ae_title} on {settings.dicom.address}:"
+                   f"{settings.dicom.port}  (peers: "
+                   f"{', '.join(p.ae_title for p in settings.dicom.peers)})")
     stop = _stop_on_signals()
     threading.Thread(target=_say_ready, args=(settings, worker_child, broker, stop),
                      daemon=True).start()
@@ -390,5 +445,5 @@ def _say_ready(settings: Settings, worker_child: Child, broker: str,
 
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the `melanoscreen` app."""
-    for command in (up, watch, worker, beat, flower, migrate):
+    for command in (up, watch, worker, beat, flower, dicom, migrate):
         app.command()(command)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
 from db import audit, cases, lesions, readmodel
+from db import dicom as dicom_queries
 from db import worklist as worklist_queries
 from db.images import find_image_by_sha256
 from db.schema import ImageStatus, User, Verdict
@@ -127,14 +128,21 @@ def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: s
     prefixes = reading_prefixes(request, user)
     previous, following = worklist_queries.neighbours(session, case.image, prefixes)
     allowed = clinics_of(request, user)
+    dicom_facts = dicom_queries.instances_of(session, [case.image.id]).get(case.image.id)
     return request.app.state.templates.TemplateResponse(request, "case.html", {
         "user": user, "case": case, "image": case.image, "latest": latest, "classes": classes,
         "has_overlay": has_overlay, "verdicts": [v.value for v in Verdict],
         "diagnoses": sorted(latest.probabilities) if latest else [],
         "previous": previous, "following": following,
         "waiting": worklist_queries.unreviewed_count(session, prefixes),
-        "related": lesions.other_images_of_patient(session, case.image, allowed or ()),
+        # A DICOM image's patient is its header's (below), never its path's (dicom/<AE>/...).
+        "related": ([] if dicom_facts is not None
+                    else lesions.other_images_of_patient(session, case.image, allowed or ())),
         "audit": audit.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
+        "dicom": dicom_facts,
+        "same_patient": [(other, facts) for other, facts
+                         in dicom_queries.other_images_of_patient(session, case.image.id)
+                         if may_see(request, user, other)],
     })
 
 
@@ -159,12 +167,13 @@ def _private(response: Response) -> Response:
 def image_file(request: Request, session: DbSession, user: CurrentUser, sha256: str) -> Response:
     """The image at full size."""
     image = image_or_404(session, sha256, request, user)
+    location = files.shown_location(config(request).previews, image.sha256, image.location)
     try:
-        media_type = files.browser_type(image.location)
+        media_type = files.browser_type(location)
         if media_type is not None:
             # Streamed from disk in chunks: a large file never sits in memory whole.
-            return _private(FileResponse(image.location, media_type=media_type))
-        return _private(Response(files.converted_png(image.location), media_type="image/png"))
+            return _private(FileResponse(location, media_type=media_type))
+        return _private(Response(files.converted_png(location), media_type="image/png"))
     except files.NotShowable:
         raise HTTPException(404, "this file cannot be shown") from None
 

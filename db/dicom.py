@@ -1,0 +1,59 @@
+"""The patient and study of images that came as DICOM: recorded at intake, read by the read
+model (`results`, the API) and the case page (a patient's other images)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db._sql import in_chunks
+from db.schema import DicomInstance, Image
+
+#: The columns a caller may give `add_instance` (every other column of the row is ours).
+FIELDS = ("patient_id", "patient_name", "study_uid", "series_uid", "sop_instance_uid",
+          "sop_class_uid", "accession_number", "body_part", "anatomic_region", "laterality",
+          "acquired_at", "pseudonymised")
+
+
+def add_instance(session: Session, image_id: int, **values: object) -> DicomInstance:
+    """Record the DICOM facts of a new image (in the intake's transaction)."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"not a DICOM instance column: {', '.join(sorted(unknown))}")
+    instance = DicomInstance(image_id=image_id, **values)
+    session.add(instance)
+    return instance
+
+
+def image_of_sop_instance(session: Session, sop_instance_uid: str) -> Image | None:
+    """The image recorded for this DICOM object (its SOP instance UID), if there is one."""
+    return session.scalar(select(Image).join(DicomInstance, DicomInstance.image_id == Image.id)
+                          .where(DicomInstance.sop_instance_uid == sop_instance_uid)
+                          .order_by(Image.id).limit(1))
+
+
+def instances_of(session: Session, image_ids: Iterable[int]) -> dict[int, DicomInstance]:
+    """image id -> its DICOM facts, for those of these images that came as DICOM."""
+    found: dict[int, DicomInstance] = {}
+    for chunk in in_chunks(list(image_ids)):
+        for instance in session.scalars(select(DicomInstance)
+                                        .where(DicomInstance.image_id.in_(chunk))):
+            found[instance.image_id] = instance
+    return found
+
+
+def other_images_of_patient(session: Session, image_id: int, *,
+                            limit: int = 50) -> Sequence[tuple[Image, DicomInstance]]:
+    """The patient's other DICOM images (newest acquisition first), with their facts; none when
+    the image has no DICOM patient ID."""
+    patient = session.scalar(select(DicomInstance.patient_id)
+                             .where(DicomInstance.image_id == image_id))
+    if not patient:
+        return []
+    query = (select(Image, DicomInstance).join(DicomInstance, DicomInstance.image_id == Image.id)
+             .where(DicomInstance.patient_id == patient, Image.id != image_id)
+             .order_by(DicomInstance.acquired_at.desc(), Image.received_at.desc(), Image.id.desc())
+             .limit(limit))
+    return list(session.execute(query).tuples())

@@ -1,0 +1,274 @@
+"""The DICOM listener's intake side: a Storage SCP that writes what it receives into the inbox.
+
+A received object becomes a file in `inbox/dicom/<calling AE title>/<SOP instance UID>.dcm`,
+written under a hidden name, fsynced, renamed in and the folder fsynced; only then is the
+success status sent. From there the watcher takes it like any dropped file (complete, by
+content hash, never twice): a sender that retries an object we stored sends the same bytes,
+which the intake records as a duplicate. Anything that fails before the file is durable answers
+a failure status, and the sender keeps the object and retries.
+
+Only the AE titles (and addresses) of MELANOSCREEN_DICOM_PEERS may associate: the DICOM
+equivalent of a login. Others are rejected at association (calling AE title not recognised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from melanoscreen.settings import DicomSettings
+from service.dicom import pseudonymise_dataset
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
+
+logger = logging.getLogger(__name__)
+
+#: The folder of the inbox that received objects go to (one subfolder per calling AE title).
+INBOX_FOLDER = "dicom"
+#: C-STORE statuses (PS3.4 B.2.3): success; out of resources (the sender retries later);
+#: cannot understand; refused: out of resources for good (an object over the size limit).
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+OUT_OF_RESOURCES_REFUSED = 0xA701
+#: The calling AE title of `melanoscreen healthcheck dicom`: refused like any caller not listed,
+#: but (from loopback) logged quietly, so a probe every few seconds does not fill the log.
+HEALTH_PROBE_AE_TITLE = "HEALTHCHECK"
+_UID = re.compile(r"[0-9.]{1,64}")
+_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def storage_classes() -> list[str]:
+    """The SOP classes the listener stores: the image classes a dermoscopic or clinical
+    photograph travels as."""
+    from pydicom import uid
+
+    return [uid.VLPhotographicImageStorage, uid.VLMicroscopicImageStorage,
+            uid.SecondaryCaptureImageStorage]
+
+
+def transfer_syntaxes() -> list[str]:
+    """Uncompressed syntaxes, and every compressed one an installed pydicom decoder reads."""
+    from pydicom import uid
+    from pydicom.pixels import get_decoder
+
+    offered: list[str] = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
+               uid.DeflatedExplicitVRLittleEndian, uid.ExplicitVRBigEndian]
+    for syntax in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless,
+                   uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEGLSNearLossless,
+                   uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless):
+        with contextlib.suppress(Exception):
+            if get_decoder(syntax).is_available:
+                offered.append(syntax)
+    return offered
+
+
+def folder_name(ae_title: str) -> str:
+    """A calling AE title as a folder name: letters, digits, `-` and `_` (others become `_`)."""
+    return _SAFE.sub("_", ae_title.strip()) or "_"
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
+    """Whether a DICOM listener answers an association request at host:port (accepted or
+    refused: either is an answer); nothing is sent beyond the request."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=HEALTH_PROBE_AE_TITLE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Listener:
+    """The Storage SCP: who may call, and where what they send is written."""
+
+    def __init__(self, dicom: DicomSettings, inbox: Path, key: Callable[[], bytes], *,
+                 max_bytes: int) -> None:
+        self.dicom = dicom
+        self.inbox = inbox
+        #: MELANOSCREEN_MAX_FILE_BYTES: a larger object would be left in the inbox unread, so it
+        #: is refused here instead, and the sender told.
+        self.max_bytes = max_bytes
+        self.key = key  # the pseudonyms' key, read when first needed
+        self._naming = threading.Lock()  # one rename at a time picks a free name
+        self.server: ThreadedAssociationServer | None = None
+
+    def application_entity(self) -> AE:
+        """A pynetdicom AE with the storage contexts and Verification."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = AE(ae_title=self.dicom.ae_title)
+        ae.require_called_aet = True  # a call to another AE title was not meant for us
+        syntaxes = transfer_syntaxes()
+        for sop_class in storage_classes():
+            ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = 0  # no limit of ours: the sender's PDUs as they come
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        """Listen (in threads) on the configured address and port."""
+        from pynetdicom import evt
+
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, self.on_connection),
+                               (evt.EVT_REQUESTED, self.on_requested),
+                               (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store)]
+        assert self.dicom.port is not None
+        server = self.application_entity().start_server(
+            (self.dicom.address, self.dicom.port), block=False, evt_handlers=handlers)
+        assert server is not None  # block=False: the server, running in its threads
+        self.server = server
+        return server
+
+    def stop(self) -> None:
+        """Stop listening; associations in progress are ended."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def on_connection(self, event: Event) -> None:
+        """Answers go out at once (TCP_NODELAY): a C-STORE response is a small write, never
+        worth holding back for more. (A sender without TCP_NODELAY still waits for our delayed
+        ACK between an object's command and its dataset, ~40 ms an object: DCMTK's storescu
+        and most modalities set it.)"""
+        connection = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def on_requested(self, event: Event) -> None:
+        """Reject an association from a caller not in MELANOSCREEN_DICOM_PEERS (permanent,
+        calling AE title not recognised)."""
+        requestor = event.assoc.requestor
+        # At this event only the request itself names the caller (pynetdicom copies the title
+        # onto `requestor` later, while negotiating).
+        request = requestor.primitive
+        title = str(request.calling_ae_title if request is not None else "").strip()
+        address = str(requestor.address)
+        if self.dicom.allows(title, address):
+            return
+        probing = title == HEALTH_PROBE_AE_TITLE and _is_loopback(address)
+        logger.log(logging.DEBUG if probing else logging.WARNING,
+                   "refused a DICOM association from AE title %r at %s: not in "
+                   "MELANOSCREEN_DICOM_PEERS", title, address)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.is_rejected = True
+        event.assoc.kill()
+
+    def on_echo(self, event: Event) -> int:
+        """C-ECHO: we are here."""
+        return SUCCESS
+
+    def on_store(self, event: Event) -> int:
+        """C-STORE: write the object durably into the inbox, then answer success."""
+        caller = str(event.assoc.requestor.ae_title).strip()
+        request = cast("C_STORE", event.request)
+        uid = str(request.AffectedSOPInstanceUID or "")
+        try:
+            data = self.encoded(event)
+        except Exception as exc:
+            logger.warning("DICOM object from %s not stored: cannot be read (%s)", caller,
+                           type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        if len(data) > self.max_bytes:
+            logger.warning("DICOM object from %s refused: %d bytes is over "
+                           "MELANOSCREEN_MAX_FILE_BYTES (%d)", caller, len(data), self.max_bytes)
+            return OUT_OF_RESOURCES_REFUSED
+        try:
+            path = self.write(caller, uid, data)
+        except OSError as exc:
+            logger.error("DICOM object from %s not stored (the sender will retry): %s", caller,
+                         exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        logger.info("DICOM object from %s stored as %s", caller, path.relative_to(self.inbox))
+        return SUCCESS
+
+    def encoded(self, event: Event) -> bytes:
+        """The object as a DICOM file: preamble, file meta and the dataset as it was sent (or,
+        pseudonymised, re-encoded without the patient's identifiers)."""
+        from pydicom.filewriter import write_file_meta_info
+
+        out = io.BytesIO()
+        out.write(b"\x00" * 128 + b"DICM")
+        if not self.dicom.pseudonymise:
+            write_file_meta_info(out, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+            dataset_bytes = cast("C_STORE", event.request).DataSet
+            assert dataset_bytes is not None  # a C-STORE request always carries its dataset
+            out.write(dataset_bytes.getvalue())
+            return out.getvalue()
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        pseudonymise_dataset(dataset, self.key())
+        out = io.BytesIO()
+        dataset.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    def write(self, caller: str, uid: str, data: bytes) -> Path:
+        """`data` as inbox/dicom/<caller>/<uid>.dcm (or `<uid>-1.dcm`...: nothing is replaced),
+        durable (file and folder fsynced) before this returns."""
+        folder = self.inbox / INBOX_FOLDER / folder_name(caller)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            for made in (folder.parent, self.inbox):  # the new folders' names are durable too
+                _fsync_dir(made)
+        stem = uid if _UID.fullmatch(uid) else "object"
+        # Hidden while written: the watcher ignores names that start with a dot.
+        partial = folder / f".{stem}.{secrets.token_hex(8)}.part"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            partial.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            with self._naming:
+                target, counter = folder / f"{stem}.dcm", 0
+                while target.exists() or target.is_symlink():
+                    counter += 1
+                    target = folder / f"{stem}-{counter}.dcm"
+                os.rename(partial, target)
+            _fsync_dir(folder)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return target
+

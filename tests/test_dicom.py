@@ -1,0 +1,295 @@
+"""DICOM files: read in the one decode path (each image SOP class, each transfer syntax this install
+decodes), refused with a reason when they hold nothing to screen; the patient and study kept at
+intake, pseudonymised when asked; the listener's settings."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from pydicom import uid
+from sqlalchemy import select
+
+from db import dicom as dicom_queries
+from db import readmodel
+from db.schema import DicomInstance
+from db.session import make_session_factory
+from melanoscreen.settings import DicomSettings, Settings, describe_error
+from model.imaging import DecodeError, decode_image, load_rgb
+from scheduler.intake import Intake
+from service.dicom import PSEUDONYM_PREFIX, pseudonym, pseudonym_key, pseudonymised, read_facts
+from service.reasons import plain_reason
+from tests.conftest import synthetic_jpeg
+from tests.dicom_fixtures import (
+    BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    SOP_CLASSES,
+    bomb_dataset,
+    dicom_bytes,
+    dicom_dataset,
+    malformed_bytes,
+    multiframe_bytes,
+    report_bytes,
+    synthetic_pixels,
+    waveform_bytes,
+)
+
+#: Transfer syntaxes whose decoding is exact; JPEG baseline is lossy and checked within a bound.
+#: (JPEG-LS, JPEG lossless and lossy JPEG 2000 are decoded too, but this install has no encoder
+#: to make them with.)
+LOSSLESS = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
+            uid.DeflatedExplicitVRLittleEndian, uid.RLELossless, uid.JPEG2000Lossless]
+
+
+@pytest.mark.parametrize("kind", sorted(SOP_CLASSES))
+@pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda s: s.keyword)
+@pytest.mark.parametrize("grey", [False, True], ids=["colour", "grey"])
+def test_each_image_class_and_lossless_syntax_decodes_to_its_pixels(
+        kind: str, syntax: uid.UID, grey: bool) -> None:
+    picture = np.asarray(load_rgb(dicom_bytes(dicom_dataset(5, kind=kind, syntax=syntax,
+                                                            grey=grey))))
+    expected = synthetic_pixels(5)
+    if grey:
+        expected = np.repeat(expected.mean(axis=2).astype(np.uint8)[..., None], 3, axis=2)
+    assert picture.shape == (64, 64, 3)
+    assert np.array_equal(picture, expected)
+
+
+@pytest.mark.parametrize("grey", [False, True], ids=["colour", "grey"])
+def test_a_jpeg_baseline_object_decodes_close_to_its_pixels(grey: bool) -> None:
+    picture = np.asarray(load_rgb(dicom_bytes(dicom_dataset(6, syntax=uid.JPEGBaseline8Bit,
+                                                            grey=grey)))).astype(int)
+    expected = synthetic_pixels(6).astype(int)
+    if grey:
+        expected = np.repeat(expected.mean(axis=2).astype(int)[..., None], 3, axis=2)
+    assert np.abs(picture - expected).mean() < 12  # JPEG's loss, not a colour-space mix-up
+
+
+def test_a_dicom_file_on_disk_gives_the_model_input(tmp_path: Path) -> None:
+    path = tmp_path / "lesion.dcm"
+    path.write_bytes(dicom_bytes(dicom_dataset(7)))
+    tensor = decode_image(path, (32, 32))
+    assert tensor.shape == (32, 32, 3) and tensor.dtype == np.float32
+
+
+@pytest.mark.parametrize(("make", "starts"), [
+    (report_bytes, "DICOM object without pixel data (Basic Text SR Storage)"),
+    (waveform_bytes, "DICOM object without pixel data (12-lead ECG Waveform Storage)"),
+    (multiframe_bytes, "multi-frame DICOM object (Secondary Capture Image Storage, 3 frames)"),
+    (lambda: dicom_bytes(bomb_dataset()), "too many pixels: DICOM 60000x60000x1"),
+    (malformed_bytes, "DICOM pixel data cannot be decoded"),
+    (lambda: b"\0" * 128 + b"DICM" + b"\xff" * 40, "DICOM object without pixel data"),
+], ids=["report", "waveform", "multi-frame", "pixel-bomb", "truncated-pixels", "garbage-header"])
+def test_objects_with_nothing_to_screen_are_refused_with_a_reason(make, starts: str) -> None:
+    with pytest.raises(DecodeError) as refused:
+        load_rgb(make())
+    assert refused.value.reason.startswith(starts), refused.value.reason
+    assert len(refused.value.reason) < 400 and "\n" not in refused.value.reason
+    assert plain_reason(refused.value.reason) != refused.value.reason  # said in plain words
+
+
+def test_the_pixel_limit_counts_every_frame_from_the_header_before_any_decode() -> None:
+    # 10 frames of 1000x1000 claimed over 8 bytes of pixel data: a decode would fail differently.
+    ds = dicom_dataset(8)
+    ds.Rows = ds.Columns = 1000
+    ds.NumberOfFrames = 10
+    ds.PixelData = b"\0" * 8
+    with pytest.raises(DecodeError, match=r"^too many pixels: DICOM 1000x1000x10 frame"):
+        load_rgb(dicom_bytes(ds), max_pixels=5_000_000)
+
+
+def test_a_jpeg_codestream_larger_than_its_header_says_is_refused_before_decoding() -> None:
+    small = dicom_dataset(17, syntax=uid.JPEGBaseline8Bit)  # a 64x64 JPEG...
+    small.Rows = small.Columns = 32  # ...in an image that says 32x32 (within the pixel limit)
+    with pytest.raises(DecodeError, match="does not match its header"):
+        load_rgb(dicom_bytes(small))
+
+
+def test_the_facts_of_an_object_are_read_without_its_pixels(tmp_path: Path) -> None:
+    ds = dicom_dataset(9, study_uid="1.2.3.4", accession="A-77")
+    path = tmp_path / "x.dcm"
+    path.write_bytes(dicom_bytes(ds))
+    with open(path, "rb") as handle:
+        facts = read_facts(handle)
+    assert facts is not None
+    assert (facts.patient_id, facts.patient_name, facts.study_uid, facts.accession_number) == (
+        PATIENT_ID, PATIENT_NAME, "1.2.3.4", "A-77")
+    assert facts.sop_instance_uid == ds.SOPInstanceUID
+    assert facts.sop_class_uid == uid.VLPhotographicImageStorage
+    assert (facts.body_part, facts.anatomic_region, facts.laterality) == ("ARM", "Arm", "L")
+    assert facts.acquired_at == "2026-12-04 10:15:30"
+
+
+def test_a_pseudonym_is_a_keyed_hash_stable_per_key(tmp_path: Path) -> None:
+    key = pseudonym_key(tmp_path / "dicom.key")
+    assert stat.S_IMODE(os.stat(tmp_path / "dicom.key").st_mode) == 0o600
+    assert pseudonym_key(tmp_path / "dicom.key") == key  # kept, not made anew
+    first = pseudonym(PATIENT_ID, key)
+    assert first == pseudonym(PATIENT_ID, key) and first.startswith(PSEUDONYM_PREFIX)
+    assert PATIENT_ID not in first
+    assert first != pseudonym(PATIENT_ID, b"another key" * 4)
+    assert first != pseudonym("PAT-4712-XYZ", key)
+
+
+def _intake(tmp_path: Path, database_url: str, **dicom: object) -> tuple[Settings, Intake]:
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data",  # type: ignore[call-arg]
+                        database_url=database_url, dicom=DicomSettings(**dicom))  # type: ignore[arg-type]
+    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
+    return settings, Intake(settings, make_session_factory(database_url))
+
+
+def test_intake_keeps_the_patient_and_study_beside_a_dicom_image(
+        tmp_path: Path, database_url: str) -> None:
+    settings, intake = _intake(tmp_path, database_url)
+    study = uid.generate_uid()
+    for seed in (10, 11):
+        (settings.inbox_dir / f"{seed}.dcm").write_bytes(
+            dicom_bytes(dicom_dataset(seed, study_uid=study)))
+    (settings.inbox_dir / "photo.jpg").write_bytes(synthetic_jpeg(12))
+    ids = [intake.take(settings.inbox_dir / name) for name in ("10.dcm", "11.dcm", "photo.jpg")]
+    assert all(ids)
+    with intake.sessions.begin() as session:
+        rows = {row.source: row for row in readmodel.results(session)}
+        assert rows["10.dcm"].study_uid == study and rows["10.dcm"].patient_id == PATIENT_ID
+        assert rows["10.dcm"].sop_instance_uid
+        assert (rows["photo.jpg"].patient_id, rows["photo.jpg"].study_uid,
+                rows["photo.jpg"].sop_instance_uid) == (None, None, None)
+        others = dicom_queries.other_images_of_patient(session, ids[0])  # type: ignore[arg-type]
+        assert [image.source for image, _ in others] == ["11.dcm"]
+        assert dicom_queries.other_images_of_patient(session, ids[2]) == []  # type: ignore[arg-type]
+        assert set(rows["10.dcm"].to_json()) >= {"patient_id", "study_uid", "sop_instance_uid"}
+
+
+def test_pseudonymised_intake_keeps_no_name_and_only_a_keyed_hash(
+        tmp_path: Path, database_url: str) -> None:
+    settings, intake = _intake(tmp_path, database_url, pseudonymise=True)
+    (settings.inbox_dir / "a.dcm").write_bytes(dicom_bytes(dicom_dataset(13)))
+    (settings.inbox_dir / "b.dcm").write_bytes(dicom_bytes(dicom_dataset(14)))
+    first = intake.take(settings.inbox_dir / "a.dcm")
+    intake.take(settings.inbox_dir / "b.dcm")
+    key = pseudonym_key(settings.dicom_key_file)
+    with intake.sessions.begin() as session:
+        stored = list(session.scalars(select(DicomInstance)))
+        assert len(stored) == 2
+        for row in stored:
+            assert row.patient_id == pseudonym(PATIENT_ID, key) and row.pseudonymised
+            assert row.patient_name is None
+            values = " ".join(str(getattr(row, c.key)) for c in DicomInstance.__table__.columns)
+            assert PATIENT_ID not in values and "Doe" not in values and BIRTH_DATE not in values
+        # The patient's images stay together under the pseudonym.
+        assert len(dicom_queries.other_images_of_patient(session, first)) == 1  # type: ignore[arg-type]
+
+
+def test_an_unreadable_dicom_header_is_taken_without_facts_for_the_worker_to_reject(
+        tmp_path: Path, database_url: str) -> None:
+    settings, intake = _intake(tmp_path, database_url)
+    (settings.inbox_dir / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    image_id = intake.take(settings.inbox_dir / "bad.dcm")
+    assert image_id is not None
+    with intake.sessions.begin() as session:
+        assert dicom_queries.instances_of(session, [image_id]) == {}
+
+
+def test_pseudonymising_facts_twice_changes_nothing() -> None:
+    from service.dicom import DicomFacts
+
+    once = pseudonymised(DicomFacts(patient_id="P1", patient_name="A^B"), b"k" * 32)
+    assert pseudonymised(once, b"k" * 32) == once and once.patient_name is None
+
+
+@pytest.mark.parametrize(("peers", "expected"), [
+    ("MODALITY1@127.0.0.1, PACS", [("MODALITY1", "127.0.0.1"), ("PACS", None)]),
+    ("DERMO CAM@::1", [("DERMO CAM", "::1")]),
+    ("", []),
+])
+def test_peers_are_ae_titles_with_optional_addresses(peers: str, expected: list[object]) -> None:
+    dicom = DicomSettings(peers=peers)  # type: ignore[arg-type]
+    assert [(p.ae_title, p.address) for p in dicom.peers] == expected
+
+
+def test_a_peer_is_allowed_only_from_its_address() -> None:
+    dicom = DicomSettings(peers="MODALITY1@10.0.0.5,PACS")  # type: ignore[arg-type]
+    assert dicom.allows("MODALITY1", "10.0.0.5") and not dicom.allows("MODALITY1", "10.0.0.6")
+    assert dicom.allows("PACS", "192.0.2.1") and not dicom.allows("OTHER", "10.0.0.5")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("MELANOSCREEN_DICOM_PEERS", "MODALITY1@not-an-address"),
+    ("MELANOSCREEN_DICOM_PEERS", "A_TITLE_MUCH_TOO_LONG_FOR_DICOM"),
+    ("MELANOSCREEN_DICOM_PORT", "70000"),
+    ("MELANOSCREEN_DICOM_AE_TITLE", "BACK\\SLASH"),
+    ("MELANOSCREEN_DICOM_ADDRESS", "everywhere"),
+    ("MELANOSCREEN_DICOM_PSEUDONYMISE", "maybe"),
+])
+def test_a_bad_dicom_setting_is_one_line_naming_it(
+        name: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    assert describe_error(error.value).startswith(name + ":")
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({}, "MELANOSCREEN_DICOM_PORT"),
+    ({"MELANOSCREEN_DICOM_PORT": "11112"}, "MELANOSCREEN_DICOM_PEERS"),
+    ({"MELANOSCREEN_DICOM_PORT": "11112", "MELANOSCREEN_DICOM_PEERS": "PACS@300.1.1.1"},
+     "MELANOSCREEN_DICOM_PEERS"),
+])
+def test_the_listener_refuses_to_start_without_a_port_or_peers(
+        tmp_path: Path, env: dict[str, str], named: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MELANOSCREEN_")}
+    clean.update(env, MELANOSCREEN_DATA_DIR=str(tmp_path / "data"))
+    done = subprocess.run([sys.executable, "-m", "melanoscreen", "dicom"], env=clean, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {named}:"), done.stderr
+
+
+def test_one_object_resent_in_another_transfer_syntax_is_a_duplicate(
+        tmp_path: Path, database_url: str) -> None:
+    settings, intake = _intake(tmp_path, database_url)
+    ds = dicom_dataset(15)
+    (settings.inbox_dir / "first.dcm").write_bytes(dicom_bytes(ds))
+    ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+    (settings.inbox_dir / "again.dcm").write_bytes(dicom_bytes(ds))
+    assert intake.take(settings.inbox_dir / "first.dcm") is not None
+    assert intake.take(settings.inbox_dir / "again.dcm") is None  # recorded as a duplicate
+    with intake.sessions.begin() as session:
+        assert [row.source for row in readmodel.results(session)] == ["first.dcm"]
+        assert len(session.scalars(select(DicomInstance)).all()) == 1
+
+
+def test_the_compose_deployment_has_the_listener_off_by_default_and_on_loopback() -> None:
+    import yaml
+
+    from tests.conftest import REPO
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    listener = services["dicom"]
+    assert listener["profiles"] == ["dicom"]  # started only with --profile dicom
+    assert listener["command"] == "melanoscreen dicom"
+    assert all(str(port).startswith("127.0.0.1:") for port in listener["ports"])
+    assert all("profiles" not in service for name, service in services.items() if name != "dicom")
+
+
+def test_a_dicom_file_recovered_from_the_store_keeps_its_study(
+        tmp_path: Path, database_url: str) -> None:
+    import hashlib
+
+    settings, intake = _intake(tmp_path, database_url)
+    data = dicom_bytes(dicom_dataset(16, study_uid="1.2.3.16"))
+    sha = hashlib.sha256(data).hexdigest()
+    stored = settings.store_dir / sha[:2] / f"{sha}.dcm"  # moved, then killed before the commit
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(data)
+    [image_id] = intake.recover_store()
+    with intake.sessions.begin() as session:
+        assert dicom_queries.instances_of(session, [image_id])[image_id].study_uid == "1.2.3.16"
