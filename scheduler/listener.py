@@ -103,12 +103,13 @@ def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
     return bool(assoc.is_rejected)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _exists(name: str, directory: int) -> bool:
+    """Whether `name` (a link included) is in the open folder `directory`."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class Listener:
@@ -238,17 +239,39 @@ class Listener:
 
     def write(self, caller: str, uid: str, data: bytes) -> Path:
         """`data` as inbox/dicom/<caller>/<uid>.dcm (or `<uid>-1.dcm`...: nothing is replaced),
-        durable (file and folder fsynced) before this returns."""
+        durable (file and folder fsynced) before this returns.
+
+        Every step goes through the folders' own descriptors, opened without following links:
+        a link that another user of a shared inbox plants, or swaps in meanwhile, is never
+        written through.
+        """
         folder = self.inbox / INBOX_FOLDER / folder_name(caller)
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            for made in (folder.parent, self.inbox):  # the new folders' names are durable too
-                _fsync_dir(made)
+        directory = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in (INBOX_FOLDER, folder_name(caller)):
+                try:
+                    os.mkdir(name, 0o700, dir_fd=directory)
+                    os.fsync(directory)  # the new folder's name is durable too
+                except FileExistsError:
+                    pass
+                try:
+                    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, dir_fd=directory)
+                except OSError as exc:
+                    raise OSError(f"{folder} is not a folder of its own (a link?)") from exc
+                os.close(directory)
+                directory = child
+            return folder / self._write_in(directory, uid, data)
+        finally:
+            os.close(directory)
+
+    def _write_in(self, directory: int, uid: str, data: bytes) -> str:
+        """Write `data` durably into the open folder `directory`; the name it got."""
         stem = uid if _UID.fullmatch(uid) else "object"
         # Hidden while written: the watcher ignores names that start with a dot.
-        partial = folder / f".{stem}.{secrets.token_hex(8)}.part"
+        partial = f".{stem}.{secrets.token_hex(8)}.part"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+                     0o600, dir_fd=directory)
         try:
             view = memoryview(data)
             while view:
@@ -256,19 +279,20 @@ class Listener:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            partial.unlink(missing_ok=True)
+            os.unlink(partial, dir_fd=directory)
             raise
         os.close(fd)
         try:
             with self._naming:
-                target, counter = folder / f"{stem}.dcm", 0
-                while target.exists() or target.is_symlink():
+                target, counter = f"{stem}.dcm", 0
+                while _exists(target, directory):
                     counter += 1
-                    target = folder / f"{stem}-{counter}.dcm"
-                os.rename(partial, target)
-            _fsync_dir(folder)
+                    target = f"{stem}-{counter}.dcm"
+                os.rename(partial, target, src_dir_fd=directory, dst_dir_fd=directory)
+            os.fsync(directory)
         except BaseException:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial, dir_fd=directory)
             raise
         return target
 

@@ -293,3 +293,25 @@ def test_a_dicom_file_recovered_from_the_store_keeps_its_study(
     [image_id] = intake.recover_store()
     with intake.sessions.begin() as session:
         assert dicom_queries.instances_of(session, [image_id])[image_id].study_uid == "1.2.3.16"
+
+
+def test_the_listener_never_writes_through_a_link_planted_in_a_shared_inbox(
+        tmp_path: Path) -> None:
+    """Another user of a shared inbox makes `dicom` a link to a folder of theirs: the object is
+    not written there (the sender is told to retry), and a real folder takes it."""
+    from scheduler.listener import Listener
+
+    inbox, theirs = tmp_path / "inbox", tmp_path / "theirs"
+    inbox.mkdir()
+    theirs.mkdir()
+    (inbox / "dicom").symlink_to(theirs, target_is_directory=True)
+    listener = Listener(DicomSettings(peers="CAM"), inbox,  # type: ignore[arg-type]
+                        lambda: b"k" * 32, max_bytes=1 << 20)
+    with pytest.raises(OSError, match="not a folder of its own"):
+        listener.write("CAM", "1.2.3", b"object")
+    assert list(theirs.rglob("*")) == []
+
+    (inbox / "dicom").unlink()
+    written = listener.write("CAM", "1.2.3", b"object")
+    assert written.read_bytes() == b"object" and not written.is_symlink()
+    assert written.parent.parent == inbox / "dicom"
