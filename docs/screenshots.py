@@ -36,6 +36,7 @@ from db.schema import Role, Verdict
 from db.session import make_session_factory
 from service.accounts import hash_password
 from service.alert_message import AlertContent, FlaggedImage, compose_alert
+from service.pictures import store_thumbnail
 from service.rates import benign_alerts_sentence
 from service.thresholds import threshold_sentence
 
@@ -136,6 +137,8 @@ def seed(database_url: str, store: Path, overlays: Path) -> dict[str, str]:
                 assert user is not None
                 reviews.add_review(session, image, user, verdict=verdict, diagnosis="nevus",
                                    note="Stable, regular network.", now=when + timedelta(hours=3))
+        # The thumbnail the worker stores at screening time.
+        store_thumbnail(store / f"{sha}.jpg", sha, overlays.with_name("thumbnails"))
         if melanoma >= THRESHOLD:
             (overlays / f"{sha}.png").write_bytes(overlay_png(content))
         shas[source] = sha
@@ -158,7 +161,8 @@ def review_app(database_url: str, overlays: Path) -> Iterator[str]:
     from web.deps import WebConfig
 
     config = WebConfig(database_url=database_url, secret="screenshots-" + "x" * 40,
-                       overlays_dir=overlays, session_seconds=3600)
+                       overlays_dir=overlays, thumbnails_dir=overlays.with_name("thumbnails"),
+                       session_seconds=3600)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
                                            log_level="warning"))
