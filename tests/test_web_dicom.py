@@ -13,6 +13,7 @@ from web_fixtures import PASSWORD, LiveApp, live_app
 
 from db import dicom as dicom_queries
 from db import images
+from service.pictures import store_thumbnail
 from tests.dicom_fixtures import dicom_bytes, dicom_dataset, synthetic_pixels
 
 __all__ = ["live_app"]  # the fixture, used by name below
@@ -22,7 +23,8 @@ HOSTILE_PATIENT = "<script>alert(1)</script>^Eve"
 
 def _seed_dicom(app: LiveApp, seed: int, *, patient: str, name: str, body_part: str,
                 minutes: int) -> str:
-    """A DICOM image in the store with its row, its facts and the worker's PNG picture."""
+    """A DICOM image in the store with its row, its facts, and the worker's picture and
+    thumbnail (the latter made as the worker makes it, from the object's pixels)."""
     data = dicom_bytes(dicom_dataset(seed))
     sha = hashlib.sha256(data).hexdigest()
     path = app.store / f"{sha}.dcm"
@@ -30,6 +32,7 @@ def _seed_dicom(app: LiveApp, seed: int, *, patient: str, name: str, body_part: 
     previews = app.overlays.with_name("previews")
     previews.mkdir(exist_ok=True)
     Image.fromarray(synthetic_pixels(seed)).save(previews / f"{sha}.jpg")
+    assert store_thumbnail(path, sha, app.thumbnails) is not None
     when = datetime.now(UTC) - timedelta(minutes=minutes)
     with app.sessions.begin() as session:
         image = images.add_image(session, sha256=sha, source=f"dicom/PACS/{seed}.dcm",

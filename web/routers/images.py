@@ -136,7 +136,7 @@ def case_page(request: Request, session: DbSession, user: CurrentUser, sha256: s
         "previous": previous, "following": following,
         "waiting": worklist_queries.unreviewed_count(session, prefixes),
         # A DICOM image's patient is its header's (below), never its path's (dicom/<AE>/...).
-        "related": ([] if dicom_facts is not None
+        "related": (lesions.PatientImages(None, None) if dicom_facts is not None
                     else lesions.other_images_of_patient(session, case.image, allowed or ())),
         "audit": audit.audit_page(session, limit=20, offset=0, sha256=case.image.sha256),
         "dicom": dicom_facts,
