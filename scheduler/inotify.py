@@ -56,6 +56,22 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+
+def _file_names(folder: Path) -> list[str]:
+    """The names of what is in `folder` that is not a folder (nothing when it cannot be read)."""
+    names = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        names.append(entry.name)
+                except OSError:
+                    continue
+    except OSError:
+        return []
+    return names
+
 class InboxEvents:
     """A thread that watches `root` and its folders (depth-bounded) and puts events on `events`."""
 
@@ -106,7 +122,10 @@ class InboxEvents:
                 continue
             self._folders[wd] = (os.fsencode(folder), depth + below)
             if announce:
-                for name in files:
+                # Listed again now that the watch stands: a file moved in between the first
+                # listing and the watch (a tool that makes a folder and drops a batch into it at
+                # once) has no event of its own and would wait for the periodic rescan.
+                for name in sorted(set(files) | set(_file_names(folder))):
                     self.events.put(FileCreatedEvent(os.fspath(folder / name)))
 
     def _forget_tree(self, top: bytes) -> None:
