@@ -111,7 +111,7 @@ class InboxEvents:
         if depth > self.max_depth:
             self.too_deep(top)
             return
-        for folder, below, files in inbox_folders(top, self.max_depth - depth, self.too_deep):
+        for folder, below, _files in inbox_folders(top, self.max_depth - depth, self.too_deep):
             wd = self._libc.inotify_add_watch(self._fd, os.fsencode(folder), _MASK)
             if wd < 0:
                 code = ctypes.get_errno()
@@ -122,10 +122,10 @@ class InboxEvents:
                 continue
             self._folders[wd] = (os.fsencode(folder), depth + below)
             if announce:
-                # Listed again now that the watch stands: a file moved in between the first
-                # listing and the watch (a tool that makes a folder and drops a batch into it at
+                # Listed once the watch stands, not from the walk's earlier listing: a file
+                # moved in between (a tool that makes a folder and drops a batch into it at
                 # once) has no event of its own and would wait for the periodic rescan.
-                for name in sorted(set(files) | set(_file_names(folder))):
+                for name in _file_names(folder):
                     self.events.put(FileCreatedEvent(os.fspath(folder / name)))
 
     def _forget_tree(self, top: bytes) -> None:

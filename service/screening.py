@@ -19,7 +19,7 @@ from db.schema import Prediction, utcnow
 from melanoscreen.settings import Settings
 from service.alerts import AlertTarget, write_routed_alerts
 from service.flags import flag_of
-from service.pictures import store_thumbnail
+from service.pictures import store_dicom_preview, store_thumbnail
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -161,34 +161,12 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
                 logger.exception("no thumbnail for image %d", image_id)
     locations = dict(work)
     for prediction in predictions:
-        write_dicom_preview(locations[prediction.image_id],
+        store_dicom_preview(locations[prediction.image_id],
                             settings.previews_dir / f"{shas[prediction.image_id]}.jpg")
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
                         flagged=tuple(p.image_id for p in predictions if p.flagged),
                         alerts=tuple(alerts), out_of_scope=tuple(out_of_scope))
-
-
-def write_dicom_preview(location: Path, target: Path) -> bool:
-    """For a DICOM image, its picture as JPEG at `target` (the review app shows it: browsers
-    cannot show DICOM); nothing for any other file. Whether one was written."""
-    from model.dicom import is_dicom, read_head
-    from model.imaging import DecodeError, load_rgb
-
-    try:
-        if not is_dicom(read_head(location)):
-            return False
-        picture = load_rgb(location)
-    except (OSError, DecodeError) as exc:
-        logger.warning("no preview of %s: %s", location.name, getattr(exc, "reason", exc))
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.part")
-    with picture:
-        # JPEG (quality 92): a fraction of PNG's cost per image, in the screening path.
-        picture.save(partial, "JPEG", quality=92)
-    os.replace(partial, target)
-    return True
 
 
 def _first_and_new_flags(session: Session, predictions: list[Prediction]
