@@ -4,15 +4,19 @@ against the same images dropped into its inbox as JPEG files.
 Reports, in one run and on one machine:
 - JPEG drop: images/s from the first drop to the last finished row (benchmarks/pipeline.py's
   measure);
-- DICOM C-STORE: images/s from the association's start to the last finished row, the same
-  pictures as JPEG-baseline DICOM objects (VL Photographic) sent over one association by a
-  storescu-style sender in its own process; every acknowledged object must be screened once,
-  with its study UID in `results --format json`;
+- DICOM C-STORE: images/s from the sender's start to the last finished row, the same
+  pictures as JPEG-baseline DICOM objects (VL Photographic) sent over one association, one
+  object after another, by a sender in its own process: DCMTK's `storescu` where it is
+  installed (`apt install dcmtk`; run as a clinic runs it, Nagle's algorithm on), else a
+  pynetdicom sender (Python, on the same cores as the service, so it costs the DICOM path
+  about 3 ms of the machine per object that a modality would not); every acknowledged object
+  must be screened once, with its study UID in `results --format json`;
 - the ratio (the DICOM path should keep at least 80% of the JPEG path's throughput);
 - that an association from an AE title not in MELANOSCREEN_DICOM_PEERS is refused.
 
     python benchmarks/dicom.py                   # 200 images each way, two alternating rounds
     python benchmarks/dicom.py --n 50 --rounds 1 --model path/to/model.keras
+    python benchmarks/dicom.py --sender pynetdicom   # the Python sender even where DCMTK is
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ import argparse
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from sqlalchemy import create_engine, text
@@ -63,6 +71,42 @@ for ds in datasets:
 print("done", time.time(), flush=True)
 assoc.release()
 """
+
+
+def dcmtk_storescu() -> str | None:
+    """DCMTK's storescu, where it is installed (pynetdicom installs a Python `storescu` too,
+    which is not it)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin"]:
+        candidate = shutil.which("storescu", path=folder)
+        if candidate is None:
+            continue
+        try:
+            version = subprocess.run([candidate, "--version"], capture_output=True, text=True,
+                                     timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if "dcmtk" in version.lower():
+            return candidate
+    return None
+
+
+def send_with_storescu(storescu: str, port: int, files: list[Path],
+                       timeout: float) -> tuple[float, float, set[str]]:
+    """(started, finished, names of the files acknowledged with success) of one storescu run
+    over one association (as a clinic runs it: its default environment, Nagle's algorithm on)."""
+    started = time.time()
+    sent = subprocess.run([storescu, "-v", "-aet", "MODALITY1", "-aec", "MELANOSCREEN", "-xy",
+                           "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=timeout)
+    finished = time.time()
+    acknowledged, current = set(), None
+    for line in (sent.stdout + sent.stderr).splitlines():
+        if match := re.search(r"Sending file: (.+)$", line):
+            current = Path(match.group(1).strip()).name
+        elif "Received Store Response (Success)" in line and current is not None:
+            acknowledged.add(current)
+            current = None
+    return started, finished, acknowledged
 
 
 def make_dicom(jpegs: list[Path], folder: Path, study: str) -> list[Path]:
@@ -101,17 +145,25 @@ def make_dicom(jpegs: list[Path], folder: Path, study: str) -> list[Path]:
 
 
 def run_dicom(data_dir: Path, port: int, files: list[Path], study: str,
-              timeout: float) -> dict[str, object]:
+              timeout: float, storescu: str | None) -> dict[str, object]:
     """Send `files` from a second process; wait until every acknowledged object is final."""
-    sent = subprocess.run([sys.executable, "-c", SENDER, str(port), *map(str, files)],
-                          capture_output=True, text=True, timeout=timeout)
-    lines = sent.stdout.split("\n")
-    # The clock starts when the association stands (the JPEG drop's starts at the first
-    # rename): the sender's own start-up (Python, pydicom) is not the service's time.
-    started = float(lines[0].split()[1])
-    sent_at = float(next(line for line in lines if line.startswith("done")).split()[1])
-    acknowledged = {line.strip() for line in lines[1:] if line.strip()
-                    and not line.startswith("done")}
+    from pydicom import dcmread
+
+    if storescu is not None:
+        uids = {path.name: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                for path in files}
+        started, sent_at, names = send_with_storescu(storescu, port, files, timeout)
+        acknowledged = {uids[name] for name in names}
+    else:
+        sent = subprocess.run([sys.executable, "-c", SENDER, str(port), *map(str, files)],
+                              capture_output=True, text=True, timeout=timeout)
+        lines = sent.stdout.split("\n")
+        # The clock starts when the association stands (the JPEG drop's starts at the first
+        # rename): the Python sender's own start-up (Python, pydicom) is not the service's time.
+        started = float(lines[0].split()[1])
+        sent_at = float(next(line for line in lines if line.startswith("done")).split()[1])
+        acknowledged = {line.strip() for line in lines[1:] if line.strip()
+                        and not line.startswith("done")}
     engine = create_engine(f"sqlite:///{data_dir / 'melanoscreen.db'}")
     query = text("SELECT d.sop_instance_uid, i.status, i.screened_at FROM images i "
                  "JOIN dicom_instances d ON d.image_id = i.id WHERE d.study_uid = :s "
@@ -142,6 +194,46 @@ def results_with_study(data_dir: Path, study: str) -> int:
     return sum(1 for row in json.loads(out.stdout) if row["study_uid"] == study)
 
 
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user and system) used so far by process `root` and every descendant alive."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
+def sender_cpu() -> float:
+    """CPU seconds used so far by this process's finished children (the senders)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(run: Callable[[], dict[str, Any]], up: int) -> dict[str, Any]:
+    """`run()`'s figures, with the CPU the service (and the sender) used for it per image: a
+    figure that another job on the machine does not move, where images/s does."""
+    service, sender = tree_cpu(up), sender_cpu()
+    figures = run()
+    figures["service_cpu_ms_per_image"] = (tree_cpu(up) - service) * 1000 / figures["images"]
+    figures["sender_cpu_ms_per_image"] = (sender_cpu() - sender) * 1000 / figures["images"]
+    return figures
+
+
 def refused(port: int) -> bool:
     """Whether an association from an unlisted AE title is refused."""
     from pynetdicom import AE
@@ -163,16 +255,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--sender", choices=("auto", "storescu", "pynetdicom"), default="auto",
+                        help="DCMTK's storescu (auto: where installed) or a pynetdicom sender")
     args = parser.parse_args()
+    storescu = dcmtk_storescu() if args.sender != "pynetdicom" else None
+    if args.sender == "storescu" and storescu is None:
+        parser.error("--sender storescu: DCMTK's storescu is not installed (apt install dcmtk)")
     model = args.model or (Path(os.environ["MELANOSCREEN_MODEL"])
                            if os.environ.get("MELANOSCREEN_MODEL") else None)
     port = free_port()
     os.environ.update(MELANOSCREEN_DICOM_PORT=str(port), MELANOSCREEN_DICOM_PEERS="MODALITY1")
-    report: dict[str, object] = {"cpu_count": os.cpu_count(), "concurrency": args.concurrency}
+    report: dict[str, object] = {"cpu_count": os.cpu_count(), "concurrency": args.concurrency,
+                                 "sender": "dcmtk storescu" if storescu else "pynetdicom"}
     from pydicom import uid
 
-    jpeg_runs: list[dict[str, float]] = []
-    dicom_runs: list[dict[str, object]] = []
+    jpeg_runs: list[dict[str, Any]] = []
+    dicom_runs: list[dict[str, Any]] = []
     studies = [str(uid.generate_uid()) for _ in range(args.rounds)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -189,8 +287,10 @@ def main() -> None:
                 jpegs = make_images(root / f"jpeg-{number}", args.n, (180, 180), seed=10 + number)
                 dicoms = make_dicom(make_images(root / f"for-dicom-{number}", args.n, (180, 180),
                                                 seed=20 + number), root / f"dicom-{number}", study)
-                jpeg_runs.append(run_pipeline(data_dir, jpegs, f"jpeg-{number}", args.timeout))
-                dicom_runs.append(run_dicom(data_dir, port, dicoms, study, args.timeout))
+                jpeg_runs.append(measured(lambda: run_pipeline(
+                    data_dir, jpegs, f"jpeg-{number}", args.timeout), up.pid))
+                dicom_runs.append(measured(lambda: run_dicom(
+                    data_dir, port, dicoms, study, args.timeout, storescu), up.pid))
             report["jpeg_drop"] = jpeg_runs
             report["dicom_c_store"] = dicom_runs
             report["results_with_study_uid"] = min(results_with_study(data_dir, study)

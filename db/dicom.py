@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from db._sql import in_chunks
@@ -17,21 +17,21 @@ FIELDS = ("patient_id", "patient_name", "study_uid", "series_uid", "sop_instance
           "acquired_at", "pseudonymised")
 
 
-def add_instance(session: Session, image_id: int, **values: object) -> DicomInstance:
-    """Record the DICOM facts of a new image (in the intake's transaction)."""
+def add_instance(session: Session, image_id: int, **values: object) -> None:
+    """Record the DICOM facts of a new image (in the intake's transaction), at once: one
+    INSERT, so a locked or full database fails here (the intake's flush, without its cost)."""
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise TypeError(f"not a DICOM instance column: {', '.join(sorted(unknown))}")
-    instance = DicomInstance(image_id=image_id, **values)
-    session.add(instance)
-    return instance
+    session.execute(insert(DicomInstance).values(image_id=image_id, **values))
 
 
 def image_of_sop_instance(session: Session, sop_instance_uid: str) -> Image | None:
     """The image recorded for this DICOM object (its SOP instance UID), if there is one."""
-    return session.scalar(select(Image).join(DicomInstance, DicomInstance.image_id == Image.id)
-                          .where(DicomInstance.sop_instance_uid == sop_instance_uid)
-                          .order_by(Image.id).limit(1))
+    image_id = session.scalar(select(DicomInstance.image_id)
+                              .where(DicomInstance.sop_instance_uid == sop_instance_uid)
+                              .order_by(DicomInstance.image_id).limit(1))
+    return None if image_id is None else session.get(Image, image_id)
 
 
 def instances_of(session: Session, image_ids: Iterable[int]) -> dict[int, DicomInstance]:

@@ -174,6 +174,11 @@ class InboxEvents:
                 elif mask & (IN_CREATE | IN_MOVED_TO) and not name.startswith(b"."):
                     self._add_tree(Path(os.fsdecode(path)), depth + 1, announce=True)
                 continue
+            if name.startswith(b"."):
+                # A hidden file is never taken (a writer's partial file, such as the DICOM
+                # listener's): its create, open, write and close are four events a received
+                # object would cost for nothing. Renamed in, it arrives as a visible name.
+                continue
             text = os.fsdecode(path)
             if mask & IN_MOVED_FROM:
                 self.events.put(FileMovedEvent(text, ""))

@@ -143,11 +143,9 @@ class Intake:
                     target = self.store_path(opened.sha256, name)
                     image = images.add_image(session, sha256=opened.sha256, source=source,
                                               size_bytes=opened.size, location=str(target),
-                                              received_at=received)
-                    session.flush()
+                                              received_at=received)  # flushed: it has its id
                     if facts is not None:
                         dicom.add_instance(session, image.id, **facts.columns())
-                        session.flush()
                     note = self.write_name_note(opened.sha256, source)
                     opened.move_to(target)
                     image_id = image.id

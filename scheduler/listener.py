@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,42 @@ def transfer_syntaxes() -> list[str]:
     return offered
 
 
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """The File Meta Information group (PS3.10 7.1) of a received object, encoded as pydicom
+    encodes pynetdicom's `Event.file_meta` (explicit VR little endian; the same bytes, tested),
+    without building a dataset: that took a third of the listener's time per object."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    body = b"".join((
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", _uid_value(sop_class)),
+        _element(0x0003, b"UI", _uid_value(sop_instance)),
+        _element(0x0010, b"UI", _uid_value(transfer_syntax)),
+        _element(0x0012, b"UI", _uid_value(str(PYNETDICOM_IMPLEMENTATION_UID))),
+        _element(0x0013, b"SH", _text_value(PYNETDICOM_IMPLEMENTATION_VERSION)),
+    ))
+    return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, explicit VR little endian."""
+    if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    if len(value) > 0xFFFF:
+        raise ValueError(f"a {vr.decode()} value of {len(value)} bytes")
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    data = uid.encode("ascii")
+    return data + b"\x00" if len(data) % 2 else data
+
+
+def _text_value(text: str) -> bytes:
+    data = text.encode("ascii")
+    return data + b" " if len(data) % 2 else data
+
+
 def folder_name(ae_title: str) -> str:
     """A calling AE title as a folder name: letters, digits, `-` and `_` (others become `_`)."""
     return _SAFE.sub("_", ae_title.strip()) or "_"
@@ -101,6 +138,23 @@ def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
         assoc.release()
         return True
     return bool(assoc.is_rejected)
+
+
+class PromptAcks:
+    """A TCP connection that acknowledges what it reads at once (TCP_QUICKACK after every
+    read: Linux clears it again as it sees fit); everything else is the socket's own."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._connection = connection
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        data = self._connection.recv(size, *flags)
+        with contextlib.suppress(OSError):  # the connection may be closing
+            self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
 
 
 def _exists(name: str, directory: int) -> bool:
@@ -161,14 +215,23 @@ class Listener:
             self.server = None
 
     def on_connection(self, event: Event) -> None:
-        """Answers go out at once (TCP_NODELAY): a C-STORE response is a small write, never
-        worth holding back for more. (A sender without TCP_NODELAY still waits for our delayed
-        ACK between an object's command and its dataset, ~40 ms an object: DCMTK's storescu
-        and most modalities set it.)"""
-        connection = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-        if connection is not None:
-            with contextlib.suppress(OSError):
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """Answers go out at once (TCP_NODELAY), and what arrives is acknowledged at once.
+
+        A sender that leaves Nagle's algorithm on (DCMTK's storescu unless TCP_NODELAY=1 is in
+        its environment, and modalities built on it) writes each PDU's header and its body
+        separately, and holds the body back until the header is acknowledged; Linux delays
+        that acknowledgement by up to 40 ms, so each object would wait about 90 ms.
+        Acknowledging every read at once (TCP_QUICKACK) takes that wait away: DCMTK's storescu
+        went from 48 ms an object to 4 ms here.
+        """
+        holder = getattr(event.assoc.dul, "socket", None)
+        connection = getattr(holder, "socket", None)
+        if not isinstance(connection, socket.socket):
+            return
+        with contextlib.suppress(OSError):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_QUICKACK"):  # Linux
+            holder.socket = PromptAcks(connection)
 
     def on_requested(self, event: Event) -> None:
         """Reject an association from a caller not in MELANOSCREEN_DICOM_PEERS (permanent,
@@ -220,16 +283,14 @@ class Listener:
     def encoded(self, event: Event) -> bytes:
         """The object as a DICOM file: preamble, file meta and the dataset as it was sent (or,
         pseudonymised, re-encoded without the patient's identifiers)."""
-        from pydicom.filewriter import write_file_meta_info
-
-        out = io.BytesIO()
-        out.write(b"\x00" * 128 + b"DICM")
+        request = cast("C_STORE", event.request)
         if not self.dicom.pseudonymise:
-            write_file_meta_info(out, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
-            dataset_bytes = cast("C_STORE", event.request).DataSet
+            dataset_bytes = request.DataSet
             assert dataset_bytes is not None  # a C-STORE request always carries its dataset
-            out.write(dataset_bytes.getvalue())
-            return out.getvalue()
+            meta = file_meta(str(request.AffectedSOPClassUID or ""),
+                             str(request.AffectedSOPInstanceUID or ""),
+                             str(event.context.transfer_syntax))
+            return b"".join((b"\x00" * 128, b"DICM", meta, dataset_bytes.getvalue()))
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         pseudonymise_dataset(dataset, self.key())

@@ -30,6 +30,7 @@ from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent, FileSystemE
 from db import images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
+from model.dicom import preload as preload_dicom_reader
 from scheduler.files import MAX_DEPTH, inbox_folders, is_ignored
 from scheduler.inotify import InboxEvents
 from scheduler.intake import Intake
@@ -124,6 +125,7 @@ class Watcher:
         """
         self.stop = stop
         self.inbox.mkdir(parents=True, exist_ok=True)
+        preload_dicom_reader()
         watching = InboxEvents(self.inbox, self.events, self.too_deep,
                                overflowed=self.overflowed) if self.fast else None
         if watching is not None:

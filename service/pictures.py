@@ -1,6 +1,8 @@
 """Pictures of a stored image for people, each made from the decoded, size-bounded image (a
 DICOM object's pixels too, never the object itself): the thumbnail the worker stores once, at
-screening time, for the review app's lists, and the picture an alert or a digest carries.
+screening time, for the review app's lists, the picture an alert or a digest carries, and a
+DICOM image's preview for the case page (a JPEG-baseline object's own JPEG frame, checked
+against the pixel limit, else its decoded pixels as JPEG).
 
 Decoding goes through `model.imaging.load_rgb` (Pillow, or pydicom for a DICOM file): only what
 the format needs is read (a JPEG stops at its end-of-image marker, whatever follows it), within
@@ -15,6 +17,8 @@ import logging
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from service.stored_pictures import thumbnail_path
 
 logger = logging.getLogger(__name__)
@@ -23,20 +27,29 @@ logger = logging.getLogger(__name__)
 THUMBNAIL_PX = 96
 
 
-def shrunk_jpeg(location: Path | str, max_px: int, quality: int = 85) -> bytes | None:
-    """The image at most `max_px` a side, as JPEG bytes; None when it cannot be decoded."""
+def shrunk_jpeg(location: Path | str | bytes, max_px: int, quality: int = 85) -> bytes | None:
+    """The image (a file, or an image file's bytes) at most `max_px` a side, as JPEG bytes;
+    None when it cannot be decoded."""
     from model.imaging import DecodeError, load_rgb
 
     try:
-        picture = load_rgb(Path(location), draft_size=(max_px, max_px))
+        picture = load_rgb(location if isinstance(location, bytes) else Path(location),
+                           draft_size=(max_px, max_px))
     except DecodeError as exc:
-        logger.warning("no picture of %s: %s", location, exc.reason)
+        logger.warning("no picture of %s: %s", "an image" if isinstance(location, bytes)
+                       else location, exc.reason)
         return None
     with picture:
-        picture.thumbnail((max_px, max_px))
-        out = io.BytesIO()
-        picture.save(out, "JPEG", quality=quality)
-        return out.getvalue()
+        return _shrunk(picture, max_px, quality)
+
+
+def _shrunk(picture: Image.Image, max_px: int, quality: int) -> bytes:
+    """`picture` at most `max_px` a side, as JPEG bytes (`picture` itself is left as it is)."""
+    small = picture.copy() if max(picture.size) > max_px else picture
+    small.thumbnail((max_px, max_px))
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=quality)
+    return out.getvalue()
 
 
 def store_thumbnail(location: Path | str, sha256: str, thumbnails_dir: Path) -> Path | None:
@@ -51,24 +64,50 @@ def store_thumbnail(location: Path | str, sha256: str, thumbnails_dir: Path) -> 
     return _keep(data, target, f"the thumbnail of {location}")
 
 
-def store_dicom_preview(location: Path, target: Path) -> bool:
-    """For a DICOM image, its picture as JPEG at `target` (0600; the review app shows it:
-    browsers cannot show DICOM); nothing for any other file. Whether one was written."""
-    from model.dicom import is_dicom, read_head
-    from model.imaging import DecodeError, load_rgb
+def store_pictures(location: Path, sha256: str, thumbnails_dir: Path,
+                   preview: Path | None) -> None:
+    """What the worker keeps of a screened image for people: its thumbnail and, for a DICOM
+    file, when `preview` is given, its picture as JPEG there (browsers cannot show DICOM).
 
+    A JPEG-baseline DICOM object holds a JPEG file, which is the preview as it stands (after
+    the header's pixel limit) and is shrunk for the thumbnail like any JPEG; any other DICOM
+    object is decoded once for both. Any other image keeps its thumbnail only, made by
+    `store_thumbnail` (a JPEG decoded at reduced scale).
+    """
+    from model.dicom import is_dicom, jpeg_frame, read_head
+    from model.imaging import MAX_PIXELS, DecodeError, load_rgb
+
+    thumbnail = thumbnail_path(thumbnails_dir, sha256)
     try:
-        if not is_dicom(read_head(location)):
-            return False
+        dicom = preview is not None and is_dicom(read_head(location))
+    except OSError as exc:
+        logger.warning("no pictures of %s: %s", location.name, exc.strerror or exc)
+        return
+    if not dicom:
+        store_thumbnail(location, sha256, thumbnails_dir)
+        return
+    assert preview is not None
+    if thumbnail.is_file() and preview.is_file():
+        return  # a re-screen: the pixels have not changed
+    frame = jpeg_frame(location, max_pixels=MAX_PIXELS)
+    if frame is not None:
+        # A JPEG-baseline object holds a JPEG file: shown as it is, and shrunk like one.
+        if not thumbnail.is_file() and (small := shrunk_jpeg(frame, THUMBNAIL_PX)) is not None:
+            _keep(small, thumbnail, f"the thumbnail of {location}")
+        _keep(frame, preview, f"the preview of {location.name}")
+        return
+    try:
         picture = load_rgb(location)
     except (OSError, DecodeError) as exc:
         logger.warning("no preview of %s: %s", location.name, getattr(exc, "reason", exc))
-        return False
+        return
     with picture:
+        if not thumbnail.is_file():
+            _keep(_shrunk(picture, THUMBNAIL_PX, 85), thumbnail, f"the thumbnail of {location}")
         # JPEG (quality 92): a fraction of PNG's cost per image, in the screening path.
         out = io.BytesIO()
         picture.save(out, "JPEG", quality=92)
-    return _keep(out.getvalue(), target, f"the preview of {location.name}") is not None
+    _keep(out.getvalue(), preview, f"the preview of {location.name}")
 
 
 def _keep(data: bytes, target: Path, what: str) -> Path | None:

@@ -19,7 +19,7 @@ from db.schema import Prediction, utcnow
 from melanoscreen.settings import Settings
 from service.alerts import AlertTarget, write_routed_alerts
 from service.flags import flag_of
-from service.pictures import store_dicom_preview, store_thumbnail
+from service.pictures import store_pictures
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -152,17 +152,17 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     if untold:
         logger.warning("%d flagged image(s) recorded; no MELANOSCREEN_ALERT_RECIPIENTS to tell",
                        untold)
-    # Once, here, for the review app's lists: it streams the stored file and never decodes.
+    # Once, here, for the review app's lists and case page: it streams the stored files and
+    # never decodes.
+    screened_ids = {prediction.image_id for prediction in predictions}
     for image_id, path in work:
         if image_id not in moved:
             try:
-                store_thumbnail(path, shas[image_id], settings.thumbnails_dir)
+                store_pictures(Path(path), shas[image_id], settings.thumbnails_dir,
+                               settings.previews_dir / f"{shas[image_id]}.jpg"
+                               if image_id in screened_ids else None)
             except Exception:  # a picture for people must never fail the screening
-                logger.exception("no thumbnail for image %d", image_id)
-    locations = dict(work)
-    for prediction in predictions:
-        store_dicom_preview(locations[prediction.image_id],
-                            settings.previews_dir / f"{shas[prediction.image_id]}.jpg")
+                logger.exception("no pictures for image %d", image_id)
     lost = len(work) - screened - rejected
     return BatchOutcome(screened=screened, rejected=rejected, skipped=skipped + lost,
                         flagged=tuple(p.image_id for p in predictions if p.flagged),

@@ -315,3 +315,68 @@ def test_the_listener_never_writes_through_a_link_planted_in_a_shared_inbox(
     written = listener.write("CAM", "1.2.3", b"object")
     assert written.read_bytes() == b"object" and not written.is_symlink()
     assert written.parent.parent == inbox / "dicom"
+
+
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.840.10008.5.1.4.1.1.77.1.4.12345"])
+def test_the_listener_writes_the_file_meta_pydicom_writes(instance: str) -> None:
+    """The file meta written by hand for each received object is byte for byte the group that
+    pydicom writes for pynetdicom's own `Event.file_meta`, odd and even UID lengths alike."""
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from scheduler.listener import file_meta
+
+    expected = BytesIO()
+    write_file_meta_info(expected, create_file_meta(
+        sop_class_uid=uid.UID(uid.VLPhotographicImageStorage), sop_instance_uid=uid.UID(instance),
+        transfer_syntax=uid.UID(uid.JPEGBaseline8Bit)), enforce_standard=True)
+    assert file_meta(uid.VLPhotographicImageStorage, instance,
+                     uid.JPEGBaseline8Bit) == expected.getvalue()
+    with pytest.raises(UnicodeEncodeError):
+        file_meta(uid.VLPhotographicImageStorage, "1.2.\u00e9", uid.JPEGBaseline8Bit)
+
+
+@pytest.mark.parametrize("syntax", [uid.JPEGBaseline8Bit, uid.ExplicitVRLittleEndian])
+def test_the_worker_keeps_a_preview_and_a_thumbnail_of_a_dicom_image(
+        tmp_path: Path, syntax: uid.UID) -> None:
+    """A DICOM image's preview is a JPEG a browser shows (a JPEG-baseline object's own frame, as
+    it stands) with the image's pixels, beside a thumbnail; a plain JPEG keeps a thumbnail only;
+    a header over the pixel limit leaves neither and raises nothing."""
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+
+    from service.pictures import THUMBNAIL_PX, store_pictures
+
+    ds = dicom_dataset(5, size=(200, 150), syntax=syntax)
+    location = tmp_path / "object.dcm"
+    location.write_bytes(dicom_bytes(ds))
+    thumbnails, preview = tmp_path / "thumbnails", tmp_path / "previews" / "object.jpg"
+    store_pictures(location, "a" * 64, thumbnails, preview)
+
+    with Image.open(preview) as shown:
+        assert shown.format == "JPEG" and shown.size == (200, 150)
+        # Compared at 1/10 scale: JPEG's loss is in the synthetic noise, not in the picture.
+        seen = shown.convert("RGB").resize((20, 15), Image.Resampling.BOX)
+    truth = load_rgb(location).resize((20, 15), Image.Resampling.BOX)
+    difference = np.abs(np.asarray(seen, np.int16) - np.asarray(truth, np.int16))
+    assert float(difference.mean()) < 3.0
+    if syntax == uid.JPEGBaseline8Bit:
+        assert preview.read_bytes() == next(generate_frames(ds.PixelData, number_of_frames=1))
+    [thumbnail] = thumbnails.rglob("*.jpg")
+    with Image.open(thumbnail) as small:
+        assert max(small.size) <= THUMBNAIL_PX
+    assert stat.S_IMODE(preview.stat().st_mode) == 0o600
+
+    jpeg = tmp_path / "plain.jpg"
+    jpeg.write_bytes(synthetic_jpeg(3))
+    store_pictures(jpeg, "b" * 64, thumbnails, tmp_path / "previews" / "plain.jpg")
+    assert len(list(thumbnails.rglob("*.jpg"))) == 2
+    assert not (tmp_path / "previews" / "plain.jpg").exists()
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(dicom_bytes(bomb_dataset()))
+    store_pictures(bomb, "c" * 64, thumbnails, tmp_path / "previews" / "bomb.jpg")
+    assert not (tmp_path / "previews" / "bomb.jpg").exists()
+    assert len(list(thumbnails.rglob("*.jpg"))) == 2

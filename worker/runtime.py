@@ -85,6 +85,9 @@ class WorkerProcess:
         try:
             import numpy as np
 
+            from model.dicom import preload
+
+            preload()
             classifier = self.classifier()
             height, width = classifier.input_size
             with tensorflow_notices_dropped():  # the first forward pass says more

@@ -77,6 +77,9 @@ def train(
         min=0.5, max=1.0, help="Out-of-fold melanoma sensitivity the alert threshold must reach "
                                "within every dataset.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    input_size: Annotated[int | None, typer.Option(
+        min=32, max=512, help="Square input side in pixels (default: the architecture's; "
+                              "the forward cost grows with its square).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the members and checkpoints in "
                                          "OUT's .folds folder.")] = True,
     calibrate_from: Annotated[Path | None, typer.Option(
@@ -121,7 +124,8 @@ def train(
              "init_from": str(init_from) if init_from else None,
              "learning_rate": learning_rate, "weight_decay": weight_decay,
              "warmup_epochs": warmup_epochs, "seed": seed, "target_sensitivity": target_sensitivity,
-             "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma}
+             "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma,
+             "input_size": (input_size, input_size) if input_size else None}
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if recipe.augmentation not in AUGMENTATIONS:
         fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
