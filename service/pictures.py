@@ -64,14 +64,39 @@ def store_thumbnail(location: Path | str, sha256: str, thumbnails_dir: Path) -> 
     return _keep(data, target, f"the thumbnail of {location}")
 
 
+#: A JPEG-baseline DICOM object up to this size has its frame kept in memory for its batch
+#: (screened and pictured from it); a larger one is read again where needed.
+FRAME_KEPT_BYTES = 4 << 20
+
+
+def jpeg_frames(work: list[tuple[int, Path]]) -> dict[int, bytes]:
+    """image id -> the JPEG frame of each JPEG-baseline DICOM object among `work` (up to
+    FRAME_KEPT_BYTES): such an object holds a JPEG file, which the worker then screens and
+    pictures as that file, parsing the object once instead of twice."""
+    from model.dicom import is_dicom, jpeg_frame, read_head
+    from model.imaging import MAX_PIXELS
+
+    frames: dict[int, bytes] = {}
+    for image_id, path in work:
+        try:
+            if path.stat().st_size > FRAME_KEPT_BYTES or not is_dicom(read_head(path)):
+                continue
+        except OSError:
+            continue  # the decode says why it cannot be read
+        frame = jpeg_frame(path, max_pixels=MAX_PIXELS)
+        if frame is not None:
+            frames[image_id] = frame
+    return frames
+
+
 def store_pictures(location: Path, sha256: str, thumbnails_dir: Path,
-                   preview: Path | None) -> None:
+                   preview: Path | None, frame: bytes | None = None) -> None:
     """What the worker keeps of a screened image for people: its thumbnail and, for a DICOM
     file, when `preview` is given, its picture as JPEG there (browsers cannot show DICOM).
 
-    A JPEG-baseline DICOM object holds a JPEG file, which is the preview as it stands (after
-    the header's pixel limit) and is shrunk for the thumbnail like any JPEG; any other DICOM
-    object is decoded once for both. Any other image keeps its thumbnail only, made by
+    A JPEG-baseline DICOM object holds a JPEG file (`frame`, when `jpeg_frames` took it out
+    already), which is the preview as it stands (after the header's pixel limit) and is shrunk
+    for the thumbnail like any JPEG; any other DICOM object is decoded once for both. Any other image keeps its thumbnail only, made by
     `store_thumbnail` (a JPEG decoded at reduced scale).
     """
     from model.dicom import is_dicom, jpeg_frame, read_head
@@ -89,7 +114,8 @@ def store_pictures(location: Path, sha256: str, thumbnails_dir: Path,
     assert preview is not None
     if thumbnail.is_file() and preview.is_file():
         return  # a re-screen: the pixels have not changed
-    frame = jpeg_frame(location, max_pixels=MAX_PIXELS)
+    if frame is None:
+        frame = jpeg_frame(location, max_pixels=MAX_PIXELS)
     if frame is not None:
         # A JPEG-baseline object holds a JPEG file: shown as it is, and shrunk like one.
         if not thumbnail.is_file() and (small := shrunk_jpeg(frame, THUMBNAIL_PX)) is not None:

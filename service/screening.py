@@ -19,7 +19,7 @@ from db.schema import Prediction, utcnow
 from melanoscreen.settings import Settings
 from service.alerts import AlertTarget, write_routed_alerts
 from service.flags import flag_of
-from service.pictures import store_pictures
+from service.pictures import jpeg_frames, store_pictures
 
 if TYPE_CHECKING:
     from model.inference import Classifier
@@ -94,7 +94,11 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
         if not work:
             return BatchOutcome(skipped=skipped)
         started = time.perf_counter()
-        answers = classifier.predict([path for _, path in work], batch_size=max(len(work), 1))
+        # A JPEG-baseline DICOM object is screened (and pictured, below) as the JPEG file it
+        # holds: the same picture dropped as a file or sent by DICOM gets the same score.
+        frames = jpeg_frames(work)
+        answers = classifier.predict([frames.get(image_id, path) for image_id, path in work],
+                                     batch_size=max(len(work), 1))
         per_image = (time.perf_counter() - started) / len(work)
     except Exception:
         with sessions.begin() as session:
@@ -158,9 +162,9 @@ def screen_batch(sessions: sessionmaker[Session], load_classifier: Callable[[], 
     for image_id, path in work:
         if image_id not in moved:
             try:
-                store_pictures(Path(path), shas[image_id], settings.thumbnails_dir,
+                store_pictures(path, shas[image_id], settings.thumbnails_dir,
                                settings.previews_dir / f"{shas[image_id]}.jpg"
-                               if image_id in screened_ids else None)
+                               if image_id in screened_ids else None, frames.get(image_id))
             except Exception:  # a picture for people must never fail the screening
                 logger.exception("no pictures for image %d", image_id)
     lost = len(work) - screened - rejected
