@@ -36,6 +36,17 @@ def synthetic_pixels(seed: int, size: tuple[int, int] = (64, 64)) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+#: How each compressed transfer syntax is made here: pydicom's encoder plugin, and for a lossy
+#: syntax its loss (JPEG-LS near-lossless: at most 2 per sample; JPEG 2000: 10:1).
+ENCODING: dict[uid.UID, dict[str, Any]] = {
+    uid.RLELossless: {"encoding_plugin": ""},
+    uid.JPEGLSLossless: {"encoding_plugin": "pyjpegls"},
+    uid.JPEGLSNearLossless: {"encoding_plugin": "pyjpegls", "jls_error": 2},
+    uid.JPEG2000Lossless: {"encoding_plugin": "pylibjpeg"},
+    uid.JPEG2000: {"encoding_plugin": "pylibjpeg", "j2k_cr": [10]},
+}
+
+
 def dicom_dataset(seed: int, *, kind: str = "photographic", size: tuple[int, int] = (64, 64),
                   grey: bool = False, syntax: uid.UID = uid.ExplicitVRLittleEndian,
                   patient_id: str = PATIENT_ID, patient_name: str = PATIENT_NAME,
@@ -64,10 +75,11 @@ def dicom_dataset(seed: int, *, kind: str = "photographic", size: tuple[int, int
     elif syntax in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
                     uid.DeflatedExplicitVRLittleEndian):
         ds.PixelData = pixels.tobytes()  # deflated: pydicom deflates the whole dataset on write
-    else:  # RLE, JPEG 2000: pydicom's encoders (RLE its own, JPEG 2000 through pylibjpeg)
+    else:  # RLE, JPEG-LS, JPEG 2000: pydicom's encoders (RLE its own, JPEG-LS through
+        # pyjpegls, JPEG 2000 through pylibjpeg), lossy ones at a bounded loss
         ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
         ds.PixelData = pixels.tobytes()
-        ds.compress(syntax, encoding_plugin="" if syntax == uid.RLELossless else "pylibjpeg")
+        ds.compress(syntax, **ENCODING[syntax])
     for keyword, value in extra.items():
         setattr(ds, keyword, value)
     return ds
@@ -157,7 +169,8 @@ def malformed_bytes(seed: int = 98) -> bytes:
 
 #: Transfer syntaxes a sending modality offers, one presentation context each per SOP class.
 OFFERED_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.JPEGBaseline8Bit,
-                    uid.RLELossless, uid.JPEG2000Lossless)
+                    uid.RLELossless, uid.JPEG2000Lossless, uid.JPEGLSLossless,
+                    uid.JPEGLSNearLossless, uid.JPEG2000)
 
 
 def modality(ae_title: str = "MODALITY1") -> Any:

@@ -35,7 +35,8 @@ from tests.dicom_fixtures import (
 pytestmark = pytest.mark.slow
 
 SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.JPEGBaseline8Bit,
-            uid.RLELossless, uid.JPEG2000Lossless)
+            uid.RLELossless, uid.JPEG2000Lossless, uid.JPEGLSLossless, uid.JPEGLSNearLossless,
+            uid.JPEG2000)
 KINDS = ("photographic", "microscopic", "secondary")
 
 
@@ -154,7 +155,7 @@ def test_echo_answers_and_callers_not_listed_are_refused_at_association(
 def test_stored_objects_are_screened_once_with_their_study_and_bad_ones_rejected_with_reasons(
         running_up: RunningUp) -> None:
     studies = [uid.generate_uid(), uid.generate_uid()]
-    good = [dicom_dataset(100 + n, kind=KINDS[n % 3], syntax=SYNTAXES[n % 5],
+    good = [dicom_dataset(100 + n, kind=KINDS[n % 3], syntax=SYNTAXES[n % len(SYNTAXES)],
                           grey=n % 4 == 3, study_uid=studies[n % 2], accession=f"ACC{n:04d}")
             for n in range(20)]
     bomb = bomb_dataset()
