@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from db._sql import in_chunks
@@ -17,20 +17,28 @@ FIELDS = ("patient_id", "patient_name", "study_uid", "series_uid", "sop_instance
           "acquired_at", "pseudonymised")
 
 
+#: Built once: a statement made per call costs more than the INSERT it makes.
+_INSERT_INSTANCE = insert(DicomInstance)
+_IMAGE_OF_SOP_INSTANCE = (select(DicomInstance.image_id)
+                          .where(DicomInstance.sop_instance_uid == bindparam("sop_instance_uid"))
+                          .order_by(DicomInstance.image_id).limit(1))
+
+
 def add_instance(session: Session, image_id: int, **values: object) -> None:
     """Record the DICOM facts of a new image (in the intake's transaction), at once: one
     INSERT, so a locked or full database fails here (the intake's flush, without its cost)."""
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise TypeError(f"not a DICOM instance column: {', '.join(sorted(unknown))}")
-    session.execute(insert(DicomInstance).values(image_id=image_id, **values))
+    row = dict.fromkeys(FIELDS)
+    row.update(values, image_id=image_id, pseudonymised=bool(values.get("pseudonymised")))
+    session.execute(_INSERT_INSTANCE, [row])
 
 
 def image_of_sop_instance(session: Session, sop_instance_uid: str) -> Image | None:
     """The image recorded for this DICOM object (its SOP instance UID), if there is one."""
-    image_id = session.scalar(select(DicomInstance.image_id)
-                              .where(DicomInstance.sop_instance_uid == sop_instance_uid)
-                              .order_by(DicomInstance.image_id).limit(1))
+    image_id = session.execute(_IMAGE_OF_SOP_INSTANCE,
+                               {"sop_instance_uid": sop_instance_uid}).scalar()
     return None if image_id is None else session.get(Image, image_id)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import CursorResult, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db._sql import escape_like, in_chunks
@@ -14,9 +14,13 @@ from db.predictions import latest_prediction_id
 from db.schema import Duplicate, Image, ImageStatus, Prediction
 
 
+#: Built once: the intake asks it for every file.
+_IMAGE_BY_SHA256 = select(Image).where(Image.sha256 == bindparam("sha256"))
+
+
 def find_image_by_sha256(session: Session, sha256: str) -> Image | None:
     """The image with this content, if it is known."""
-    return session.scalars(select(Image).where(Image.sha256 == sha256)).one_or_none()
+    return session.scalars(_IMAGE_BY_SHA256, {"sha256": sha256}).one_or_none()
 
 
 def add_image(session: Session, *, sha256: str, source: str, size_bytes: int, location: str,
