@@ -65,8 +65,9 @@ def store_thumbnail(location: Path | str, sha256: str, thumbnails_dir: Path) -> 
 
 
 #: A JPEG-baseline DICOM object up to this size has its frame kept in memory for its batch
-#: (screened and pictured from it); a larger one is read again where needed.
-FRAME_KEPT_BYTES = 4 << 20
+#: (screened and pictured from it: a batch holds at most 32 MiB of them); a larger one is
+#: parsed again where needed, a cost its decoding dwarfs.
+FRAME_KEPT_BYTES = 1 << 20
 
 
 def jpeg_frames(work: list[tuple[int, Path]]) -> dict[int, bytes]:
