@@ -65,8 +65,8 @@ def store_thumbnail(location: Path | str, sha256: str, thumbnails_dir: Path) -> 
 
 
 #: A JPEG-baseline DICOM object up to this size has its frame kept in memory for its batch
-#: (screened and pictured from it: a batch holds at most 32 MiB of them); a larger one is
-#: parsed again where needed, a cost its decoding dwarfs.
+#: (screened and pictured from it; a batch of the default 16 images holds at most 16 MiB of
+#: them); a larger one is parsed again where needed, a cost its decoding dwarfs.
 FRAME_KEPT_BYTES = 1 << 20
 
 
