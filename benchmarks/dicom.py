@@ -76,7 +76,7 @@ assoc.release()
 def dcmtk_storescu() -> str | None:
     """DCMTK's storescu, where it is installed (pynetdicom installs a Python `storescu` too,
     which is not it)."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin"]:
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
         candidate = shutil.which("storescu", path=folder)
         if candidate is None:
             continue
@@ -224,11 +224,12 @@ def sender_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measured(run: Callable[[], dict[str, Any]], up: int) -> dict[str, Any]:
-    """`run()`'s figures, with the CPU the service (and the sender) used for it per image: a
-    figure that another job on the machine does not move, where images/s does."""
+def measured(up: int, run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """`run(*args)`'s figures, with the CPU the service (process `up` and its children) and
+    the sender used for it per image: a figure that another job on the machine does not move,
+    where images/s does."""
     service, sender = tree_cpu(up), sender_cpu()
-    figures = run()
+    figures = run(*args)
     figures["service_cpu_ms_per_image"] = (tree_cpu(up) - service) * 1000 / figures["images"]
     figures["sender_cpu_ms_per_image"] = (sender_cpu() - sender) * 1000 / figures["images"]
     return figures
@@ -287,10 +288,10 @@ def main() -> None:
                 jpegs = make_images(root / f"jpeg-{number}", args.n, (180, 180), seed=10 + number)
                 dicoms = make_dicom(make_images(root / f"for-dicom-{number}", args.n, (180, 180),
                                                 seed=20 + number), root / f"dicom-{number}", study)
-                jpeg_runs.append(measured(lambda: run_pipeline(
-                    data_dir, jpegs, f"jpeg-{number}", args.timeout), up.pid))
-                dicom_runs.append(measured(lambda: run_dicom(
-                    data_dir, port, dicoms, study, args.timeout, storescu), up.pid))
+                jpeg_runs.append(measured(up.pid, run_pipeline, data_dir, jpegs,
+                                          f"jpeg-{number}", args.timeout))
+                dicom_runs.append(measured(up.pid, run_dicom, data_dir, port, dicoms, study,
+                                           args.timeout, storescu))
             report["jpeg_drop"] = jpeg_runs
             report["dicom_c_store"] = dicom_runs
             report["results_with_study_uid"] = min(results_with_study(data_dir, study)

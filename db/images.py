@@ -13,7 +13,6 @@ from db._sql import escape_like, in_chunks
 from db.predictions import latest_prediction_id
 from db.schema import Duplicate, Image, ImageStatus, Prediction
 
-
 #: Built once: the intake asks it for every file.
 _IMAGE_BY_SHA256 = select(Image).where(Image.sha256 == bindparam("sha256"))
 

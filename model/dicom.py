@@ -43,13 +43,6 @@ class DicomRejected(ValueError):
         self.reason = reason
 
 
-def preload() -> None:
-    """Import the DICOM reader now (about 0.3 s of a core), at a service's start, so that the
-    first DICOM image received does not wait for it."""
-    import pydicom  # noqa: F401
-    from pydicom import encaps, filereader  # noqa: F401
-
-
 def is_dicom(head: bytes) -> bool:
     """Whether a file starting with `head` (at least 132 bytes of it) is a DICOM file."""
     return head[MAGIC_OFFSET:MAGIC_OFFSET + len(MAGIC)] == MAGIC

@@ -226,7 +226,7 @@ class Listener:
         """
         holder = getattr(event.assoc.dul, "socket", None)
         connection = getattr(holder, "socket", None)
-        if not isinstance(connection, socket.socket):
+        if holder is None or not isinstance(connection, socket.socket):
             return
         with contextlib.suppress(OSError):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

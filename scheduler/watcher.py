@@ -30,12 +30,12 @@ from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent, FileSystemE
 from db import images
 from db.schema import utcnow
 from melanoscreen.settings import Settings
-from model.dicom import preload as preload_dicom_reader
 from scheduler.files import MAX_DEPTH, inbox_folders, is_ignored
 from scheduler.inotify import InboxEvents
 from scheduler.intake import Intake
 from scheduler.queue import chunks
 from scheduler.stability import Pending, Readiness
+from service.dicom import preload as preload_dicom_reader
 
 logger = logging.getLogger(__name__)
 

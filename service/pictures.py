@@ -97,8 +97,9 @@ def store_pictures(location: Path, sha256: str, thumbnails_dir: Path,
 
     A JPEG-baseline DICOM object holds a JPEG file (`frame`, when `jpeg_frames` took it out
     already), which is the preview as it stands (after the header's pixel limit) and is shrunk
-    for the thumbnail like any JPEG; any other DICOM object is decoded once for both. Any other image keeps its thumbnail only, made by
-    `store_thumbnail` (a JPEG decoded at reduced scale).
+    for the thumbnail like any JPEG; any other DICOM object is decoded once for both. Any
+    other image keeps its thumbnail only, made by `store_thumbnail` (a JPEG decoded at
+    reduced scale).
     """
     from model.dicom import is_dicom, jpeg_frame, read_head
     from model.imaging import MAX_PIXELS, DecodeError, load_rgb

@@ -85,7 +85,7 @@ class WorkerProcess:
         try:
             import numpy as np
 
-            from model.dicom import preload
+            from service.dicom import preload
 
             preload()
             classifier = self.classifier()
