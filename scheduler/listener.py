@@ -23,9 +23,12 @@ import secrets
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+
+from pynetdicom.transport import AssociationSocket
 
 from melanoscreen.settings import DicomSettings
 from service.dicom import pseudonymise_dataset
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: The largest PDU a sender may send (its length field; what we announce as our maximum).
+MAX_PDU_BYTES = 1 << 20
 #: The folder of the inbox that received objects go to (one subfolder per calling AE title).
 INBOX_FOLDER = "dicom"
 #: C-STORE statuses (PS3.4 B.2.3): success; out of resources (the sender retries later);
@@ -140,21 +145,39 @@ def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
     return bool(assoc.is_rejected)
 
 
-class PromptAcks:
-    """A TCP connection that acknowledges what it reads at once (TCP_QUICKACK after every
-    read: Linux clears it again as it sees fit); everything else is the socket's own."""
+#: TCP_QUICKACK where the system has it (Linux).
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
-    def __init__(self, connection: socket.socket) -> None:
-        self._connection = connection
 
-    def recv(self, size: int, *flags: int) -> bytes:
-        data = self._connection.recv(size, *flags)
-        with contextlib.suppress(OSError):  # the connection may be closing
-            self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+class GuardedSocket(AssociationSocket):
+    """pynetdicom's connection with two changes. A PDU longer than `max_pdu_bytes` is never
+    read: the connection is closed instead (pynetdicom reads a PDU of any length into memory,
+    an association request from anyone included). And each read is acknowledged at once
+    (TCP_QUICKACK)."""
+
+    max_pdu_bytes = MAX_PDU_BYTES
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.max_pdu_bytes:
+            logger.warning("closed a DICOM connection from %s: a PDU of %d bytes, over the %d "
+                           "this listener takes", _peer(self.socket), nr_bytes,
+                           self.max_pdu_bytes)
+            if self.socket is not None:
+                with contextlib.suppress(OSError):
+                    self.socket.shutdown(socket.SHUT_RDWR)
+            return bytearray()  # to pynetdicom, a PDU cut short: the connection is closed
+        data: bytearray = super().recv(nr_bytes)
+        if _QUICKACK is not None and self.socket is not None:
+            with contextlib.suppress(OSError):  # the connection may be closing
+                self.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return data
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)
+
+def _peer(connection: socket.socket | None) -> str:
+    try:
+        return str(connection.getpeername()[0])  # type: ignore[union-attr]
+    except (AttributeError, OSError, IndexError):
+        return "an unknown address"
 
 
 def _exists(name: str, directory: int) -> bool:
@@ -178,6 +201,9 @@ class Listener:
         self.max_bytes = max_bytes
         self.key = key  # the pseudonyms' key, read when first needed
         self._naming = threading.Lock()  # one rename at a time picks a free name
+        #: Bytes of P-DATA each association has sent since its last object was answered.
+        self._received: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._counting = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
 
     def application_entity(self) -> AE:
@@ -191,7 +217,9 @@ class Listener:
         for sop_class in storage_classes():
             ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification)
-        ae.maximum_pdu_size = 0  # no limit of ours: the sender's PDUs as they come
+        # Senders split an object into PDUs of at most this size (a larger one closes the
+        # connection: GuardedSocket); 1 MiB keeps the count of PDUs per image small.
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         return ae
 
     def start(self) -> ThreadedAssociationServer:
@@ -199,6 +227,7 @@ class Listener:
         from pynetdicom import evt
 
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, self.on_connection),
+                               (evt.EVT_DATA_RECV, self.on_data),
                                (evt.EVT_REQUESTED, self.on_requested),
                                (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store)]
         assert self.dicom.port is not None
@@ -215,7 +244,8 @@ class Listener:
             self.server = None
 
     def on_connection(self, event: Event) -> None:
-        """Answers go out at once (TCP_NODELAY), and what arrives is acknowledged at once.
+        """Answers go out at once (TCP_NODELAY); what arrives is acknowledged at once, and no
+        PDU over MAX_PDU_BYTES is read (GuardedSocket).
 
         A sender that leaves Nagle's algorithm on (DCMTK's storescu unless TCP_NODELAY=1 is in
         its environment, and modalities built on it) writes each PDU's header and its body
@@ -230,8 +260,26 @@ class Listener:
             return
         with contextlib.suppress(OSError):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if hasattr(socket, "TCP_QUICKACK"):  # Linux
-            holder.socket = PromptAcks(connection)
+        if type(holder) is AssociationSocket:
+            holder.__class__ = GuardedSocket  # the same object, reading through the guard
+
+    def on_data(self, event: Event) -> None:
+        """Count what a sender has sent since its last object was answered; past
+        MELANOSCREEN_MAX_FILE_BYTES (and a PDU), abort the association: pynetdicom keeps an
+        object in memory until its last byte, so a larger one is stopped while it arrives, not
+        refused once whole."""
+        data = event.data
+        if not data or data[0] != 0x04:  # P-DATA-TF only: the association's own PDUs are small
+            return
+        with self._counting:
+            received = self._received.get(event.assoc, 0) + len(data)
+            self._received[event.assoc] = received
+        if received > self.max_bytes + MAX_PDU_BYTES and not event.assoc.is_aborted:
+            caller = str(getattr(event.assoc.requestor, "ae_title", "") or "").strip()
+            logger.warning("DICOM association from %s aborted: an object of more than %d "
+                           "bytes, over MELANOSCREEN_MAX_FILE_BYTES (%d)", caller or "a caller",
+                           received, self.max_bytes)
+            event.assoc.abort()  # in a handler: queued, sent by the connection's own thread
 
     def on_requested(self, event: Event) -> None:
         """Reject an association from a caller not in MELANOSCREEN_DICOM_PEERS (permanent,
@@ -258,6 +306,8 @@ class Listener:
 
     def on_store(self, event: Event) -> int:
         """C-STORE: write the object durably into the inbox, then answer success."""
+        with self._counting:
+            self._received.pop(event.assoc, None)  # a whole object: the next one counts anew
         caller = str(event.assoc.requestor.ae_title).strip()
         request = cast("C_STORE", event.request)
         uid = str(request.AffectedSOPInstanceUID or "")

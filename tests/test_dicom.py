@@ -8,7 +8,9 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from model.imaging import DecodeError, decode_image, load_rgb
 from scheduler.intake import Intake
 from service.dicom import PSEUDONYM_PREFIX, pseudonym, pseudonym_key, pseudonymised, read_facts
 from service.reasons import plain_reason
-from tests.conftest import synthetic_jpeg
+from tests.conftest import synthetic_jpeg, wait_until
 from tests.dicom_fixtures import (
     BIRTH_DATE,
     PATIENT_ID,
@@ -35,6 +37,7 @@ from tests.dicom_fixtures import (
     dicom_bytes,
     dicom_dataset,
     malformed_bytes,
+    modality,
     multiframe_bytes,
     report_bytes,
     synthetic_pixels,
@@ -397,3 +400,71 @@ def test_the_worker_keeps_a_preview_and_a_thumbnail_of_a_dicom_image(
     store_pictures(bomb, "c" * 64, thumbnails, tmp_path / "previews" / "bomb.jpg")
     assert not (tmp_path / "previews" / "bomb.jpg").exists()
     assert len(list(thumbnails.rglob("*.jpg"))) == 2
+
+
+@pytest.fixture
+def listening(tmp_path: Path) -> Iterator[tuple[int, Path, Any]]:
+    """A listener in this process on a free loopback port (peer CAM), objects over 300 kB
+    refused: (port, inbox, listener)."""
+    from melanoscreen.cli.supervisor import free_port
+    from scheduler.listener import Listener
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    port = free_port()
+    listener = Listener(DicomSettings(peers="CAM", port=port), inbox,  # type: ignore[arg-type]
+                        lambda: b"k" * 32, max_bytes=300_000)
+    listener.start()
+    try:
+        yield port, inbox, listener
+    finally:
+        listener.stop()
+
+
+def test_a_pdu_longer_than_the_listener_takes_closes_the_connection_before_it_is_read(
+        listening: tuple[int, Path, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone may open a connection: an association request that claims 64 MiB is not read
+    into memory; the connection is closed after the first bytes, and others are served."""
+    import socket as sockets
+    import struct
+
+    from scheduler.listener import MAX_PDU_BYTES
+
+    port, _inbox, _listener = listening
+    claimed = 64 << 20
+    with sockets.create_connection(("127.0.0.1", port), timeout=30) as stranger:
+        stranger.sendall(struct.pack(">BBL", 0x01, 0, claimed))
+        sent, closed = 0, False
+        try:
+            while sent < claimed:
+                stranger.sendall(b"\0" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+    assert closed and sent <= 4 * MAX_PDU_BYTES  # refused long before 64 MiB arrived
+    assert any("a PDU of 67108864 bytes" in r.getMessage() for r in caplog.records)
+
+    assoc = modality("CAM").associate("127.0.0.1", port, ae_title="MELANOSCREEN")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_an_object_over_the_size_limit_is_stopped_while_it_arrives(
+        listening: tuple[int, Path, Any]) -> None:
+    """A 2.4 MB object to a listener that takes 300 kB: the association is aborted before the
+    object is whole (nothing written); the objects before it stay stored, a new association
+    is served."""
+    port, inbox, _listener = listening
+    small, large = dicom_dataset(41), dicom_dataset(42, size=(1000, 800))
+    assoc = modality("CAM").associate("127.0.0.1", port, ae_title="MELANOSCREEN")
+    assert assoc.send_c_store(small).Status == 0
+    answer = assoc.send_c_store(large)
+    assert not answer  # no status: the association was aborted while the object arrived
+    wait_until(lambda: assoc.is_aborted, message="the association aborted")
+    stored = sorted(p.name for p in inbox.rglob("*.dcm"))
+    assert stored == [f"{small.SOPInstanceUID}.dcm"]
+
+    again = modality("CAM").associate("127.0.0.1", port, ae_title="MELANOSCREEN")
+    assert again.send_c_store(dicom_dataset(43)).Status == 0
+    again.release()
