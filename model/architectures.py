@@ -115,11 +115,64 @@ def build_mobilenet(input_shape: tuple[int, int, int], num_classes: int, *,
     return keras.Model(inputs, outputs, name="mobilenet")
 
 
+#: EfficientNet-Lite0's blocks (Tan and Le, 2019; the "lite" variant for mobile CPUs): per
+#: stage, (repeats, kernel, first stride, expansion, output channels).
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+
+
+def build_efficientnet_lite0(input_shape: tuple[int, int, int], num_classes: int, *,
+                             dropout: float = 0.2) -> keras.Model:
+    """EfficientNet-Lite0, meant to start from ImageNet weights (`model.pretrained`), with
+    global pooling and a nine-class head.
+
+    The lite variant of EfficientNet-B0: no squeeze-and-excitation, ReLU6 instead of swish, a
+    32-channel stem and a 1,280-channel head; 3.4 M parameters before the head. Input float32,
+    shape (batch, H, W, 3), values 0..255; the network rescales to (x - 127) / 128 as its
+    ImageNet training did. Padding is TensorFlow's "same" (the extra row and column of a
+    stride-2 convolution at the bottom and right), which the ImageNet weights were trained with.
+    Layers are named `stem_*`, `block{i}_*` (0..15) and `head_*`; Grad-CAM reads "head_relu".
+    """
+    import keras
+    from keras import layers
+
+    def batch_norm(name: str) -> layers.BatchNormalization:
+        return layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=name)
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="rescale")(inputs)
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(batch_norm("stem_bn")(x))
+    channels, block = 32, 0
+    for repeats, kernel, first_stride, expansion, out in LITE0_STAGES:
+        for r in range(repeats):
+            stride, name, shortcut = (first_stride if r == 0 else 1), f"block{block}", x
+            if expansion != 1:
+                x = layers.Conv2D(channels * expansion, 1, use_bias=False,
+                                  name=f"{name}_expand")(x)
+                x = layers.ReLU(6.0, name=f"{name}_expand_relu")(batch_norm(f"{name}_expand_bn")(x))
+            x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
+                                       name=f"{name}_dwconv")(x)
+            x = layers.ReLU(6.0, name=f"{name}_dw_relu")(batch_norm(f"{name}_dw_bn")(x))
+            x = layers.Conv2D(out, 1, use_bias=False, name=f"{name}_project")(x)
+            x = batch_norm(f"{name}_project_bn")(x)
+            if stride == 1 and channels == out:
+                x = layers.Add(name=f"{name}_add")([shortcut, x])
+            channels, block = out, block + 1
+    x = layers.Conv2D(1280, 1, use_bias=False, name="head_conv")(x)
+    x = layers.ReLU(6.0, name="head_relu")(batch_norm("head_bn")(x))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="efficientnet_lite0")
+
+
 #: The layers whose pooled activations `scope_features` measures, where the rule below does not
 #: apply: colour and texture (blocks 3 and 5) and lesion structure (block 13); 1,408 features,
 #: a 7.9 MB whitening matrix.
 SCOPE_LAYERS: dict[str, tuple[str, ...]] = {
-    "mobilenet": ("conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_13_relu")}
+    "mobilenet": ("conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_13_relu"),
+    "efficientnet_lite0": ("block2_add", "block4_add", "head_relu")}
 
 
 def scope_features(network: keras.Model) -> keras.Model:
@@ -188,14 +241,17 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "melanonet2": build_melanonet2,
     "melanonet-cc": build_melanonet_cc,
     "mobilenet": build_mobilenet,
+    "efficientnet-lite0": build_efficientnet_lite0,
 }
 #: Input size (height, width) each architecture trains at by default.
 DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {
     "seed": (180, 180), "melanonet": (160, 160), "melanonet2": (160, 160),
-    "melanonet-cc": (160, 160), "mobilenet": (160, 160)}
+    "melanonet-cc": (160, 160), "mobilenet": (160, 160),
+    "efficientnet-lite0": (160, 160)}
 #: The layer Grad-CAM reads, per architecture (others: their last Conv2D).
 GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu", "melanonet2": "last_relu",
-                                 "melanonet-cc": "last_relu", "mobilenet": "conv_pw_13_relu"}
+                                 "melanonet-cc": "last_relu", "mobilenet": "conv_pw_13_relu",
+                                 "efficientnet-lite0": "head_relu"}
 
 
 def count_flops(model: keras.Model) -> int:

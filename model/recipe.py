@@ -45,8 +45,8 @@ class TrainConfig:
     #: Datasets (`labels.csv`'s `dataset`) put in fold 0 whole, beside fold 0's share of the
     #: others: fold 0's member then meets them as a new clinic's images.
     hold_out_datasets: tuple[str, ...] = ("ISIC2018-test",)
-    #: ImageNet weights for a `mobilenet` member (`model.pretrained`): the pinned package's source
-    #: distribution or its graph file. None: random initialisation.
+    #: ImageNet weights for a `mobilenet` or `efficientnet-lite0` member (`model.pretrained`):
+    #: the pinned package's distribution or its weights file. None: random initialisation.
     pretrained: str | None = None
     #: Epochs of linear learning-rate warm-up before the cosine decay.
     warmup_epochs: int = 1

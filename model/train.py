@@ -37,7 +37,7 @@ from model.preparation import (
     prepare,
     sample_weights,
 )
-from model.pretrained import MOBILENET_V1_SOURCE
+from model.pretrained import PRETRAINED_SOURCES
 from model.recipe import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -138,10 +138,10 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
         if config.init_from:
             copied = continue_from(model, Path(config.init_from), prepared.samples, held)
             report(f"weights copied into {copied} layers from {config.init_from}")
-        elif config.pretrained and arch == "mobilenet":
-            from model.pretrained import imagenet_weights, load_mobilenet_v1
+        elif config.pretrained and arch in PRETRAINED_SOURCES:
+            from model.pretrained import load_layer_weights, pretrained_weights
 
-            copied = load_mobilenet_v1(model, imagenet_weights(Path(config.pretrained)))
+            copied = load_layer_weights(model, pretrained_weights(arch, Path(config.pretrained)))
             report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
         # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
@@ -304,6 +304,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     ensemble, scope_distance = assemble(members, temperature, prepared.inputs[trained_on])
     ensemble.save(out)
     seconds = time.monotonic() - started
+    started_from = ([a for a in config.architectures if a in PRETRAINED_SOURCES]
+                    if config.pretrained else [])
 
     figures = held_out_figures(np.mean(oof[:, held], axis=0), scaled, prepared.labels[held],
                                sources, batches, classes, threshold, config.seed,
@@ -342,7 +344,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
         },
         training={**{k_: (list(v) if isinstance(v, tuple) else v)
                      for k_, v in asdict(config).items()},
-                  **({"pretrained_source": MOBILENET_V1_SOURCE} if config.pretrained else {}),
+                  **({"pretrained_source": PRETRAINED_SOURCES[started_from[0]]}
+                     if started_from else {}),
                   **({"continued_from": _provenance(Path(config.init_from))}
                      if config.init_from else {}),
                   "parameters": int(ensemble.count_params()),

@@ -16,7 +16,7 @@ from model.pretrained import (
     MOBILENET_V1_SOURCE,
     PretrainedError,
     imagenet_weights,
-    load_mobilenet_v1,
+    load_layer_weights,
     read_graph_bytes,
 )
 
@@ -65,7 +65,7 @@ def test_every_slim_constant_lands_in_the_keras_layer_of_the_same_role(tmp_path:
     model = keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=ALPHA, include_top=False,
                                          weights=None)
 
-    copied = load_mobilenet_v1(model, imagenet_weights(path, expected_sha256=None))
+    copied = load_layer_weights(model, imagenet_weights(path, expected_sha256=None))
 
     assert copied == 2 + 4 * BLOCKS
     np.testing.assert_array_equal(model.get_layer("conv1").get_weights()[0],
@@ -92,7 +92,7 @@ def test_a_graph_that_lacks_a_layer_or_does_not_fit_the_network_is_refused(tmp_p
     wider = keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.5, include_top=False,
                                          weights=None)
     with pytest.raises(PretrainedError, match="conv1"):
-        load_mobilenet_v1(wider, imagenet_weights(path, expected_sha256=None))
+        load_layer_weights(wider, imagenet_weights(path, expected_sha256=None))
 
 
 def test_only_the_pinned_file_is_read(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_the_converted_network_computes_what_the_frozen_graph_computes() -> None
     data = read_graph_bytes(path)
     model = keras.applications.MobileNet(input_shape=(224, 224, 3), include_top=False,
                                          weights=None, pooling="avg")
-    load_mobilenet_v1(model, imagenet_weights(path))
+    load_layer_weights(model, imagenet_weights(path))
     graph = tf.compat.v1.GraphDef()
     graph.ParseFromString(data)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)

