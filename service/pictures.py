@@ -106,7 +106,8 @@ def store_pictures(location: Path, sha256: str, thumbnails_dir: Path,
 
     thumbnail = thumbnail_path(thumbnails_dir, sha256)
     try:
-        dicom = preview is not None and is_dicom(read_head(location))
+        # A frame comes only out of a DICOM file: its header need not be read again.
+        dicom = preview is not None and (frame is not None or is_dicom(read_head(location)))
     except OSError as exc:
         logger.warning("no pictures of %s: %s", location.name, exc.strerror or exc)
         return
