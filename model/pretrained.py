@@ -202,7 +202,8 @@ class _StorageType:
 
 def _rebuild_tensor(storage: tuple[str, Any], offset: int, shape: Any, strides: Any,
                     *_: Any) -> _TensorRef:
-    return _TensorRef(storage, int(offset), tuple(shape), tuple(strides))
+    return _TensorRef(storage, int(offset), tuple(int(n) for n in shape),
+                      tuple(int(s) for s in strides))
 
 
 class _StateDict(dict):
@@ -238,17 +239,23 @@ def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
     8-byte little-endian element count and its raw little-endian elements.
     """
     stream = io.BytesIO(data)
+
+    def load() -> Any:  # every pickle of the file through the restricted unpickler
+        return _StateDictUnpickler(stream).load()
+
     try:
-        if pickle.load(stream) != TORCH_LEGACY_MAGIC:
+        if load() != TORCH_LEGACY_MAGIC:
             raise PretrainedError("not a PyTorch legacy weights file (its magic number differs)")
-        pickle.load(stream)  # protocol version
-        info = pickle.load(stream)
+        load()  # protocol version
+        info = load()
         if isinstance(info, dict) and not info.get("little_endian", True):
             raise PretrainedError("the weights file is big-endian")
-        state = _StateDictUnpickler(stream).load()
-        keys = pickle.load(stream)
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError) as exc:
+        state = load()
+        keys = load()
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise PretrainedError(f"unreadable PyTorch weights file: {exc}") from exc
+    if not isinstance(state, dict) or not isinstance(keys, list):
+        raise PretrainedError("the weights file holds no state dict")
     storages: dict[str, np.ndarray] = {}
     dtypes = {ref.storage[0]: ref.storage[1] for ref in state.values()
               if isinstance(ref, _TensorRef)}
@@ -266,7 +273,13 @@ def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
     for name, ref in state.items():
         if not isinstance(ref, _TensorRef):
             continue
-        storage = storages[ref.storage[0]]
+        storage = storages.get(ref.storage[0])
+        # A view must lie inside its storage: numpy's strided view does not check.
+        extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides, strict=False))
+        if (storage is None or len(ref.shape) != len(ref.strides) or ref.offset < 0
+                or any(n < 0 for n in ref.shape) or any(s < 0 for s in ref.strides)
+                or (all(ref.shape) and extent >= storage.size)):
+            raise PretrainedError(f"tensor {name!r} lies outside its storage")
         itemsize = storage.dtype.itemsize
         arrays[name] = np.lib.stride_tricks.as_strided(
             storage[ref.offset:], ref.shape, tuple(s * itemsize for s in ref.strides)).copy()

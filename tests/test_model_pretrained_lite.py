@@ -67,14 +67,15 @@ def _torch_names() -> Iterator[types.SimpleNamespace]:
                 sys.modules[name] = module
 
 
-def torch_legacy_bytes(state: dict[str, np.ndarray], *, transpose_storage: str | None = None
-                       ) -> bytes:
+def torch_legacy_bytes(state: dict[str, np.ndarray], *, transpose_storage: str | None = None,
+                       claimed_shape: dict[str, tuple[int, ...]] | None = None) -> bytes:
     """`state` as `torch.save` wrote it before PyTorch 1.6: magic number, protocol version,
     system information, the pickled OrderedDict of tensors that name their storages by key, the
     keys, then each storage as an 8-byte count and its raw float32 elements.
 
     With `transpose_storage`, that tensor is stored column-major (strides reversed), as a
-    transposed tensor would be, to check that strides are honoured.
+    transposed tensor would be, to check that strides are honoured. `claimed_shape` gives a
+    tensor a shape other than its storage's, as a corrupt or hostile file would.
     """
     out = io.BytesIO()
     storages: dict[str, np.ndarray] = {}
@@ -85,11 +86,13 @@ def torch_legacy_bytes(state: dict[str, np.ndarray], *, transpose_storage: str |
                 self.key = key
 
         class Tensor:
-            def __init__(self, key: str, array: np.ndarray, column_major: bool) -> None:
-                self.key, self.array, self.column_major = key, array, column_major
+            def __init__(self, key: str, name: str, array: np.ndarray,
+                         column_major: bool) -> None:
+                self.key, self.key_name, self.array = key, name, array
+                self.column_major = column_major
 
             def __reduce__(self) -> Any:
-                shape = self.array.shape
+                shape = (claimed_shape or {}).get(self.key_name, self.array.shape)
                 strides = [int(np.prod(shape[i + 1:])) for i in range(len(shape))]
                 if self.column_major:
                     strides = [int(np.prod(shape[:i])) for i in range(len(shape))]
@@ -109,7 +112,7 @@ def torch_legacy_bytes(state: dict[str, np.ndarray], *, transpose_storage: str |
             column_major = name == transpose_storage
             flat = (array.ravel(order="F") if column_major else array.ravel()).astype("<f4")
             storages[key] = flat
-            tensors[name] = Tensor(key, np.asarray(array), column_major)
+            tensors[name] = Tensor(key, name, np.asarray(array), column_major)
         for header in (TORCH_LEGACY_MAGIC, 1001, {"protocol_version": 1001,
                                                   "little_endian": True}):
             pickle.dump(header, out, protocol=2)
@@ -206,6 +209,14 @@ def test_a_checkpoint_that_lacks_a_tensor_or_asks_for_code_is_refused(network: A
     pickle.dump({"_conv_stem.weight": Payload()}, hostile, protocol=2)
     with pytest.raises(PretrainedError, match="system"):
         read_torch_legacy(hostile.getvalue())
+    # Every pickle of the file is read restricted, the first one too.
+    with pytest.raises(PretrainedError, match="system"):
+        read_torch_legacy(pickle.dumps(Payload(), protocol=2))
+    # A tensor that claims more elements than its storage holds is refused, never read past.
+    beyond = torch_legacy_bytes({"_fc.bias": np.ones(1000, np.float32)},
+                                claimed_shape={"_fc.bias": (1000, 1000)})
+    with pytest.raises(PretrainedError, match="outside its storage"):
+        read_torch_legacy(beyond)
     with pytest.raises(PretrainedError, match="magic"):
         read_torch_legacy(pickle.dumps(42, protocol=2))
     whole = torch_legacy_bytes({"_fc.bias": np.ones(1000, np.float32)})
