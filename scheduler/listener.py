@@ -28,6 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 from melanoscreen.settings import DicomSettings
@@ -35,7 +39,6 @@ from service.dicom import pseudonymise_dataset
 
 if TYPE_CHECKING:
     from pynetdicom import AE
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
     from pynetdicom.transport import ThreadedAssociationServer
 
@@ -115,6 +118,50 @@ def _uid_value(uid: str) -> bytes:
 def _text_value(text: str) -> bytes:
     data = text.encode("ascii")
     return data + b" " if len(data) % 2 else data
+
+
+#: C-STORE-RSP's command field, and the command data set type of a message without a data set.
+_C_STORE_RSP, _NO_DATA_SET = 0x8001, 0x0101
+
+
+def store_response_command(sop_class: str | None, message_id: int, status: int,
+                           sop_instance: str | None) -> bytes:
+    """A C-STORE-RSP command set (PS3.7 9.3.1.2) without optional elements, encoded implicit VR
+    little endian as pynetdicom encodes it through pydicom (the same bytes, tested), without
+    building a dataset: that took about a third of the listener's time per object."""
+    elements = [(0x0002, _uid_value(sop_class)) if sop_class else None,
+                (0x0100, struct.pack("<H", _C_STORE_RSP)),
+                (0x0120, struct.pack("<H", message_id)),
+                (0x0800, struct.pack("<H", _NO_DATA_SET)),
+                (0x0900, struct.pack("<H", status)),
+                (0x1000, _uid_value(sop_instance)) if sop_instance else None]
+    body = b"".join(struct.pack("<HHI", 0x0000, element, len(value)) + value
+                    for element, value in filter(None, elements))
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+class QuickStoreResponses(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with a C-STORE response that carries a status alone (what
+    the listener's C-STORE handler answers) encoded by `store_response_command`; anything else,
+    or a response someone listens for (EVT_DIMSE_SENT), goes pynetdicom's way."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        command = None
+        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
+                and isinstance(primitive.Status, int) and primitive.ErrorComment is None
+                and primitive.OffendingElement is None
+                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            command = store_response_command(
+                primitive.AffectedSOPClassUID, primitive.MessageIDBeingRespondedTo,
+                primitive.Status, primitive.AffectedSOPInstanceUID)
+        largest = self.maximum_pdu_size
+        if command is None or (largest and len(command) > largest - 6):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # One PDV: its control header says a command, and its last fragment.
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
 
 
 def folder_name(ae_title: str) -> str:
@@ -224,8 +271,6 @@ class Listener:
 
     def start(self) -> ThreadedAssociationServer:
         """Listen (in threads) on the configured address and port."""
-        from pynetdicom import evt
-
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, self.on_connection),
                                (evt.EVT_DATA_RECV, self.on_data),
                                (evt.EVT_REQUESTED, self.on_requested),
@@ -262,6 +307,8 @@ class Listener:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if type(holder) is AssociationSocket:
             holder.__class__ = GuardedSocket  # the same object, reading through the guard
+        if type(event.assoc.dimse) is DIMSEServiceProvider:
+            event.assoc.dimse.__class__ = QuickStoreResponses  # the same provider, answering quicker
 
     def on_data(self, event: Event) -> None:
         """Count what a sender has sent since its last object was answered; past
@@ -309,7 +356,7 @@ class Listener:
         with self._counting:
             self._received.pop(event.assoc, None)  # a whole object: the next one counts anew
         caller = str(event.assoc.requestor.ae_title).strip()
-        request = cast("C_STORE", event.request)
+        request = cast(C_STORE, event.request)
         uid = str(request.AffectedSOPInstanceUID or "")
         try:
             data = self.encoded(event)
@@ -333,7 +380,7 @@ class Listener:
     def encoded(self, event: Event) -> bytes:
         """The object as a DICOM file: preamble, file meta and the dataset as it was sent (or,
         pseudonymised, re-encoded without the patient's identifiers)."""
-        request = cast("C_STORE", event.request)
+        request = cast(C_STORE, event.request)
         if not self.dicom.pseudonymise:
             dataset_bytes = request.DataSet
             assert dataset_bytes is not None  # a C-STORE request always carries its dataset

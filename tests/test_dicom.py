@@ -358,6 +358,34 @@ def test_the_listener_writes_the_file_meta_pydicom_writes(instance: str) -> None
         file_meta(uid.VLPhotographicImageStorage, "1.2.\u00e9", uid.JPEGBaseline8Bit)
 
 
+@pytest.mark.parametrize(("sop_class", "instance", "message_id", "status"), [
+    (uid.VLPhotographicImageStorage, "1.2.3.4", 1, 0x0000),
+    (uid.SecondaryCaptureImageStorage, "1.2.840.10008.5.1.4.1.1.77.1.4.12345", 65535, 0xA700),
+    (None, None, 7, 0xC000),
+])
+def test_the_listener_answers_a_store_with_the_command_pynetdicom_encodes(
+        sop_class: str | None, instance: str | None, message_id: int, status: int) -> None:
+    """The C-STORE response written by hand is byte for byte the P-DATA that pynetdicom builds
+    for the same response, odd and even UID lengths and missing UIDs alike."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from scheduler.listener import store_response_command
+
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.Status = status
+    if sop_class is not None:
+        response.AffectedSOPClassUID = sop_class
+    if instance is not None:
+        response.AffectedSOPInstanceUID = instance
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    [pdata] = message.encode_msg(3, 16384)
+    command = store_response_command(sop_class, message_id, status, instance)
+    assert pdata.presentation_data_value_list == [(3, b"\x03" + command)]
+
+
 @pytest.mark.parametrize("syntax", [uid.JPEGBaseline8Bit, uid.ExplicitVRLittleEndian])
 def test_the_worker_keeps_a_preview_and_a_thumbnail_of_a_dicom_image(
         tmp_path: Path, syntax: uid.UID) -> None:
