@@ -251,10 +251,25 @@ def refused(port: int) -> bool:
     return bool(assoc.is_rejected)
 
 
+def _size(text: str) -> tuple[int, int]:
+    """`1024x768` as (1024, 768)."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size like 1024x768: {text!r}") from None
+    if not (16 <= width <= 8192 and 16 <= height <= 8192):
+        raise argparse.ArgumentTypeError(f"a side out of 16..8192: {text!r}")
+    return width, height
+
+
 def main() -> None:
     """Run the benchmark and print one JSON object; exit 1 below 80% of the JPEG path."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="images each way (180x180)")
+    parser.add_argument("--n", type=int, default=200, help="images each way")
+    parser.add_argument("--size", type=_size, default=(180, 180), metavar="WxH",
+                        help="the pictures' size (default 180x180, the training images' size: "
+                             "the model's cost per image is then at its lowest, so what DICOM "
+                             "adds weighs the most)")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--concurrency", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
@@ -270,7 +285,8 @@ def main() -> None:
     port = free_port()
     os.environ.update(MELANOSCREEN_DICOM_PORT=str(port), MELANOSCREEN_DICOM_PEERS="MODALITY1")
     report: dict[str, object] = {"cpu_count": os.cpu_count(), "concurrency": args.concurrency,
-                                 "sender": "dcmtk storescu" if storescu else "pynetdicom"}
+                                 "sender": "dcmtk storescu" if storescu else "pynetdicom",
+                                 "picture_size": "{}x{}".format(*args.size)}
     from pydicom import uid
 
     jpeg_runs: list[dict[str, Any]] = []
@@ -284,12 +300,12 @@ def main() -> None:
         try:
             # A burst first, so the model's first batches (TensorFlow traces each new batch
             # size) count against neither path.
-            warm = make_images(root / "warm", max(1, args.n // 2), (180, 180), seed=9)
+            warm = make_images(root / "warm", max(1, args.n // 2), args.size, seed=9)
             run_pipeline(data_dir, warm, "warm", args.timeout)
             # Alternating rounds, the best of each kept: the machine's other load varies.
             for number, study in enumerate(studies):
-                jpegs = make_images(root / f"jpeg-{number}", args.n, (180, 180), seed=10 + number)
-                dicoms = make_dicom(make_images(root / f"for-dicom-{number}", args.n, (180, 180),
+                jpegs = make_images(root / f"jpeg-{number}", args.n, args.size, seed=10 + number)
+                dicoms = make_dicom(make_images(root / f"for-dicom-{number}", args.n, args.size,
                                                 seed=20 + number), root / f"dicom-{number}", study)
                 jpeg_runs.append(measured(up.pid, run_pipeline, data_dir, jpegs,
                                           f"jpeg-{number}", args.timeout))
