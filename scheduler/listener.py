@@ -151,9 +151,10 @@ class QuickStoreResponses(DIMSEServiceProvider):
                 and isinstance(primitive.Status, int) and primitive.ErrorComment is None
                 and primitive.OffendingElement is None
                 and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-            command = store_response_command(
-                primitive.AffectedSOPClassUID, primitive.MessageIDBeingRespondedTo,
-                primitive.Status, primitive.AffectedSOPInstanceUID)
+            with contextlib.suppress(UnicodeEncodeError, struct.error):  # pynetdicom's way
+                command = store_response_command(
+                    primitive.AffectedSOPClassUID, primitive.MessageIDBeingRespondedTo,
+                    primitive.Status, primitive.AffectedSOPInstanceUID)
         largest = self.maximum_pdu_size
         if command is None or (largest and len(command) > largest - 6):
             super().send_msg(primitive, context_id)

@@ -384,6 +384,8 @@ def test_the_listener_answers_a_store_with_the_command_pynetdicom_encodes(
     [pdata] = message.encode_msg(3, 16384)
     command = store_response_command(sop_class, message_id, status, instance)
     assert pdata.presentation_data_value_list == [(3, b"\x03" + command)]
+    with pytest.raises(UnicodeEncodeError):  # such a response goes pynetdicom's way instead
+        store_response_command("1.2.\u00e9", message_id, status, instance)
 
 
 @pytest.mark.parametrize("syntax", [uid.JPEGBaseline8Bit, uid.ExplicitVRLittleEndian])
