@@ -4,6 +4,7 @@ intake, pseudonymised when asked; the listener's settings."""
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import subprocess
@@ -498,3 +499,37 @@ def test_an_object_over_the_size_limit_is_stopped_while_it_arrives(
     again = modality("CAM").associate("127.0.0.1", port, ae_title="MELANOSCREEN")
     assert again.send_c_store(dicom_dataset(43)).Status == 0
     again.release()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_an_association_that_ends_leaves_no_descriptor_of_its_own_open(
+        listening: tuple[int, Path, Any]) -> None:
+    """Each association's connection waits on its socket and a wake-up pipe rather than
+    polling; the pipe is closed when the association ends, released or aborted by the sender,
+    so a listener that serves associations all day holds no more descriptors than at start."""
+    port, _inbox, listener = listening
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def idle() -> bool:
+        return not listener.server.active_associations
+
+    first = modality("CAM").associate("127.0.0.1", port, ae_title="MELANOSCREEN")
+    assert first.send_c_echo().Status == 0  # whatever pynetdicom opens once, it opens now
+    first.release()
+    wait_until(idle, message="the first association ended")
+    before = open_descriptors()
+    gc.disable()  # closed as each association ends, not whenever the collector finds them
+    try:
+        for number in range(6):
+            assoc = modality("CAM").associate("127.0.0.1", port, ae_title="MELANOSCREEN")
+            assert assoc.send_c_store(dicom_dataset(60 + number)).Status == 0
+            if number % 2:
+                assoc.abort()
+            else:
+                assoc.release()
+        wait_until(lambda: idle() and open_descriptors() <= before, timeout=10,
+                   message="every association ended and its descriptors closed")
+    finally:
+        gc.enable()
