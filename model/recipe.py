@@ -57,6 +57,9 @@ class TrainConfig:
     #: Count a `melanoma-suspected` folder (a `refer` verdict without a diagnosis, from
     #: `melanoscreen export`) as melanoma; otherwise it is skipped like any unknown folder.
     suspected_as_melanoma: bool = False
+    #: Ship each fold's members (one architecture, one start) averaged weight by weight into one
+    #: network of one member's cost (`model.ensemble.soup`), instead of their averaged outputs.
+    soup: bool = False
 
     @classmethod
     def from_card(cls, card: ModelCard) -> TrainConfig:

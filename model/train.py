@@ -178,6 +178,40 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
     return member_path, held_out
 
 
+def soup_member(prepared: Prepared, fold: int, paths: list[Path], workdir: Path,
+                report: Reporter) -> tuple[Path, np.ndarray]:
+    """One fold's members averaged weight by weight (`model.ensemble.soup`), its batch-norm
+    statistics measured on the fold's training images; returns its path and held-out
+    probabilities, and reports the held-out same-source melanoma AUC of each member, of their
+    averaged outputs and of the soup, side by side."""
+    import keras
+
+    from model import layers  # noqa: F401  registers the custom layers, to read a soup back
+    from model.ensemble import soup
+
+    classes = list(prepared.dataset.classes)
+    held = prepared.folds == fold
+    path = workdir / f"soup-fold{fold}.keras"
+    if not path.is_file():
+        soup(paths, prepared.inputs[~held]).save(path)
+    x_val = prepared.inputs[held].astype(np.float32)
+    val_sources = [s for s, h in zip(prepared.sources, held, strict=True) if h]
+
+    def auc(probabilities: np.ndarray) -> str:
+        same = melanoma_same_source(probabilities, prepared.labels[held], val_sources, classes,
+                                    0.5, bootstrap=0)
+        return f"{same.get('auc') or 0.0:.3f}"
+
+    each = [np.asarray(keras.models.load_model(p, compile=False).predict(
+        x_val, batch_size=64, verbose=0)) for p in paths]
+    held_out = np.asarray(keras.models.load_model(path, compile=False).predict(
+        x_val, batch_size=64, verbose=0))
+    report(f"fold {fold + 1} held-out same-source melanoma AUC: members "
+           f"{', '.join(auc(p) for p in each)}; their averaged outputs {auc(np.mean(each, 0))}; "
+           f"the soup {auc(held_out)}")
+    return path, held_out
+
+
 def _provenance(source: Path) -> dict[str, Any]:
     """What a continued run started from: the model's version, file digest and recipe."""
     import hashlib
@@ -259,6 +293,10 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     for arch in config.architectures:
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    if config.soup and (len(config.architectures) < 2 or len(set(config.architectures)) > 1):
+        raise ValueError("a soup averages two or more members of one architecture "
+                         f"(--arch {config.architectures[0]}+{config.architectures[0]}), "
+                         f"not {config.arch}")
     out = Path(out)
     workdir = out.with_name(out.stem + ".folds")
     if not resume and workdir.exists():
@@ -278,14 +316,23 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     if config.ship_folds > len(trained):
         raise ValueError(f"cannot ship {config.ship_folds} folds' members: {len(trained)} trained")
     shipped_folds = range(config.ship_folds or len(trained))
+    souped = np.zeros((1, *oof.shape[1:]), np.float32)
     members = []
     for fold in trained:
+        paths = []
         for a in range(len(config.architectures)):
             path, held_out = train_member(prepared, fold, config, workdir, report, a)
             oof[a, prepared.folds == fold] = held_out
-            if fold in shipped_folds:
-                members.append(path)
+            paths.append(path)
+        if config.soup:
+            path, held_out = soup_member(prepared, fold, paths, workdir, report)
+            souped[0, prepared.folds == fold] = held_out
+            paths = [path]
+        if fold in shipped_folds:
+            members.extend(paths)
     np.save(workdir / "oof.npy", oof)
+    if config.soup:
+        oof = souped
 
     # The images some member never trained on: all of them with one member per fold.
     held = np.isin(prepared.folds, list(trained))

@@ -312,3 +312,65 @@ def test_a_continued_run_starts_from_the_models_network_and_refuses_other_folds(
     with pytest.raises(ValueError, match=r"--init-from: .* holds out"):
         train(root, tmp_path / "mixed.keras", replace(config, init_from=str(other)),
               report=lambda line: None)
+
+
+def test_a_soup_averages_its_members_weights_and_measures_batch_norm_again(tmp_path: Path) -> None:
+    """Two networks of one architecture: the soup's kernels are their mean, and each batch-norm
+    layer's moving mean is the mean of its batch means over the images given (not the members'
+    averaged statistics, which describe other activations)."""
+    import keras
+
+    from model.ensemble import soup
+
+    paths = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        network = build_melanonet((32, 32, 3), 9)
+        # Moving statistics far from the images', as a trained member's would be.
+        for layer in network.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0 * seed, np.float32))
+        paths.append(tmp_path / f"member{seed}.keras")
+        network.save(paths[-1])
+    members = [keras.models.load_model(p, compile=False) for p in paths]
+    images = np.random.default_rng(0).uniform(0, 255, (20, 32, 32, 3)).astype(np.uint8)
+
+    averaged = soup(paths, images, batch_size=8)
+
+    conv = next(layer.name for layer in averaged.layers if isinstance(layer, keras.layers.Conv2D))
+    np.testing.assert_allclose(
+        averaged.get_layer(conv).get_weights()[0],
+        (members[0].get_layer(conv).get_weights()[0]
+         + members[1].get_layer(conv).get_weights()[0]) / 2, rtol=1e-6)
+    norm = next(layer for layer in averaged.layers
+                if isinstance(layer, keras.layers.BatchNormalization))
+    probe = keras.Model(averaged.input, norm.input)
+    # Two equal batches of 8 (the last 4 images make no third batch).
+    batch_means = [np.asarray(probe(images[i:i + 8].astype(np.float32))).mean(axis=(0, 1, 2))
+                   for i in (0, 8)]
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), np.mean(batch_means, axis=0),
+                               rtol=1e-4, atol=1e-4)
+    assert norm.momentum == 0.99  # the layer's own momentum is given back
+
+
+def test_a_souped_run_ships_one_network_of_one_members_cost(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    _set_with_a_first_chunk(root)
+    out = tmp_path / "soup.keras"
+    config = TrainConfig(arch="melanonet+melanonet", soup=True, epochs=1, folds=3, batch_size=8,
+                         input_size=(32, 32), seed=5, members=1, augmentation="mild")
+    lines: list[str] = []
+    card = train(root, out, config, report=lines.append)
+
+    assert card.members == 1
+    assert sorted(p.name for p in (tmp_path / "soup.folds").glob("*fold0.keras")) == [
+        "melanonet-2-fold0.keras", "melanonet-fold0.keras", "soup-fold0.keras"]
+    assert any("the soup" in line for line in lines)
+    single = build_melanonet((32, 32, 3), 9).count_params()
+    assert Classifier(out).card.members == 1
+    assert card.training["soup"] is True
+    # The shipped model holds one network (and the scope's statistics), not two.
+    assert card.training["parameters"] < 2 * single
+    with pytest.raises(ValueError, match="one architecture"):
+        train(root, tmp_path / "mixed.keras", replace(config, arch="melanonet+seed"),
+              report=lambda line: None)

@@ -83,6 +83,10 @@ def train(
     input_size: Annotated[int | None, typer.Option(
         min=32, max=512, help="Square input side in pixels (default: the architecture's; "
                               "the forward cost grows with its square).")] = None,
+    soup: Annotated[bool | None, typer.Option(
+        "--soup/--no-soup", help="Ship each fold's members (--arch A+A, one start) averaged "
+        "weight by weight into one network of one member's cost, instead of their averaged "
+        "outputs.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the members and checkpoints in "
                                          "OUT's .folds folder.")] = True,
     calibrate_from: Annotated[Path | None, typer.Option(
@@ -128,7 +132,7 @@ def train(
              "init_from": str(init_from) if init_from else None,
              "learning_rate": learning_rate, "weight_decay": weight_decay,
              "warmup_epochs": warmup_epochs, "seed": seed, "target_sensitivity": target_sensitivity,
-             "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma,
+             "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma, "soup": soup,
              "input_size": (input_size, input_size) if input_size else None}
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if recipe.augmentation not in AUGMENTATIONS:
