@@ -60,12 +60,20 @@ class TrainConfig:
     #: Ship each fold's members (one architecture, one start) averaged weight by weight into one
     #: network of one member's cost (`model.ensemble.soup`), instead of their averaged outputs.
     soup: bool = False
+    #: A trained model (.keras, card beside it) whose probabilities on each training image, the
+    #: image also seen mirrored, are mixed into the targets (knowledge distillation): the member
+    #: learns what the model with test-time flips knows at one forward pass's cost. Its card must
+    #: hold out exactly this run's fold 0.
+    distill_from: str | None = None
+    #: The teacher's share of the targets (the labels keep the rest).
+    distill_weight: float = 0.5
 
     @classmethod
     def from_card(cls, card: ModelCard) -> TrainConfig:
         """The recipe a card's `training` block records (its figures and paths aside)."""
         known = {name: value for name, value in card.training.items()
-                 if name in cls.__dataclass_fields__ and name not in ("pretrained", "init_from")}
+                 if name in cls.__dataclass_fields__
+                 and name not in ("pretrained", "init_from", "distill_from")}
         for name in ("input_size", "hold_out_datasets"):
             if isinstance(known.get(name), list):
                 known[name] = tuple(known[name])

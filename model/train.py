@@ -84,16 +84,20 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
     size = config.size
     height, width = x.shape[1:3]
 
+    # One target row per image: the label one-hot, or a soft target (`soft_targets`).
+    targets = (y.astype(np.float32) if y.ndim == 2
+               else np.eye(num_classes, dtype=np.float32)[y.astype(np.int64)])
+
     def gather(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return x[indices], y[indices].astype(np.int32), w[indices].astype(np.float32)
+        return x[indices], targets[indices], w[indices].astype(np.float32)
 
     def load(indices: Any) -> tuple[Any, Any, Any]:
         # Batches are gathered from the array in place: a dataset built from the array itself
         # would copy it into the graph, which refuses more than 2 GB.
         images, labels, weights = tf.numpy_function(gather, [indices],
-                                                    [tf.uint8, tf.int32, tf.float32])
+                                                    [tf.uint8, tf.float32, tf.float32])
         images.set_shape([None, height, width, 3])
-        labels.set_shape([None])
+        labels.set_shape([None, num_classes])
         weights.set_shape([None])
         return images, labels, weights
 
@@ -101,7 +105,7 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
     order = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return (tf.data.Dataset.zip(order.batch(config.batch_size).map(load), seeds)
             .map(lambda batch, s: (augment_batch(tf.cast(batch[0], tf.float32), s, size),
-                                   tf.one_hot(batch[1], num_classes), batch[2]),
+                                   batch[1], batch[2]),
                  num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -144,6 +148,13 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
             copied = load_layer_weights(model, pretrained_weights(arch, Path(config.pretrained)))
             report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
+        if config.distill_from:
+            teacher = Path(config.distill_from)
+            check_same_held_out(teacher, prepared.samples, held, "--distill-from")
+            y_train = soft_targets(teacher, prepared.inputs[~held], y_train, k,
+                                   config.distill_weight)
+            report(f"targets mixed with {config.distill_weight:.2f} of {teacher}'s probabilities "
+                   "(the image and its mirror image averaged)")
         # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
         # later one melanomas only, so weighting by batch puts the weight where the two meet.
         sources = [s.dataset or batch_of(s.path)
@@ -222,6 +233,46 @@ def _provenance(source: Path) -> dict[str, Any]:
             "training": {k: v for k, v in card.training.items() if k != "seconds"}}
 
 
+def check_same_held_out(source: Path, samples: list[Any], held: np.ndarray, option: str) -> None:
+    """Refuse a trained model whose card did not hold out exactly the images `held` marks: one
+    that had trained on any of them would pass what it learnt of them on, and this run's
+    held-out figures would measure memory."""
+    card = ModelCard.read(card_path_for(source))
+    validation = set(card.training_set.get("validation_sha256", []))
+    here = {s.sha256 for s, h in zip(samples, held, strict=True) if h}
+    if validation != here:
+        raise ValueError(f"{option}: {source}'s card holds out {len(validation)} images, this "
+                         f"run's fold 0 {len(here)} ({len(here - validation)} of them trained on "
+                         "there); use only a model trained on the same folds")
+
+
+def soft_targets(teacher: Path, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                 weight: float) -> np.ndarray:
+    """Training targets for distillation: (1 - weight) of each label one-hot and `weight` of the
+    trained model `teacher`'s probabilities for the image, averaged with its mirror image's
+    (test-time flips, which that model cannot afford at run time). `images` at the teacher's
+    input size, values 0..255. Shape (n, num_classes), rows summing to 1."""
+    import keras
+
+    from model import layers  # noqa: F401  registers the custom layers for loading
+
+    model = keras.models.load_model(teacher, compile=False)
+
+    def probabilities(batch: np.ndarray) -> np.ndarray:
+        out = model.predict(batch, batch_size=64, verbose=0)
+        return np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
+
+    taught = np.concatenate([
+        (probabilities(chunk) + probabilities(chunk[:, :, ::-1])) / 2.0
+        for chunk in (images[i:i + 1024].astype(np.float32) for i in range(0, len(images), 1024))
+    ]) if len(images) else np.zeros((0, num_classes), np.float32)
+    if taught.shape[1] != num_classes:
+        raise ValueError(f"--distill-from: {teacher} has {taught.shape[1]} classes, "
+                         f"not {num_classes}")
+    one_hot = np.eye(num_classes, dtype=np.float32)[np.asarray(labels, np.int64)]
+    return ((1.0 - weight) * one_hot + weight * taught).astype(np.float32)
+
+
 def continue_from(model: Any, source: Path, samples: list[Any], held: np.ndarray) -> int:
     """Copy the first network of the trained model `source` into `model`, layer by layer.
 
@@ -233,13 +284,7 @@ def continue_from(model: Any, source: Path, samples: list[Any], held: np.ndarray
 
     from model import layers  # noqa: F401  registers the custom layers for loading
 
-    card = ModelCard.read(card_path_for(source))
-    validation = set(card.training_set.get("validation_sha256", []))
-    here = {s.sha256 for s, h in zip(samples, held, strict=True) if h}
-    if validation != here:
-        raise ValueError(f"--init-from: {source}'s card holds out {len(validation)} images, this "
-                         f"run's fold 0 {len(here)} ({len(here - validation)} of them trained on "
-                         "there); continue only a model trained on the same folds")
+    check_same_held_out(source, samples, held, "--init-from")
     trained = keras.models.load_model(source, compile=False)
     network = next((layer for layer in trained.layers if layer.name == "member_0"), trained)
     copied = 0
@@ -395,6 +440,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
                      if started_from else {}),
                   **({"continued_from": _provenance(Path(config.init_from))}
                      if config.init_from else {}),
+                  **({"distilled_from": _provenance(Path(config.distill_from))}
+                     if config.distill_from else {}),
                   "parameters": int(ensemble.count_params()),
                   "seconds": round(seconds, 1)},
         validation=figures,
