@@ -67,7 +67,15 @@ def threshold_for_sensitivity(positive: np.ndarray, scores: np.ndarray, target: 
         raise ValueError("no positive examples to set a threshold on")
     needed = int(np.ceil(target * len(positive_scores) - 1e-9))
     needed = min(max(needed, 1), len(positive_scores))
-    return float(positive_scores[needed - 1])
+    # Just under the score that sets it: the service computes that image's score again in
+    # float32 (the temperature inside the model), which can come out a unit in the last place
+    # lower, and the threshold must not then miss the very melanoma that set it.
+    return float(positive_scores[needed - 1]) * (1.0 - THRESHOLD_MARGIN)
+
+
+#: How far below the deciding positive's score a threshold sits, relatively: about 80 units in
+#: the last place of a float32, far less than any two images' scores differ by.
+THRESHOLD_MARGIN = 1e-5
 
 
 def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray,

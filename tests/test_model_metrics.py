@@ -77,9 +77,21 @@ def test_auc_counts_ties_as_half_and_is_none_without_both_sides() -> None:
 def test_threshold_is_the_highest_that_reaches_the_target_sensitivity() -> None:
     positive = np.array([1, 1, 1, 1, 0, 0])
     scores = np.array([0.9, 0.8, 0.4, 0.2, 0.5, 0.1])
-    assert threshold_for_sensitivity(positive, scores, 0.75) == pytest.approx(0.4)
-    assert threshold_for_sensitivity(positive, scores, 0.95) == pytest.approx(0.2)
-    assert threshold_for_sensitivity(positive, scores, 0.5) == pytest.approx(0.8)
+    assert threshold_for_sensitivity(positive, scores, 0.75) == pytest.approx(0.4, rel=1e-4)
+    assert threshold_for_sensitivity(positive, scores, 0.95) == pytest.approx(0.2, rel=1e-4)
+    assert threshold_for_sensitivity(positive, scores, 0.5) == pytest.approx(0.8, rel=1e-4)
+
+
+def test_the_positive_that_sets_the_threshold_reaches_it_when_scored_again_in_float32() -> None:
+    """The held-out scores that set the threshold are float64; the service scores the same image
+    in float32, which can round the deciding melanoma's score down past a threshold equal to it
+    (seen: 0.0499016132 set the threshold, the service scored the image 0.0499016047)."""
+    scores = np.array([0.9, 0.04990161319169971, 0.01, 0.3])
+    positive = np.array([1, 1, 0, 0])
+    threshold = threshold_for_sensitivity(positive, scores, 0.95)
+    assert float(np.float32(scores[1])) < scores[1]  # float32 rounds this one down
+    assert float(np.float32(scores[1])) >= threshold
+    assert threshold > scores[2] and threshold == pytest.approx(scores[1], rel=1e-4)
 
 
 def test_crossfit_threshold_measures_on_the_half_it_was_not_set_on() -> None:
@@ -91,7 +103,7 @@ def test_crossfit_threshold_measures_on_the_half_it_was_not_set_on() -> None:
     assert figures["specificity"] == 1.0
     assert 0.7 <= figures["sensitivity"] <= 1.0  # type: ignore[operator]
     # In-sample, the same target is always met: crossfit is the stricter figure.
-    assert threshold_for_sensitivity(positive, scores, 0.95) == pytest.approx(0.6)
+    assert threshold_for_sensitivity(positive, scores, 0.95) == pytest.approx(0.6, rel=1e-4)
     # Scores that carry no information cannot reach the target on unseen halves reliably.
     noise = np.random.default_rng(1).uniform(size=200)
     positive = np.random.default_rng(2).uniform(size=200) < 0.3
