@@ -32,7 +32,7 @@ class TrainConfig:
     source_balanced: bool = True
     #: "heavy" erases acquisition cues (colour casts, blur, JPEG, vignettes, hairs); "mild" is
     #: v1's (geometry, brightness and contrast only; the lesion's colours are kept).
-    augmentation: str = "moderate"
+    augmentation: str = "heavy"
     #: Train only the first `members` folds' members (0: one per fold); calibration and the
     #: figures then use those folds' held-out images only.
     members: int = 1
