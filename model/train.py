@@ -189,12 +189,13 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
     return member_path, held_out
 
 
-def soup_member(prepared: Prepared, fold: int, paths: list[Path], workdir: Path,
-                report: Reporter) -> tuple[Path, np.ndarray]:
+def soup_member(prepared: Prepared, fold: int, paths: list[Path], each: list[np.ndarray],
+                workdir: Path, report: Reporter) -> tuple[Path, np.ndarray]:
     """One fold's members averaged weight by weight (`model.ensemble.soup`), its batch-norm
     statistics measured on the fold's training images; returns its path and held-out
-    probabilities, and reports the held-out same-source melanoma AUC of each member, of their
-    averaged outputs and of the soup, side by side."""
+    probabilities, and reports the held-out same-source melanoma AUC of each member (`each`:
+    their held-out probabilities, as `train_member` returned them), of their averaged outputs
+    and of the soup, side by side."""
     import keras
 
     from model import layers  # noqa: F401  registers the custom layers, to read a soup back
@@ -213,8 +214,6 @@ def soup_member(prepared: Prepared, fold: int, paths: list[Path], workdir: Path,
                                     0.5, bootstrap=0)
         return f"{same.get('auc') or 0.0:.3f}"
 
-    each = [np.asarray(keras.models.load_model(p, compile=False).predict(
-        x_val, batch_size=64, verbose=0)) for p in paths]
     held_out = np.asarray(keras.models.load_model(path, compile=False).predict(
         x_val, batch_size=64, verbose=0))
     report(f"fold {fold + 1} held-out same-source melanoma AUC: members "
@@ -364,13 +363,14 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     souped = np.zeros((1, *oof.shape[1:]), np.float32)
     members = []
     for fold in trained:
-        paths = []
+        paths, each = [], []
         for a in range(len(config.architectures)):
             path, held_out = train_member(prepared, fold, config, workdir, report, a)
             oof[a, prepared.folds == fold] = held_out
             paths.append(path)
+            each.append(held_out)
         if config.soup:
-            path, held_out = soup_member(prepared, fold, paths, workdir, report)
+            path, held_out = soup_member(prepared, fold, paths, each, workdir, report)
             souped[0, prepared.folds == fold] = held_out
             paths = [path]
         if fold in shipped_folds:
