@@ -22,6 +22,7 @@ from model.metrics import (
     melanoma_same_source,
     probe_auc,
     roc_curve,
+    sensitivity_specificity,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
             figures["new_source"] = new_source_figures(
                 probs, y, sources, classes, classifier.card.training.get("hold_out_datasets", []),
                 classifier.card.target_sensitivity, seed=seed)
+            fitting = np.asarray(sources) != TEST_DATASET
+            figures["threshold_stability"] = threshold_stability(
+                probs[fitting, classes.index("melanoma")], melanoma[fitting],
+                [list(np.asarray(sources)[fitting]), list(np.asarray(batches)[fitting])],
+                classifier.card.target_sensitivity, seed=seed)
         test = figures["by_dataset"].get(TEST_DATASET)
         if test is not None:
             figures["isic2017_test"] = {**test, "challenge_best_auc": ISIC2017_CHALLENGE_BEST_AUC}
@@ -169,6 +175,41 @@ def new_source_figures(probabilities: np.ndarray, labels: np.ndarray, datasets: 
         figures.pop("sources")
         out[name] = {"threshold_from_other_datasets": threshold, **figures}
     return out
+
+
+def threshold_stability(melanoma_scores: np.ndarray, is_melanoma: np.ndarray,
+                        groupings: list[list[str]], target_sensitivity: float, *,
+                        bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """How far the alert threshold rests on a few melanomas: the threshold that training's rule
+    (`threshold_within_groups`) sets on these images, and again on each of `bootstrap` redraws of
+    them (within each group of the first grouping and class), with the 95% interval of those
+    thresholds and of the sensitivity and specificity each reaches on all of these images.
+    Call it with the held-out images the threshold was set on (never the test set)."""
+    scores = np.asarray(melanoma_scores, float)
+    positive = np.asarray(is_melanoma, bool)
+    group_arrays = [np.asarray(groups) for groups in groupings]
+    strata = np.asarray([f"{g}/{p}" for g, p in zip(group_arrays[0], positive, strict=True)])
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(strata == value) for value in np.unique(strata)]
+    drawn = []
+    for _ in range(bootstrap):
+        index = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        drawn.append(threshold_within_groups(scores[index], positive[index],
+                                             [list(g[index]) for g in group_arrays],
+                                             target_sensitivity))
+    thresholds = np.asarray(drawn)
+    at = [sensitivity_specificity(positive, scores, t) for t in thresholds]
+
+    def interval(values: Any) -> list[float]:
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+    return {
+        "n": len(scores), "melanomas": int(positive.sum()), "bootstrap": bootstrap,
+        "threshold": threshold_within_groups(scores, positive, groupings, target_sensitivity),
+        "threshold_interval": interval(thresholds),
+        "sensitivity_interval": interval([sens for sens, _ in at]),
+        "specificity_interval": interval([spec for _, spec in at]),
+    }
 
 
 def write_report(figures: dict[str, Any], probabilities: np.ndarray, labels: np.ndarray,

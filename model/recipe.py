@@ -60,12 +60,12 @@ class TrainConfig:
     #: Ship each fold's members (one architecture, one start) averaged weight by weight into one
     #: network of one member's cost (`model.ensemble.soup`), instead of their averaged outputs.
     soup: bool = False
-    #: A trained model (.keras, card beside it) whose probabilities on each training image, the
-    #: image also seen mirrored, are mixed into the targets (knowledge distillation): the member
-    #: learns what the model with test-time flips knows at one forward pass's cost. Its card must
-    #: hold out exactly this run's fold 0.
-    distill_from: str | None = None
-    #: The teacher's share of the targets (the labels keep the rest).
+    #: Trained models (.keras, card beside each) whose probabilities on each training image, the
+    #: image also seen mirrored, are averaged and mixed into the targets (knowledge
+    #: distillation): the member learns what those models together, with test-time flips, know
+    #: at one forward pass's cost. Each card must hold out exactly this run's fold 0.
+    distill_from: tuple[str, ...] = ()
+    #: The teachers' share of the targets (the labels keep the rest).
     distill_weight: float = 0.5
 
     @classmethod

@@ -149,12 +149,14 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
             report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
         if config.distill_from:
-            teacher = Path(config.distill_from)
-            check_same_held_out(teacher, prepared.samples, held, "--distill-from")
-            y_train = soft_targets(teacher, prepared.inputs[~held], y_train, k,
+            teachers = [Path(path) for path in config.distill_from]
+            for teacher in teachers:
+                check_same_held_out(teacher, prepared.samples, held, "--distill-from")
+            y_train = soft_targets(teachers, prepared.inputs[~held], y_train, k,
                                    config.distill_weight)
-            report(f"targets mixed with {config.distill_weight:.2f} of {teacher}'s probabilities "
-                   "(the image and its mirror image averaged)")
+            report(f"targets mixed with {config.distill_weight:.2f} of the probabilities of "
+                   f"{', '.join(map(str, teachers))} (each image and its mirror image, "
+                   "all averaged)")
         # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
         # later one melanomas only, so weighting by batch puts the weight where the two meet.
         sources = [s.dataset or batch_of(s.path)
@@ -245,29 +247,30 @@ def check_same_held_out(source: Path, samples: list[Any], held: np.ndarray, opti
                          "there); use only a model trained on the same folds")
 
 
-def soft_targets(teacher: Path, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                 weight: float) -> np.ndarray:
+def soft_targets(teachers: Sequence[Path], images: np.ndarray, labels: np.ndarray,
+                 num_classes: int, weight: float) -> np.ndarray:
     """Training targets for distillation: (1 - weight) of each label one-hot and `weight` of the
-    trained model `teacher`'s probabilities for the image, averaged with its mirror image's
-    (test-time flips, which that model cannot afford at run time). `images` at the teacher's
-    input size, values 0..255. Shape (n, num_classes), rows summing to 1."""
+    trained models' probabilities for the image, each model's averaged with its mirror image's
+    (test-time flips, which no model can afford at run time) and the models' then averaged
+    (an ensemble, likewise). `images` at the teachers' input size, values 0..255. Shape
+    (n, num_classes), rows summing to 1."""
     import keras
 
     from model import layers  # noqa: F401  registers the custom layers for loading
 
-    model = keras.models.load_model(teacher, compile=False)
-
-    def probabilities(batch: np.ndarray) -> np.ndarray:
-        out = model.predict(batch, batch_size=64, verbose=0)
-        return np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
-
-    taught = np.concatenate([
-        (probabilities(chunk) + probabilities(chunk[:, :, ::-1])) / 2.0
-        for chunk in (images[i:i + 1024].astype(np.float32) for i in range(0, len(images), 1024))
-    ]) if len(images) else np.zeros((0, num_classes), np.float32)
-    if taught.shape[1] != num_classes:
-        raise ValueError(f"--distill-from: {teacher} has {taught.shape[1]} classes, "
-                         f"not {num_classes}")
+    taught = np.zeros((len(images), num_classes), np.float32)
+    for teacher in teachers:
+        model = keras.models.load_model(teacher, compile=False)
+        for start in range(0, len(images), 1024):
+            chunk = images[start:start + 1024].astype(np.float32)
+            flipped = chunk[:, :, ::-1]
+            both = [model.predict(batch, batch_size=64, verbose=0) for batch in (chunk, flipped)]
+            plain, mirrored = (np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
+                               for out in both)
+            if plain.shape[1] != num_classes:
+                raise ValueError(f"--distill-from: {teacher} has {plain.shape[1]} classes, "
+                                 f"not {num_classes}")
+            taught[start:start + len(chunk)] += (plain + mirrored) / (2.0 * len(teachers))
     one_hot = np.eye(num_classes, dtype=np.float32)[np.asarray(labels, np.int64)]
     return ((1.0 - weight) * one_hot + weight * taught).astype(np.float32)
 
@@ -440,7 +443,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
                      if started_from else {}),
                   **({"continued_from": _provenance(Path(config.init_from))}
                      if config.init_from else {}),
-                  **({"distilled_from": _provenance(Path(config.distill_from))}
+                  **({"distilled_from": [_provenance(Path(path))
+                                         for path in config.distill_from]}
                      if config.distill_from else {}),
                   "parameters": int(ensemble.count_params()),
                   "seconds": round(seconds, 1)},

@@ -159,3 +159,37 @@ def test_the_threshold_is_checked_on_a_dataset_held_out_whole_and_set_by_the_oth
     assert row["melanomas"] == 5 and row["n"] == 25
     assert row["sensitivity"] == 0.0  # the new source's melanomas all score below it
     assert row["specificity"] == 1.0
+
+
+def test_the_thresholds_interval_shows_how_far_it_rests_on_a_few_melanomas() -> None:
+    """Redrawing the held-out images moves the threshold as far as the lowest-scored melanomas
+    allow: not at all when every melanoma scores alike, and over the span of the low scores when
+    a few melanomas score low; each redraw's threshold is measured on all the images."""
+    from model.evaluate import threshold_stability
+
+    alike, alike_mel = _scores([0.9] * 20, [0.1] * 30)
+    steady = threshold_stability(alike, alike_mel, [["A"] * 50], 0.95, bootstrap=200)
+    assert steady["threshold"] == pytest.approx(0.9, rel=1e-4)
+    assert steady["threshold_interval"][0] == steady["threshold_interval"][1] == steady["threshold"]
+    assert steady["sensitivity_interval"] == [1.0, 1.0]
+    assert steady["specificity_interval"] == [1.0, 1.0]
+
+    # Two groups; group B's melanomas include three low scores, among benign lesions that
+    # score between them, so whether a redraw holds them decides its threshold.
+    scores_a, mel_a = _scores([0.8] * 20, [0.1] * 20)
+    scores_b, mel_b = _scores([0.8] * 17 + [0.05, 0.3, 0.5], list(np.linspace(0.0, 0.6, 40)))
+    scores = np.concatenate([scores_a, scores_b])
+    melanoma = np.concatenate([mel_a, mel_b])
+    groups = ["A"] * 40 + ["B"] * 60
+    moving = threshold_stability(scores, melanoma, [groups], 0.95, bootstrap=300)
+
+    assert moving["n"] == 100 and moving["melanomas"] == 40 and moving["bootstrap"] == 300
+    # All images: 19 of B's 20 melanomas at 0.95 means the second-lowest, 0.3, decides.
+    assert moving["threshold"] == pytest.approx(0.3, rel=1e-4)
+    low, high = moving["threshold_interval"]
+    assert low < moving["threshold"] < high
+    assert low >= 0.05 * (1 - 1e-4) and high <= 0.8
+    spec_low, spec_high = moving["specificity_interval"]
+    assert spec_low < spec_high  # a lower threshold emails more benign lesions
+    sens_low, sens_high = moving["sensitivity_interval"]
+    assert sens_low <= 39 / 40 <= sens_high and sens_low < sens_high

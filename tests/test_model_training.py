@@ -379,9 +379,9 @@ def test_a_souped_run_ships_one_network_of_one_members_cost(tmp_path: Path) -> N
 def test_distillation_mixes_the_teachers_mirrored_probabilities_into_the_targets(
         tmp_path: Path) -> None:
     """--distill-from: each training image's target is (1 - w) of its label and w of the
-    teacher's probabilities for it and its mirror image, averaged; the card names the teacher;
-    a teacher that held out other images is refused, since the student would learn from it what
-    the teacher learnt of this run's held-out images."""
+    teachers' probabilities for it and its mirror image, all averaged; the card names the
+    teachers; a teacher that held out other images is refused, since the student would learn
+    from it what the teacher learnt of this run's held-out images."""
     from model.train import soft_targets
 
     root = tmp_path / "set"
@@ -393,27 +393,36 @@ def test_distillation_mixes_the_teachers_mirrored_probabilities_into_the_targets
 
     images = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.uint8)
     labels = np.array([0, 1, 2, 3, 4])
-    classifier = Classifier(teacher)
-    plain = classifier.predict_arrays(images.astype(np.float32))
-    mirrored = classifier.predict_arrays(images[:, :, ::-1].astype(np.float32))
-    expected_teacher = (plain + mirrored) / 2
-    assert not np.allclose(plain, mirrored, atol=1e-4)  # the mirror image changes something
-    np.testing.assert_allclose(soft_targets(teacher, images, labels, 9, 1.0), expected_teacher,
+    other = tmp_path / "other.keras"
+    train(root, other, replace(config, seed=6), report=lambda line: None)
+
+    def flipped_average(path: Path) -> np.ndarray:
+        classifier = Classifier(path)
+        plain = classifier.predict_arrays(images.astype(np.float32))
+        mirrored = classifier.predict_arrays(images[:, :, ::-1].astype(np.float32))
+        assert not np.allclose(plain, mirrored, atol=1e-4)  # the mirror image changes something
+        return (plain + mirrored) / 2
+
+    expected_teacher, expected_other = flipped_average(teacher), flipped_average(other)
+    assert not np.allclose(expected_teacher, expected_other, atol=1e-4)
+    np.testing.assert_allclose(soft_targets([teacher], images, labels, 9, 1.0), expected_teacher,
                                rtol=1e-4, atol=1e-6)
-    mixed = soft_targets(teacher, images, labels, 9, 0.25)
+    np.testing.assert_allclose(soft_targets([teacher, other], images, labels, 9, 1.0),
+                               (expected_teacher + expected_other) / 2, rtol=1e-4, atol=1e-6)
+    mixed = soft_targets([teacher], images, labels, 9, 0.25)
     np.testing.assert_allclose(mixed, 0.75 * np.eye(9)[labels] + 0.25 * expected_teacher,
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(mixed.sum(axis=1), 1.0, rtol=1e-5)
 
     lines: list[str] = []
     card = train(root, tmp_path / "student.keras",
-                 replace(config, distill_from=str(teacher), distill_weight=0.5),
+                 replace(config, distill_from=(str(teacher),), distill_weight=0.5),
                  report=lines.append)
-    assert card.training["distilled_from"]["version"] == teacher_card.version
+    assert [source["version"] for source in card.training["distilled_from"]] == [
+        teacher_card.version]
     assert any(line.startswith("targets mixed with 0.50") for line in lines)
 
-    other = tmp_path / "other.keras"
-    train(root, other, replace(config, seed=6), report=lambda line: None)
     with pytest.raises(ValueError, match=r"--distill-from: .* holds out"):
-        train(root, tmp_path / "refused.keras", replace(config, distill_from=str(other)),
+        train(root, tmp_path / "refused.keras",
+              replace(config, distill_from=(str(teacher), str(other))),
               report=lambda line: None)

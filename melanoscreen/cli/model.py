@@ -83,11 +83,12 @@ def train(
     input_size: Annotated[int | None, typer.Option(
         min=32, max=512, help="Square input side in pixels (default: the architecture's; "
                               "the forward cost grows with its square).")] = None,
-    distill_from: Annotated[Path | None, typer.Option(
+    distill_from: Annotated[list[Path] | None, typer.Option(
         help="A trained model (.keras, card beside it, same folds) whose probabilities on each "
-             "training image and its mirror image are mixed into the targets.")] = None,
+             "training image and its mirror image are mixed into the targets; repeat it to "
+             "average several.")] = None,
     distill_weight: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="The --distill-from model's share of the targets.")] = None,
+        min=0.0, max=1.0, help="The --distill-from models' share of the targets.")] = None,
     soup: Annotated[bool | None, typer.Option(
         "--soup/--no-soup", help="Ship each fold's members (--arch A+A, one start) averaged "
         "weight by weight into one network of one member's cost, instead of their averaged "
@@ -138,7 +139,7 @@ def train(
              "learning_rate": learning_rate, "weight_decay": weight_decay,
              "warmup_epochs": warmup_epochs, "seed": seed, "target_sensitivity": target_sensitivity,
              "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma, "soup": soup,
-             "distill_from": str(distill_from) if distill_from else None,
+             "distill_from": tuple(map(str, distill_from)) if distill_from else None,
              "distill_weight": distill_weight,
              "input_size": (input_size, input_size) if input_size else None}
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
@@ -146,8 +147,9 @@ def train(
         fail(f"--augmentation must be one of {', '.join(sorted(AUGMENTATIONS))}")
     if init_from is not None and not init_from.is_file():
         fail(f"--init-from: no model file at {init_from}")
-    if distill_from is not None and not distill_from.is_file():
-        fail(f"--distill-from: no model file at {distill_from}")
+    for teacher in distill_from or ():
+        if not teacher.is_file():
+            fail(f"--distill-from: no model file at {teacher}")
     if pretrained is None and init_from is None and len(recipe.architectures) == 1:
         pretrained = installed_weights(recipe.architectures[0])  # the `train` extra's
         if pretrained is not None:
