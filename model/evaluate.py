@@ -112,10 +112,11 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
                 probs, y, sources, classes, classifier.card.training.get("hold_out_datasets", []),
                 classifier.card.target_sensitivity, seed=seed)
             fitting = np.asarray(sources) != TEST_DATASET
-            figures["threshold_stability"] = threshold_stability(
-                probs[fitting, classes.index("melanoma")], melanoma[fitting],
-                [list(np.asarray(sources)[fitting]), list(np.asarray(batches)[fitting])],
-                classifier.card.target_sensitivity, seed=seed)
+            if melanoma[fitting].any() and (~melanoma[fitting]).any():
+                figures["threshold_stability"] = threshold_stability(
+                    probs[fitting, classes.index("melanoma")], melanoma[fitting],
+                    [list(np.asarray(sources)[fitting]), list(np.asarray(batches)[fitting])],
+                    classifier.card.target_sensitivity, seed=seed)
         test = figures["by_dataset"].get(TEST_DATASET)
         if test is not None:
             figures["isic2017_test"] = {**test, "challenge_best_auc": ISIC2017_CHALLENGE_BEST_AUC}

@@ -191,6 +191,19 @@ def test_evaluating_a_table_reports_each_dataset_and_the_test_set_beside_the_cha
     assert len(test["auc_interval"]) == 2 and test["auc_interval"][0] <= test["auc_interval"][1]
     assert 0 <= test["melanomas_emailed"] <= test["emailed"] <= test["n"]
 
+    # A model trained on the table with one member: its validation split is the held-out fold,
+    # on which evaluate sets training's threshold again, then again on redraws of those images.
+    one = tiny_set.parent / "one-member.keras"
+    card = train(table, one, replace(CONFIG, members=1, folds=2), report=lambda line: None)
+    run = subprocess.run(
+        [sys.executable, "-m", "melanoscreen", "evaluate", "--data", str(table), "--model",
+         str(one), "--split", "validation", "--json"], capture_output=True, text=True, check=True)
+    stability = json.loads(run.stdout)["threshold_stability"]
+    assert stability["n"] == card.validation["n"]  # the held-out fold, never the test set
+    assert stability["threshold"] == pytest.approx(card.alert_threshold, rel=1e-4)
+    low, high = stability["threshold_interval"]
+    assert low <= stability["threshold"] * (1 + 1e-4) and high >= stability["threshold"] * (1 - 1e-4)
+
 
 def test_predict_says_why_an_image_is_unreadable(trained: Path, tmp_path: Path) -> None:
     bad = tmp_path / "empty.jpg"
