@@ -74,6 +74,28 @@ class ValidationFigures:
         return Callback()
 
 
+class Stopwatch:
+    """A run's training time over all its stretches: a run stopped and resumed adds the seconds
+    of each stretch, kept in `path` (in the run's `.folds` folder) and saved at every epoch's end,
+    so a stop loses at most the epoch it interrupted (which training repeats anyway)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.before = float(json.loads(path.read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.before = 0.0
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps({"seconds": round(self.seconds(), 1)}))
+        partial.replace(self.path)
+
+
 def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainConfig,
                    num_classes: int, seed: int) -> Any:
     import tensorflow as tf
@@ -111,7 +133,8 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
 
 
 def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Path,
-                 report: Reporter, member: int = 0) -> tuple[Path, np.ndarray]:
+                 report: Reporter, member: int = 0,
+                 stopwatch: Stopwatch | None = None) -> tuple[Path, np.ndarray]:
     """Train on every fold but `fold`; return the member's path and its held-out probabilities.
 
     `member` indexes `config.architectures`; with several, each member's files carry its
@@ -180,6 +203,9 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
             keras.callbacks.ModelCheckpoint(str(workdir / f"{name}.last.keras")),
             keras.callbacks.BackupAndRestore(str(workdir / f"{name}.backup")),
         ]
+        if stopwatch is not None:
+            callbacks.append(keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: stopwatch.save()))
         report(f"fold {fold + 1}/{config.folds} ({arch}): train {int((~held).sum())}, "
                f"held out {int(held.sum())}")
         model.fit(_train_dataset(x_train, y_train, weights, config, k, seed),
@@ -353,7 +379,7 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     tf.config.experimental.enable_op_determinism()
-    started = time.monotonic()
+    stopwatch = Stopwatch(workdir / "seconds.json")
 
     prepared = prepare(data_dir, config, report, cache=workdir / "cache")
     classes = list(prepared.dataset.classes)
@@ -368,7 +394,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
     for fold in trained:
         paths, each = [], []
         for a in range(len(config.architectures)):
-            path, held_out = train_member(prepared, fold, config, workdir, report, a)
+            path, held_out = train_member(prepared, fold, config, workdir, report, a,
+                                          stopwatch)
             oof[a, prepared.folds == fold] = held_out
             paths.append(path)
             each.append(held_out)
@@ -398,7 +425,8 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
                   else np.ones(len(prepared.folds), bool))
     ensemble, scope_distance = assemble(members, temperature, prepared.inputs[trained_on])
     ensemble.save(out)
-    seconds = time.monotonic() - started
+    seconds = stopwatch.seconds()
+    stopwatch.save()
     started_from = ([a for a in config.architectures if a in PRETRAINED_SOURCES]
                     if config.pretrained else [])
 

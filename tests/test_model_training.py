@@ -439,3 +439,22 @@ def test_distillation_mixes_the_teachers_mirrored_probabilities_into_the_targets
         train(root, tmp_path / "refused.keras",
               replace(config, distill_from=(str(teacher), str(other))),
               report=lambda line: None)
+
+
+def test_a_resumed_run_counts_the_training_time_of_every_stretch(tmp_path: Path) -> None:
+    """The card's `seconds` is the whole run's training time: a run resumed after a stop (here,
+    after it had finished its member and the model file was lost) adds the earlier stretch."""
+    root = tmp_path / "set"
+    _set_with_a_first_chunk(root)
+    out = tmp_path / "run.keras"
+    config = TrainConfig(arch="melanonet", epochs=2, folds=3, batch_size=8, input_size=(32, 32),
+                         seed=5, members=1, augmentation="mild")
+    first = train(root, out, config, report=lambda line: None)
+    kept = json.loads((tmp_path / "run.folds" / "seconds.json").read_text())["seconds"]
+    assert kept == pytest.approx(first.training["seconds"], abs=0.2) and kept > 0
+
+    out.unlink()
+    lines: list[str] = []
+    again = train(root, out, config, report=lines.append)
+    assert not any(line.startswith("fold 1/3") for line in lines)  # the member was read back
+    assert again.training["seconds"] > first.training["seconds"]
