@@ -67,6 +67,11 @@ class TrainConfig:
     distill_from: tuple[str, ...] = ()
     #: The teachers' share of the targets (the labels keep the rest).
     distill_weight: float = 0.5
+    #: The teachers score each batch as the student sees it, augmented ("consistent teaching"),
+    #: instead of once, before training, on the plain image and its mirror image: the targets
+    #: then follow every crop, colour cast and blur, at one teacher's forward pass per batch
+    #: and teacher.
+    distill_consistent: bool = False
 
     @classmethod
     def from_card(cls, card: ModelCard) -> TrainConfig:

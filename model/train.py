@@ -97,7 +97,10 @@ class Stopwatch:
 
 
 def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainConfig,
-                   num_classes: int, seed: int) -> Any:
+                   num_classes: int, seed: int, teachers: Sequence[Any] = ()) -> Any:
+    """Batches of (augmented images, targets, weights). With `teachers` (loaded models), each
+    target is (1 - `config.distill_weight`) of the label and the rest the teachers' averaged
+    probabilities for the augmented images of that very batch."""
     import tensorflow as tf
 
     from model.augment import AUGMENTATIONS
@@ -123,13 +126,23 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
         weights.set_shape([None])
         return images, labels, weights
 
+    def teach(images: Any, labels: Any, weights: Any) -> tuple[Any, Any, Any]:
+        outputs = [teacher(images, training=False) for teacher in teachers]
+        taught = tf.add_n([out[0] if isinstance(out, (list, tuple)) else out
+                           for out in outputs]) / float(len(teachers))
+        share = config.distill_weight
+        return images, (1.0 - share) * labels + share * tf.cast(taught, tf.float32), weights
+
     seeds = tf.data.Dataset.random(seed=seed).batch(2)  # one stateless seed per batch
     order = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return (tf.data.Dataset.zip(order.batch(config.batch_size).map(load), seeds)
-            .map(lambda batch, s: (augment_batch(tf.cast(batch[0], tf.float32), s, size),
-                                   batch[1], batch[2]),
-                 num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    batches = (tf.data.Dataset.zip(order.batch(config.batch_size).map(load), seeds)
+               .map(lambda batch, s: (augment_batch(tf.cast(batch[0], tf.float32), s, size),
+                                      batch[1], batch[2]),
+                    num_parallel_calls=tf.data.AUTOTUNE))
+    if teachers:
+        # One batch at a time: each call already spreads over the cores.
+        batches = batches.map(teach)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Path,
@@ -171,15 +184,27 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
             copied = load_layer_weights(model, pretrained_weights(arch, Path(config.pretrained)))
             report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
+        teaching: list[Any] = []
         if config.distill_from:
             teachers = [Path(path) for path in config.distill_from]
             for teacher in teachers:
                 check_same_held_out(teacher, prepared.samples, held, "--distill-from")
-            y_train = soft_targets(teachers, prepared.inputs[~held], y_train, k,
-                                   config.distill_weight)
+            if config.distill_consistent:
+                teaching = [keras.models.load_model(path, compile=False) for path in teachers]
+                for path, loaded in zip(teachers, teaching, strict=True):
+                    outputs = loaded.output_shape
+                    classes_out = (outputs[0] if isinstance(outputs, list) else outputs)[-1]
+                    if classes_out != k or tuple(loaded.input_shape[1:3]) != config.size:
+                        raise ValueError(f"--distill-from: {path} takes {loaded.input_shape[1:3]} "
+                                         f"images into {classes_out} classes, not {config.size} "
+                                         f"into {k}")
+                how = "each batch as augmented for training"
+            else:
+                y_train = soft_targets(teachers, prepared.inputs[~held], y_train, k,
+                                       config.distill_weight)
+                how = "each image and its mirror image"
             report(f"targets mixed with {config.distill_weight:.2f} of the probabilities of "
-                   f"{', '.join(map(str, teachers))} (each image and its mirror image, "
-                   "all averaged)")
+                   f"{', '.join(map(str, teachers))} ({how}, all averaged)")
         # Cells by acquisition batch: the older archive's early batch has melanomas and nevi, its
         # later one melanomas only, so weighting by batch puts the weight where the two meet.
         sources = [s.dataset or batch_of(s.path)
@@ -208,7 +233,7 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
                 on_epoch_end=lambda epoch, logs: stopwatch.save()))
         report(f"fold {fold + 1}/{config.folds} ({arch}): train {int((~held).sum())}, "
                f"held out {int(held.sum())}")
-        model.fit(_train_dataset(x_train, y_train, weights, config, k, seed),
+        model.fit(_train_dataset(x_train, y_train, weights, config, k, seed, teaching),
                   epochs=config.epochs, callbacks=callbacks, verbose=0)
         model.save(member_path)
     model = keras.models.load_model(member_path, compile=False)

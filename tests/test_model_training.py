@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -439,6 +440,57 @@ def test_distillation_mixes_the_teachers_mirrored_probabilities_into_the_targets
         train(root, tmp_path / "refused.keras",
               replace(config, distill_from=(str(teacher), str(other))),
               report=lambda line: None)
+
+
+def test_consistent_distillation_teaches_on_the_batch_as_the_student_sees_it(
+        tmp_path: Path) -> None:
+    """--distill-consistent: the teachers score each augmented batch, so every target is
+    (1 - w) of the label and w of the teachers' averaged probabilities for exactly the images
+    of that batch; a run records it in the card."""
+    import keras
+
+    from model import layers  # noqa: F401  registers the custom layers for loading
+    from model.train import _train_dataset
+
+    root = tmp_path / "set"
+    _set_with_a_first_chunk(root)
+    config = TrainConfig(arch="melanonet", epochs=1, folds=3, batch_size=8, input_size=(32, 32),
+                         seed=5, members=1, augmentation="heavy")
+    first, second = tmp_path / "first.keras", tmp_path / "second.keras"
+    train(root, first, config, report=lambda line: None)
+    train(root, second, replace(config, seed=6), report=lambda line: None)
+    teachers = [keras.models.load_model(path, compile=False) for path in (first, second)]
+
+    images = np.random.default_rng(2).uniform(0, 255, (8, 36, 36, 3)).astype(np.uint8)
+    labels = np.arange(8) % 9
+    weights = np.ones(8, np.float32)
+    recipe = replace(config, distill_weight=0.25)
+    plain_images, one_hot, _ = next(iter(_train_dataset(images, labels, weights, recipe, 9, 3)))
+    taught_images, targets, _ = next(iter(
+        _train_dataset(images, labels, weights, recipe, 9, 3, teachers)))
+    np.testing.assert_array_equal(plain_images, taught_images)  # the same batch, augmented alike
+
+    def probabilities(model: Any, batch: Any) -> np.ndarray:
+        out = model(batch, training=False)
+        return np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
+
+    averaged = sum(probabilities(model, taught_images) for model in teachers) / 2
+    plain = sum(probabilities(model, images[:, 2:34, 2:34].astype(np.float32))
+                for model in teachers) / 2
+    assert not np.allclose(averaged, plain, atol=1e-3)  # the augmented view changes the targets
+    np.testing.assert_allclose(targets, 0.75 * np.asarray(one_hot) + 0.25 * averaged,
+                               rtol=1e-4, atol=1e-6)
+
+    lines: list[str] = []
+    card = train(root, tmp_path / "student.keras",
+                 replace(config, distill_from=(str(first),), distill_consistent=True),
+                 report=lines.append)
+    assert card.training["distill_consistent"] is True
+    assert any("each batch as augmented for training" in line for line in lines)
+    with pytest.raises(ValueError, match=r"--distill-from: .* takes \(32, 32\) images"):
+        train(root, tmp_path / "refused.keras",
+              replace(config, input_size=(40, 40), distill_from=(str(first),),
+                      distill_consistent=True), report=lambda line: None)
 
 
 def test_a_resumed_run_counts_the_training_time_of_every_stretch(tmp_path: Path) -> None:

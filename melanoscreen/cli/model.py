@@ -89,6 +89,10 @@ def train(
              "average several.")] = None,
     distill_weight: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="The --distill-from models' share of the targets.")] = None,
+    distill_consistent: Annotated[bool | None, typer.Option(
+        "--distill-consistent/--distill-fixed", help="The --distill-from models score every "
+        "batch as augmented for training (slower: one forward pass per teacher and batch), "
+        "instead of each plain image and its mirror image once before training.")] = None,
     soup: Annotated[bool | None, typer.Option(
         "--soup/--no-soup", help="Ship each fold's members (--arch A+A, one start) averaged "
         "weight by weight into one network of one member's cost, instead of their averaged "
@@ -140,7 +144,7 @@ def train(
              "warmup_epochs": warmup_epochs, "seed": seed, "target_sensitivity": target_sensitivity,
              "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma, "soup": soup,
              "distill_from": tuple(map(str, distill_from)) if distill_from else None,
-             "distill_weight": distill_weight,
+             "distill_weight": distill_weight, "distill_consistent": distill_consistent,
              "input_size": (input_size, input_size) if input_size else None}
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if recipe.augmentation not in AUGMENTATIONS:
