@@ -33,6 +33,20 @@ logger = logging.getLogger(__name__)
 ISIC2017_CHALLENGE_BEST_AUC = 0.87
 
 
+def selected_samples(data_dir: Path, classes: tuple[str, ...],
+                     only_sha256: set[str] | None = None) -> tuple[Any, list[Any]]:
+    """The labelled set under `data_dir` (a folder per class, or a `.csv` table of labels) and
+    the samples `evaluate_folder` predicts, in its order: those in `only_sha256` (all without
+    it) and, from a table, the ISIC 2017 test set always."""
+    table = data_dir.suffix == ".csv"
+    dataset = read_labels(data_dir, classes) if table else scan_folder(data_dir, classes)
+    samples = [s for s in dataset.samples if only_sha256 is None or s.sha256 in only_sha256
+               or (table and s.dataset == TEST_DATASET)]
+    if not samples:
+        raise ValueError(f"no labelled images found under {data_dir}")
+    return dataset, samples
+
+
 def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[str] | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     batch_size: int = 64, seed: int = 0) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -47,12 +61,7 @@ def evaluate_folder(classifier: Classifier, data_dir: Path, *, only_sha256: set[
     `out_of_scope` (how many images the model marks as not dermoscopic).
     """
     table = Path(data_dir).suffix == ".csv"
-    dataset = (read_labels(Path(data_dir), tuple(classifier.classes)) if table
-               else scan_folder(Path(data_dir), tuple(classifier.classes)))
-    samples = [s for s in dataset.samples if only_sha256 is None or s.sha256 in only_sha256
-               or (table and s.dataset == TEST_DATASET)]
-    if not samples:
-        raise ValueError(f"no labelled images found under {data_dir}")
+    dataset, samples = selected_samples(Path(data_dir), tuple(classifier.classes), only_sha256)
     probabilities, distances, statistics, labels, sources, batches, unreadable = (
         [], [], [], [], [], [], [])
     for start in range(0, len(samples), batch_size):

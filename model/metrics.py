@@ -192,6 +192,42 @@ def bootstrap_interval(statistic: Any, arrays: tuple[np.ndarray, ...], *, strata
     return float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))
 
 
+def specificity_at_sensitivity(positive: np.ndarray, scores: np.ndarray,
+                               target: float) -> float | None:
+    """Specificity at the highest threshold that reaches sensitivity `target` on these very
+    images: an operating point that needs no threshold of the model's own, so that two models
+    can be compared where both catch the same share of melanomas. None without both classes."""
+    positive = np.asarray(positive, bool)
+    if not positive.any() or positive.all():
+        return None
+    threshold = threshold_for_sensitivity(positive, scores, target)
+    return sensitivity_specificity(positive, scores, threshold)[1]
+
+
+def paired_difference(statistic: Any, positive: np.ndarray, first: np.ndarray,
+                      second: np.ndarray, *, rounds: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """`statistic(positive, second) - statistic(positive, first)`: two models' scores on the
+    same images, with a paired bootstrap 95% interval (each round resamples the images once,
+    melanomas and benign lesions apart, and measures both models on that one resample). The
+    pairing removes what the images themselves contribute to each figure's spread, so an
+    interval that excludes 0 says the models differ, where two separate intervals that overlap
+    say little. Keys: `first`, `second`, `difference`, `difference_interval` (None when no
+    round gives a value)."""
+    positive = np.asarray(positive, bool)
+    first, second = np.asarray(first, float), np.asarray(second, float)
+
+    def difference(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float | None:
+        one, two = statistic(p, a), statistic(p, b)
+        return None if one is None or two is None else float(two - one)
+
+    one, two = statistic(positive, first), statistic(positive, second)
+    return {"first": one, "second": two, "difference": difference(positive, first, second),
+            "difference_interval": bootstrap_interval(
+                difference, (positive, first, second), strata=positive, rounds=rounds,
+                seed=seed)}
+
+
 def within_group_auc(positive: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float | None:
     """AUC over (positive, negative) pairs of the same group only: sum of U over groups, divided
     by the number of such pairs. With one group it is the plain AUC."""

@@ -10,8 +10,10 @@ from model.metrics import (
     crossfit_threshold,
     evaluate_predictions,
     melanoma_same_source,
+    paired_difference,
     probe_auc,
     roc_auc,
+    specificity_at_sensitivity,
     threshold_for_sensitivity,
     within_group_auc,
 )
@@ -175,3 +177,36 @@ def test_the_auc_within_groups_pairs_each_melanoma_only_with_its_own_groups_lesi
     figures = melanoma_same_source(probabilities, y, list(groups), classes, 0.5, min_benign=2,
                                    bootstrap=0)
     assert figures["sources"] == [] and figures["auc"] is None
+
+
+def test_specificity_at_a_sensitivity_is_read_where_that_share_of_positives_is_caught() -> None:
+    positive = np.array([True, True, True, True, False, False, False, False, False])
+    scores = np.array([0.9, 0.8, 0.5, 0.2, 0.7, 0.4, 0.3, 0.1, 0.05])
+    # 3 of 4 caught from 0.5 down: only 0.7 of the five benign is flagged.
+    assert specificity_at_sensitivity(positive, scores, 0.75) == pytest.approx(4 / 5)
+    # All 4 need 0.2: 0.7, 0.4 and 0.3 flagged.
+    assert specificity_at_sensitivity(positive, scores, 1.0) == pytest.approx(2 / 5)
+    assert specificity_at_sensitivity(positive[:4], scores[:4], 0.95) is None
+
+
+def test_a_paired_difference_sees_a_small_gain_that_separate_intervals_miss() -> None:
+    """Two models scoring the same images alike, the second a little better on every melanoma:
+    the images' own spread is shared, so the paired interval excludes 0 while each model's own
+    interval holds the other's AUC; models that score identically differ by exactly 0."""
+    rng = np.random.default_rng(3)
+    positive = np.r_[np.ones(150, bool), np.zeros(600, bool)]
+    first = np.r_[rng.normal(1.2, 1, 150), rng.normal(0, 1, 600)]
+    second = first + np.where(positive, 0.15, 0.0)
+    paired = paired_difference(roc_auc, positive, first, second, rounds=400)
+    assert paired["first"] == roc_auc(positive, first)
+    assert paired["difference"] == pytest.approx(roc_auc(positive, second) - paired["first"])
+    low, high = paired["difference_interval"]
+    assert 0 < low <= paired["difference"] <= high
+    alone = bootstrap_interval(roc_auc, (positive, first), strata=positive, rounds=400)
+    assert alone is not None and alone[0] <= paired["second"] <= alone[1]
+
+    same = paired_difference(roc_auc, positive, first, first.copy(), rounds=50)
+    assert same["difference"] == 0 and same["difference_interval"] == (0.0, 0.0)
+    spec = paired_difference(lambda p, s: specificity_at_sensitivity(p, s, 0.95), positive,
+                             first, second, rounds=200)
+    assert spec["difference"] > 0
