@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import free_port, make_images, run_pipeline, start_up
 
+from scheduler.listener import request_association
+
 #: The sender, run as `python -c SENDER PORT FILE...`: one association, one C-STORE per file;
 #: prints when the association stands, then the SOP instance UID of each one acknowledged.
 SENDER = """
@@ -245,10 +247,10 @@ def refused(port: int) -> bool:
 
     ae = AE(ae_title="STRANGER")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MELANOSCREEN")
+    assoc, refused = request_association(ae, "127.0.0.1", port, ae_title="MELANOSCREEN")
     if assoc.is_established:
         assoc.release()
-    return bool(assoc.is_rejected)
+    return refused
 
 
 def _size(text: str) -> tuple[int, int]:

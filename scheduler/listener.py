@@ -181,6 +181,27 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def request_association(ae: Any, host: str, port: int, **kwargs: Any) -> tuple[Any, bool]:
+    """`ae.associate(host, port, **kwargs)`, and whether the peer refused the association.
+
+    pynetdicom can report a refusal as a connection that failed (neither established nor
+    rejected): the refusal arrives and closes the connection before the requesting thread
+    looks at the connection, and that thread then takes the closed connection for a failed
+    one. The A-ASSOCIATE-RJ PDU was received all the same, so it is looked for here."""
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    refusals: list[Any] = []
+
+    def received(event: Any) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            refusals.append(event.pdu)
+
+    handlers = [*kwargs.pop("evt_handlers", []), (evt.EVT_PDU_RECV, received)]
+    assoc = ae.associate(host, port, evt_handlers=handlers, **kwargs)
+    return assoc, bool(assoc.is_rejected or (refusals and not assoc.is_established))
+
+
 def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
     """Whether a DICOM listener answers an association request at host:port (accepted or
     refused: either is an answer); nothing is sent beyond the request."""
@@ -190,11 +211,11 @@ def probe(host: str, port: int, called: str, *, timeout: float) -> bool:
     ae = AE(ae_title=HEALTH_PROBE_AE_TITLE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called)
+    assoc, refused = request_association(ae, host, port, ae_title=called)
     if assoc.is_established:
         assoc.release()
         return True
-    return bool(assoc.is_rejected)
+    return refused
 
 
 #: TCP_QUICKACK where the system has it (Linux).

@@ -481,6 +481,42 @@ def test_a_pdu_longer_than_the_listener_takes_closes_the_connection_before_it_is
     assoc.release()
 
 
+def test_a_refusal_that_closes_the_connection_before_the_caller_looks_is_still_a_refusal(
+        listening: tuple[int, Path, Any]) -> None:
+    """pynetdicom's requesting thread looks at the connection only after sending its request;
+    when the refusal has already arrived and closed the connection, pynetdicom reports a failed
+    connection. Here the requesting thread is held (in its own EVT_REQUESTED handler) until the
+    refusal has closed the connection: the health probe must still see an answer."""
+    import threading
+
+    from pynetdicom import evt
+
+    from melanoscreen.cli.supervisor import free_port
+    from scheduler.listener import probe, request_association
+
+    port, _inbox, _listener = listening
+    closed = threading.Event()
+
+    def hold(event: Any) -> None:
+        assert closed.wait(timeout=30), "the refusal never closed the connection"
+
+    stranger = modality("STRANGER")
+    handlers = [(evt.EVT_REQUESTED, hold), (evt.EVT_CONN_CLOSE, lambda event: closed.set())]
+    plain = stranger.associate("127.0.0.1", port, ae_title="MELANOSCREEN",
+                               evt_handlers=handlers)
+    assert not plain.is_rejected and not plain.is_established  # what pynetdicom alone reports
+    closed.clear()
+    assoc, refused = request_association(stranger, "127.0.0.1", port, ae_title="MELANOSCREEN",
+                                         evt_handlers=handlers)
+    assert refused and not assoc.is_established
+    assert probe("127.0.0.1", port, "MELANOSCREEN", timeout=30)  # refused: an answer
+    assoc, refused = request_association(modality("CAM"), "127.0.0.1", port,
+                                         ae_title="MELANOSCREEN")
+    assert assoc.is_established and not refused
+    assoc.release()
+    assert not probe("127.0.0.1", free_port(), "MELANOSCREEN", timeout=5)  # nobody there
+
+
 def test_an_object_over_the_size_limit_is_stopped_while_it_arrives(
         listening: tuple[int, Path, Any]) -> None:
     """A 2.4 MB object to a listener that takes 300 kB: the association is aborted before the

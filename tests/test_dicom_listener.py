@@ -22,6 +22,7 @@ from pydicom import uid
 from sqlalchemy import create_engine, text
 
 from melanoscreen.cli.supervisor import free_port
+from scheduler.listener import request_association
 from tests.conftest import REPO, wait_until
 from tests.dicom_fixtures import (
     BIRTH_DATE,
@@ -95,8 +96,8 @@ def _echo(port: int, ae_title: str = "MODALITY1", called: str = "MELANOSCREEN",
     kwargs: dict[str, Any] = {"ae_title": called}
     if bind is not None:
         kwargs["bind_address"] = (bind, 0)
-    assoc = modality(ae_title).associate("127.0.0.1", port, **kwargs)
-    if assoc.is_rejected:
+    assoc, refused = request_association(modality(ae_title), "127.0.0.1", port, **kwargs)
+    if refused:
         return "refused"
     if not assoc.is_established:
         return "down"
