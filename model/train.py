@@ -190,6 +190,10 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
             for teacher in teachers:
                 check_same_held_out(teacher, prepared.samples, held, "--distill-from")
             if config.distill_consistent:
+                if keras.backend.backend() != "tensorflow":
+                    raise ValueError("--distill-consistent runs the teachers inside the input "
+                                     "pipeline (tf.data): it needs Keras on the TensorFlow "
+                                     f"backend, not {keras.backend.backend()}")
                 teaching = [keras.models.load_model(path, compile=False) for path in teachers]
                 for path, loaded in zip(teachers, teaching, strict=True):
                     outputs = loaded.output_shape
