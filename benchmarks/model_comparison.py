@@ -136,6 +136,7 @@ def main() -> None:
         first = classifiers[0]
         _, samples = selected_samples(args.labels, tuple(first.classes), pool)
         datasets = [source_group(sample) for sample in samples]
+        # Every model predicted the same images in the same order: any model's labels serve.
         positive = labels == first.classes.index("melanoma")
         paired = paired_figures(positive, datasets, melanoma_scores)
         print(f"\n## Paired with {first.version}: the difference on the same images "
@@ -149,7 +150,7 @@ def main() -> None:
                       f"{difference(row['auc'])} | "
                       f"{row['specificity_at_sensitivity_0.95']['second']:.3f} | "
                       f"{difference(row['specificity_at_sensitivity_0.95'])} |")
-        for classifier, index in zip(classifiers[1:], range(len(classifiers) - 1), strict=True):
+        for index, classifier in enumerate(classifiers[1:]):
             results[classifier.version][f"paired_with_{first.version}"] = {
                 name: rows[index] for name, rows in paired.items()}
     if args.json:

@@ -127,9 +127,8 @@ def _train_dataset(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: TrainCon
         return images, labels, weights
 
     def teach(images: Any, labels: Any, weights: Any) -> tuple[Any, Any, Any]:
-        outputs = [teacher(images, training=False) for teacher in teachers]
-        taught = tf.add_n([out[0] if isinstance(out, (list, tuple)) else out
-                           for out in outputs]) / float(len(teachers))
+        taught = tf.add_n([class_probabilities(teacher(images, training=False))
+                           for teacher in teachers]) / float(len(teachers))
         share = config.distill_weight
         return images, (1.0 - share) * labels + share * tf.cast(taught, tf.float32), weights
 
@@ -196,8 +195,7 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
                                      f"backend, not {keras.backend.backend()}")
                 teaching = [keras.models.load_model(path, compile=False) for path in teachers]
                 for path, loaded in zip(teachers, teaching, strict=True):
-                    outputs = loaded.output_shape
-                    classes_out = (outputs[0] if isinstance(outputs, list) else outputs)[-1]
+                    classes_out = class_probabilities(loaded.output_shape)[-1]
                     if classes_out != k or tuple(loaded.input_shape[1:3]) != config.size:
                         raise ValueError(f"--distill-from: {path} takes {loaded.input_shape[1:3]} "
                                          f"images into {classes_out} classes, not {config.size} "
@@ -302,6 +300,12 @@ def check_same_held_out(source: Path, samples: list[Any], held: np.ndarray, opti
                          "there); use only a model trained on the same folds")
 
 
+def class_probabilities(outputs: Any) -> Any:
+    """A trained model's class probabilities from its outputs: the first of them where the model
+    also gives its scope distance."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
 def soft_targets(teachers: Sequence[Path], images: np.ndarray, labels: np.ndarray,
                  num_classes: int, weight: float) -> np.ndarray:
     """Training targets for distillation: (1 - weight) of each label one-hot and `weight` of the
@@ -320,8 +324,7 @@ def soft_targets(teachers: Sequence[Path], images: np.ndarray, labels: np.ndarra
             chunk = images[start:start + 1024].astype(np.float32)
             flipped = chunk[:, :, ::-1]
             both = [model.predict(batch, batch_size=64, verbose=0) for batch in (chunk, flipped)]
-            plain, mirrored = (np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
-                               for out in both)
+            plain, mirrored = (np.asarray(class_probabilities(out)) for out in both)
             if plain.shape[1] != num_classes:
                 raise ValueError(f"--distill-from: {teacher} has {plain.shape[1]} classes, "
                                  f"not {num_classes}")
