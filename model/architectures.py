@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -113,6 +114,33 @@ def build_mobilenet(input_shape: tuple[int, int, int], num_classes: int, *,
     x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mobilenet")
+
+
+#: MobileNetV1's depthwise-separable blocks (`conv_dw_i` and `conv_pw_i`, i = 1..13).
+MOBILENET_BLOCKS = 13
+
+
+def freeze_leading_blocks(model: keras.Model, blocks: int) -> int:
+    """Keep a `build_mobilenet` network's stem and its first `blocks` depthwise-separable blocks
+    as they are (their ImageNet weights); return how many layers with weights were frozen.
+
+    Frozen batch normalisation runs in inference mode, on its ImageNet statistics. The early
+    blocks see edges, colour blobs and textures at full resolution: frozen, they cannot learn the
+    look of one camera, and training skips most of their backward pass.
+    """
+    if not 0 <= blocks <= MOBILENET_BLOCKS:
+        raise ValueError(f"--freeze-blocks must be 0..{MOBILENET_BLOCKS}, not {blocks}")
+    pattern = re.compile(r"conv1(_bn)?|conv_(dw|pw)_(\d+)(_bn)?")
+    frozen = 0
+    for layer in model.layers:
+        match = pattern.fullmatch(layer.name)
+        if match and (match.group(3) is None or int(match.group(3)) <= blocks) and layer.weights:
+            layer.trainable = False
+            frozen += 1
+    if blocks and not frozen:
+        raise ValueError("--freeze-blocks: the network has no MobileNet blocks "
+                         "(it applies to --arch mobilenet only)")
+    return frozen
 
 
 #: EfficientNet-Lite0's blocks (Tan and Le, 2019; the "lite" variant for mobile CPUs): per

@@ -72,6 +72,9 @@ class TrainConfig:
     #: then follow every crop, colour cast and blur, at one teacher's forward pass per batch
     #: and teacher.
     distill_consistent: bool = False
+    #: MobileNet's stem and its first N depthwise-separable blocks keep their ImageNet weights
+    #: (`model.architectures.freeze_leading_blocks`); 0 fine-tunes the whole network.
+    freeze_blocks: int = 0
 
     @classmethod
     def from_card(cls, card: ModelCard) -> TrainConfig:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from model.architectures import ARCHITECTURES
+from model.architectures import ARCHITECTURES, MOBILENET_BLOCKS, freeze_leading_blocks
 from model.calibration import calibrate
 from model.card import ModelCard, card_path_for
 from model.data import batch_of, in_first_chunk, scan_folder, source_of
@@ -182,6 +182,13 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
 
             copied = load_layer_weights(model, pretrained_weights(arch, Path(config.pretrained)))
             report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
+        if config.freeze_blocks:
+            if not (config.pretrained or config.init_from):
+                raise ValueError("--freeze-blocks keeps blocks at their starting weights: give "
+                                 "--pretrained or --init-from, or random filters stay random")
+            frozen = freeze_leading_blocks(model, config.freeze_blocks)
+            report(f"the stem and the first {config.freeze_blocks} blocks kept as they start "
+                   f"({frozen} layers frozen)")
         x_train, y_train = prepared.loaded[~held], prepared.labels[~held]
         teaching: list[Any] = []
         if config.distill_from:
@@ -402,6 +409,10 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
         raise ValueError("a soup averages two or more members of one architecture "
                          f"(--arch {config.architectures[0]}+{config.architectures[0]}), "
                          f"not {config.arch}")
+    if config.freeze_blocks and (set(config.architectures) != {"mobilenet"}
+                                 or not 0 < config.freeze_blocks <= MOBILENET_BLOCKS):
+        raise ValueError(f"--freeze-blocks applies to --arch mobilenet, 1..{MOBILENET_BLOCKS} "
+                         f"blocks, not {config.freeze_blocks} of {config.arch}")
     out = Path(out)
     workdir = out.with_name(out.stem + ".folds")
     if not resume and workdir.exists():

@@ -328,6 +328,47 @@ def test_a_continued_run_starts_from_the_models_network_and_refuses_other_folds(
               report=lambda line: None)
 
 
+def test_frozen_blocks_keep_their_starting_weights_while_the_rest_learns(tmp_path: Path) -> None:
+    """--freeze-blocks N: MobileNet's stem and first N blocks leave training exactly as they
+    started, batch-norm statistics included; the blocks above them learn. Freezing needs a start
+    worth keeping and MobileNet's blocks; otherwise the run is refused before it trains."""
+    import keras
+
+    root = tmp_path / "set"
+    _set_with_a_first_chunk(root)
+    config = TrainConfig(arch="mobilenet", epochs=1, folds=3, batch_size=8, input_size=(32, 32),
+                         seed=5, members=1, augmentation="mild", warmup_epochs=0)
+    first = tmp_path / "first.keras"
+    train(root, first, config, report=lambda line: None)
+
+    lines: list[str] = []
+    card = train(root, tmp_path / "frozen.keras",
+                 replace(config, init_from=str(first), freeze_blocks=5), report=lines.append)
+    assert card.training["freeze_blocks"] == 5
+    assert any("the first 5 blocks kept as they start (22 layers frozen)" in line
+               for line in lines)
+    theirs = keras.models.load_model(tmp_path / "first.folds" / "fold0.keras", compile=False)
+    ours = keras.models.load_model(tmp_path / "frozen.folds" / "fold0.keras", compile=False)
+    for name in ("conv1", "conv1_bn", "conv_dw_1", "conv_pw_5", "conv_pw_5_bn"):
+        for mine, start in zip(ours.get_layer(name).get_weights(),
+                               theirs.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(mine, start)
+    for name in ("conv_dw_6", "conv_pw_13", "probabilities"):
+        assert not np.array_equal(ours.get_layer(name).get_weights()[0],
+                                  theirs.get_layer(name).get_weights()[0])
+
+    with pytest.raises(ValueError, match="--freeze-blocks keeps blocks at their starting"):
+        train(root, tmp_path / "random.keras", replace(config, freeze_blocks=5),
+              report=lambda line: None)
+    with pytest.raises(ValueError, match="--freeze-blocks applies to --arch mobilenet"):
+        train(root, tmp_path / "other.keras",
+              replace(config, arch="melanonet", init_from=str(first), freeze_blocks=5),
+              report=lambda line: None)
+    with pytest.raises(ValueError, match=r"--freeze-blocks applies to --arch mobilenet, 1\.\.13"):
+        train(root, tmp_path / "many.keras", replace(config, freeze_blocks=14),
+              report=lambda line: None)
+
+
 def test_a_soup_averages_its_members_weights_and_measures_batch_norm_again(tmp_path: Path) -> None:
     """Two networks of one architecture: the soup's kernels are their mean, and each batch-norm
     layer's moving mean is the mean of its batch means over the images given (not the members'

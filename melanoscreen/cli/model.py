@@ -93,6 +93,9 @@ def train(
         "--distill-consistent/--distill-fixed", help="The --distill-from models score every "
         "batch as augmented for training (slower: one forward pass per teacher and batch), "
         "instead of each plain image and its mirror image once before training.")] = None,
+    freeze_blocks: Annotated[int | None, typer.Option(
+        min=0, max=13, help="--arch mobilenet: keep the stem and the first N of its 13 blocks at "
+        "their starting (ImageNet) weights; 0 fine-tunes the whole network.")] = None,
     soup: Annotated[bool | None, typer.Option(
         "--soup/--no-soup", help="Ship each fold's members (--arch A+A, one start) averaged "
         "weight by weight into one network of one member's cost, instead of their averaged "
@@ -145,6 +148,7 @@ def train(
              "batch_size": batch_size, "suspected_as_melanoma": suspected_as_melanoma, "soup": soup,
              "distill_from": tuple(map(str, distill_from)) if distill_from else None,
              "distill_weight": distill_weight, "distill_consistent": distill_consistent,
+             "freeze_blocks": freeze_blocks,
              "input_size": (input_size, input_size) if input_size else None}
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if recipe.augmentation not in AUGMENTATIONS:
