@@ -1,8 +1,10 @@
 """Inference throughput: decode, forward and end-to-end images/s at batch 1 and 32.
 
 The shipped model, the previous shipped model (v1, kept in benchmarks/baseline/) and the seed
-network run side by side in one process, interleaved round by round, so that the noise of a
-shared machine hits them alike; ratios are the figures to quote.
+network run side by side in one process, one after another for each image size and batch, so
+that the noise of a shared machine hits them alike; ratios are the figures to quote. The shipped
+model also runs as saved ("unfolded"), without the service's folding of batch normalisation into
+the convolutions (`model.folding`), which shows what the folding saves.
 
     python benchmarks/inference.py [--images 256] [--rounds 3] [--model PATH] [--baseline PATH]
 """
@@ -107,7 +109,8 @@ def main() -> None:
         (folder / "large").mkdir()
         large = make_jpegs(folder / "large", max(args.images // 4, 32), (1024, 768))
         models = {"shipped": Classifier(args.model), "v1": Classifier(args.baseline),
-                  "seed": seed_classifier(folder)}
+                  "seed": seed_classifier(folder),
+                  "unfolded": Classifier(args.model, fold_normalisation=False)}
         flip = {name: 2 if c.card.test_time_flips else 1 for name, c in models.items()}
         print(f"{os.cpu_count()} CPU cores; {args.images} 180x180 JPEGs and {len(large)} "
               f"1024x768 JPEGs; median of {args.rounds} rounds")
@@ -126,7 +129,7 @@ def main() -> None:
                     results[(name, label, batch)] = figures
                     print(f"{name:<8}{label:>10}{batch:>6}{figures['decode']:>10.0f}"
                           f"{figures['forward']:>11.0f}{figures['end_to_end']:>14.0f}")
-        for other in ("v1", "seed"):
+        for other in ("v1", "seed", "unfolded"):
             for label in ("180x180", "1024x768"):
                 for batch in (1, 32):
                     ours, theirs = results[("shipped", label, batch)], results[(other, label, batch)]
