@@ -17,7 +17,11 @@ threshold, specificity over the other 102, melanoma AUC, balanced accuracy at ar
 are the spread over draws: what one test set of this make-up would likely show, if the guess about
 its make-up holds. Several models on the same split run side by side (for instance the shipped
 model and an earlier one restored from git). The shipped model's held-out fold holds a fifth of
-the course set's lesions, the first stretch's among them, so it draws from those.
+the course set's lesions, the first stretch's among them, so it draws from those: only 6
+melanomas and 13 nevi of the first stretch. The script prints how many distinct images each
+class is drawn from, and the melanomas' own probabilities: with 6 to draw from, one missed
+melanoma costs a draw about 2.7 of its 16, so its spread says what one test of this make-up may
+show, not how well the model ranks the test's own melanomas.
 
     python benchmarks/held_out_mix.py [--data ../shared/data/isic-train] [--draws 2000]
         [--threshold P] [MODEL ...]
@@ -128,17 +132,30 @@ def main() -> None:
         if first_paths is None:
             first_paths = paths
             rng = np.random.default_rng(args.seed)
+            drawn_from = pools(labels, paths, classes)
             drawn = [np.concatenate([rng.choice(pool, MIX[name][0], replace=True)
-                                     for name, pool in pools(labels, paths, classes).items()])
+                                     for name, pool in drawn_from.items()])
                      for _ in range(args.draws)]
             print(f"{len(paths)} held-out images; {args.draws} draws of "
                   f"{sum(n for n, _ in MIX.values())} (16 melanomas)")
+            # Draws repeat images: what they can show is bounded by how many there are to draw.
+            print("distinct images drawn from: " + ", ".join(
+                f"{name} {len(pool)}" for name, pool in drawn_from.items()))
+            if len(drawn_from["melanoma"]) < MIX["melanoma"][0]:
+                print(f"  only {len(drawn_from['melanoma'])} distinct melanomas: each draw "
+                      "repeats them, so one missed melanoma moves 'caught' by "
+                      f"{MIX['melanoma'][0] / len(drawn_from['melanoma']):.1f} on average")
         elif paths != first_paths:
             print(f"{path}: another validation split; skipped (figures must share the draws)")
             continue
         threshold = classifier.threshold if args.threshold is None else args.threshold
         figures = draw_figures(probs, labels, threshold, classes, drawn)
         print(f"\n{classifier.version} (threshold {threshold:.4f})")
+        m = classes.index("melanoma")
+        pool = drawn_from["melanoma"]
+        print(f"  the {len(pool)} melanomas drawn from: {int(np.sum(probs[pool, m] >= threshold))} "
+              "reach the threshold; melanoma probabilities "
+              + ", ".join(f"{p:.3f}" for p in sorted(probs[pool, m])))
         every = np.ones(args.draws, bool)
         for key, values in figures.items():
             low, high = np.percentile(values, [2.5, 97.5])
