@@ -128,8 +128,6 @@ def freeze_leading_blocks(model: keras.Model, blocks: int) -> int:
     blocks see edges, colour blobs and textures at full resolution: frozen, they cannot learn the
     look of one camera, and training skips most of their backward pass.
     """
-    if not 0 <= blocks <= MOBILENET_BLOCKS:
-        raise ValueError(f"--freeze-blocks must be 0..{MOBILENET_BLOCKS}, not {blocks}")
     pattern = re.compile(r"conv1(_bn)?|conv_(dw|pw)_(\d+)(_bn)?")
     frozen = 0
     for layer in model.layers:

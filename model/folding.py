@@ -60,7 +60,7 @@ def foldable_pairs(model: keras.Model) -> dict[str, keras.layers.BatchNormalizat
                 and source.activation is keras.activations.linear
                 and layer.axis in (-1, 3)
                 and readers.get(source.name) == 1
-                and len(source.get_weights()) == (2 if source.use_bias else 1)):
+                and len(source.weights) == (2 if source.use_bias else 1)):
             pairs[source.name] = layer
     return pairs
 

@@ -183,9 +183,6 @@ def train_member(prepared: Prepared, fold: int, config: TrainConfig, workdir: Pa
             copied = load_layer_weights(model, pretrained_weights(arch, Path(config.pretrained)))
             report(f"ImageNet weights copied into {copied} layers from {config.pretrained}")
         if config.freeze_blocks:
-            if not (config.pretrained or config.init_from):
-                raise ValueError("--freeze-blocks keeps blocks at their starting weights: give "
-                                 "--pretrained or --init-from, or random filters stay random")
             frozen = freeze_leading_blocks(model, config.freeze_blocks)
             report(f"the stem and the first {config.freeze_blocks} blocks kept as they start "
                    f"({frozen} layers frozen)")
@@ -413,6 +410,9 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
                                  or not 0 < config.freeze_blocks <= MOBILENET_BLOCKS):
         raise ValueError(f"--freeze-blocks applies to --arch mobilenet, 1..{MOBILENET_BLOCKS} "
                          f"blocks, not {config.freeze_blocks} of {config.arch}")
+    if config.freeze_blocks and not (config.pretrained or config.init_from):
+        raise ValueError("--freeze-blocks keeps blocks at their starting weights: give "
+                         "--pretrained or --init-from, or random filters stay random")
     out = Path(out)
     workdir = out.with_name(out.stem + ".folds")
     if not resume and workdir.exists():
