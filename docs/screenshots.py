@@ -34,6 +34,7 @@ from db import accounts, images, reviews
 from db.migrate import upgrade
 from db.schema import Role, Verdict
 from db.session import make_session_factory
+from model.card import ModelCard, card_path_for, shipped_model_path
 from service.accounts import hash_password
 from service.alert_message import AlertContent, FlaggedImage, compose_alert
 from service.pictures import store_thumbnail
@@ -44,8 +45,10 @@ HERE = Path(__file__).resolve().parent
 CLASSES = ("actinic keratosis", "basal cell carcinoma", "dermatofibroma", "melanoma", "nevus",
            "pigmented benign keratosis", "seborrheic keratosis", "squamous cell carcinoma",
            "vascular lesion")
-MODEL = "mobilenet-v3-demo"
-THRESHOLD = 0.0322
+#: The shipped model's version and alert threshold, so the pictures show what a clinic sees.
+SHIPPED = ModelCard.read(card_path_for(shipped_model_path()))
+MODEL = SHIPPED.version
+THRESHOLD = SHIPPED.alert_threshold
 PASSWORD = "a demo password for the pictures"
 
 
@@ -101,7 +104,7 @@ def probabilities(melanoma: float, seed: int) -> dict[str, float]:
 #: (source, seed, p(melanoma), days ago, verdict or None)
 CASES = (
     ("clinic-a/patient-17/back-left/2026-12-04.jpg", 1, 0.874, 0, None),
-    ("clinic-a/patient-17/back-left/2026-06-02.jpg", 2, 0.041, 185, Verdict.BENIGN),
+    ("clinic-a/patient-17/back-left/2026-06-02.jpg", 2, 0.058, 185, Verdict.BENIGN),
     ("clinic-a/patient-17/arm-right/2026-12-04.jpg", 3, 0.012, 0, None),
     ("clinic-a/patient-3/chest/2026-12-04.jpg", 4, 0.412, 0, None),
     ("clinic-b/patient-8/scalp/2026-12-03.jpg", 5, 0.066, 1, None),
