@@ -96,24 +96,34 @@ def build_melanonet_cc(input_shape: tuple[int, int, int], num_classes: int) -> k
 
 
 def build_mobilenet(input_shape: tuple[int, int, int], num_classes: int, *,
-                    dropout: float = 0.2) -> keras.Model:
+                    dropout: float = 0.2, colour_constancy: bool = False) -> keras.Model:
     """MobileNetV1-1.0 (Howard et al., 2017), meant to start from ImageNet weights
     (`model.pretrained`), with global pooling and a nine-class head.
 
     Input float32, shape (batch, H, W, 3), values 0..255 (160x160 in the shipped model); the
     network rescales to -1..1 as its ImageNet training did. 3.2 M parameters; the layers keep
     Keras's MobileNet names, which the weight conversion and Grad-CAM ("conv_pw_13_relu") use.
+    With `colour_constancy` each image's illuminant is divided out first (Shades of Gray, no
+    weights), so a dermatoscope's light or a camera's white balance reaches the filters as grey.
     """
     import keras
     from keras import layers
 
+    from model.layers import ShadesOfGray
+
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
+    x = ShadesOfGray(name="colour_constancy")(inputs) if colour_constancy else inputs
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)
     backbone = keras.applications.MobileNet(input_tensor=x, include_top=False, weights=None)
     x = layers.GlobalAveragePooling2D(name="pool")(backbone.output)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mobilenet")
+
+
+def build_mobilenet_cc(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """`build_mobilenet` behind Shades of Gray colour constancy; the same ImageNet weights fit."""
+    return build_mobilenet(input_shape, num_classes, colour_constancy=True)
 
 
 #: MobileNetV1's depthwise-separable blocks (`conv_dw_i` and `conv_pw_i`, i = 1..13).
@@ -267,16 +277,18 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "melanonet2": build_melanonet2,
     "melanonet-cc": build_melanonet_cc,
     "mobilenet": build_mobilenet,
+    "mobilenet-cc": build_mobilenet_cc,
     "efficientnet-lite0": build_efficientnet_lite0,
 }
 #: Input size (height, width) each architecture trains at by default.
 DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {
     "seed": (180, 180), "melanonet": (160, 160), "melanonet2": (160, 160),
-    "melanonet-cc": (160, 160), "mobilenet": (160, 160),
+    "melanonet-cc": (160, 160), "mobilenet": (160, 160), "mobilenet-cc": (160, 160),
     "efficientnet-lite0": (160, 160)}
 #: The layer Grad-CAM reads, per architecture (others: their last Conv2D).
 GRADCAM_LAYER: dict[str, str] = {"melanonet": "last_relu", "melanonet2": "last_relu",
                                  "melanonet-cc": "last_relu", "mobilenet": "conv_pw_13_relu",
+                                 "mobilenet-cc": "conv_pw_13_relu",
                                  "efficientnet-lite0": "head_relu"}
 
 

@@ -354,13 +354,14 @@ def installed_weights(arch: str) -> Path | None:
 
 #: Each architecture's pinned ImageNet weights.
 PRETRAINED_SOURCES: dict[str, dict[str, str]] = {
-    "mobilenet": MOBILENET_V1_SOURCE, "efficientnet-lite0": EFFICIENTNET_LITE0_SOURCE}
+    "mobilenet": MOBILENET_V1_SOURCE, "mobilenet-cc": MOBILENET_V1_SOURCE,
+    "efficientnet-lite0": EFFICIENTNET_LITE0_SOURCE}
 
 
 def pretrained_weights(arch: str, path: Path, *, verify: bool = True
                        ) -> dict[str, list[np.ndarray]]:
     """`arch`'s ImageNet weights by Keras layer name, from the pinned package or file at `path`."""
-    if arch == "mobilenet":
+    if arch in ("mobilenet", "mobilenet-cc"):
         return imagenet_weights(path, MOBILENET_V1_SOURCE["member_sha256"] if verify else None)
     if arch == "efficientnet-lite0":
         data = read_member_bytes(path, EFFICIENTNET_LITE0_SOURCE, verify=verify)

@@ -406,10 +406,11 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
         raise ValueError("a soup averages two or more members of one architecture "
                          f"(--arch {config.architectures[0]}+{config.architectures[0]}), "
                          f"not {config.arch}")
-    if config.freeze_blocks and (set(config.architectures) != {"mobilenet"}
+    if config.freeze_blocks and (not set(config.architectures) <= {"mobilenet", "mobilenet-cc"}
                                  or not 0 < config.freeze_blocks <= MOBILENET_BLOCKS):
-        raise ValueError(f"--freeze-blocks applies to --arch mobilenet, 1..{MOBILENET_BLOCKS} "
-                         f"blocks, not {config.freeze_blocks} of {config.arch}")
+        raise ValueError(f"--freeze-blocks applies to --arch mobilenet or mobilenet-cc, "
+                         f"1..{MOBILENET_BLOCKS} blocks, not {config.freeze_blocks} of "
+                         f"{config.arch}")
     if config.freeze_blocks and not (config.pretrained or config.init_from):
         raise ValueError("--freeze-blocks keeps blocks at their starting weights: give "
                          "--pretrained or --init-from, or random filters stay random")

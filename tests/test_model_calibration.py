@@ -27,6 +27,41 @@ def test_shades_of_gray_maps_a_colour_cast_image_back_to_grey_balance() -> None:
     assert abs(after.mean() - before.mean()) / before.mean() < 0.1  # brightness is kept
 
 
+def test_colour_constant_mobilenet_takes_mobilenet_weights_and_ignores_a_colour_cast() -> None:
+    """`--arch mobilenet-cc` is MobileNet behind Shades of Gray: every weight of a MobileNet (its
+    ImageNet start) fits it layer by layer, and a colour cast that keeps the brightness (another
+    camera's white balance) changes what plain MobileNet computes but not what it computes."""
+    import keras
+
+    from model.architectures import ARCHITECTURES
+    from model.pretrained import PRETRAINED_SOURCES, load_layer_weights
+
+    plain = ARCHITECTURES["mobilenet"]((32, 32, 3), 9)
+    constant = ARCHITECTURES["mobilenet-cc"]((32, 32, 3), 9)
+    weights = {layer.name: layer.get_weights() for layer in plain.layers if layer.weights}
+    assert load_layer_weights(constant, weights) == len(weights)
+    assert PRETRAINED_SOURCES["mobilenet-cc"] == PRETRAINED_SOURCES["mobilenet"]
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(20, 180, (2, 32, 32, 3)).astype(np.float32)
+    illuminant = np.mean((image / 255.0) ** 6, axis=(1, 2)) ** (1 / 6)  # (images, channels)
+    gains = np.tile([1.25, 0.85, 0.0], (2, 1))
+    gains[:, 2] = (illuminant.sum(axis=1) - gains[:, 0] * illuminant[:, 0]
+                   - gains[:, 1] * illuminant[:, 1]) / illuminant[:, 2]
+    cast = (image * gains[:, None, None, :]).astype(np.float32)
+    assert cast.max() <= 255.0
+
+    def features(network: keras.Model, images: np.ndarray) -> np.ndarray:
+        """The second block's activations: all the rest is computed from them (an untrained
+        network's last blocks are near zero for any image)."""
+        return np.asarray(keras.Model(network.input,
+                                      network.get_layer("conv_pw_2_relu").output)(images))
+
+    assert np.abs(features(plain, cast) - features(plain, image)).max() > 1e-3
+    np.testing.assert_allclose(features(constant, cast), features(constant, image),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model() -> None:
     rng = np.random.default_rng(0)
     n, k = 2000, 4

@@ -331,8 +331,12 @@ def test_a_continued_run_starts_from_the_models_network_and_refuses_other_folds(
 def test_frozen_blocks_keep_their_starting_weights_while_the_rest_learns(tmp_path: Path) -> None:
     """--freeze-blocks N: MobileNet's stem and first N blocks leave training exactly as they
     started, batch-norm statistics included; the blocks above them learn. Freezing needs a start
-    worth keeping and MobileNet's blocks; otherwise the run is refused before it trains."""
+    worth keeping and MobileNet's blocks; otherwise the run is refused before it trains. Here
+    the frozen run is MobileNet behind colour constancy (`mobilenet-cc`), which starts from a
+    plain MobileNet's weights and is served like any other model."""
     import keras
+
+    from model.layers import ShadesOfGray
 
     root = tmp_path / "set"
     _set_with_a_first_chunk(root)
@@ -343,12 +347,18 @@ def test_frozen_blocks_keep_their_starting_weights_while_the_rest_learns(tmp_pat
 
     lines: list[str] = []
     card = train(root, tmp_path / "frozen.keras",
-                 replace(config, init_from=str(first), freeze_blocks=5), report=lines.append)
+                 replace(config, arch="mobilenet-cc", init_from=str(first), freeze_blocks=5),
+                 report=lines.append)
     assert card.training["freeze_blocks"] == 5
+    assert card.architecture == "mobilenet-cc"
+    served = Classifier(tmp_path / "frozen.keras")
+    probabilities = served.predict_arrays(np.full((2, 32, 32, 3), 120.0, np.float32))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert any("the first 5 blocks kept as they start (22 layers frozen)" in line
                for line in lines)
     theirs = keras.models.load_model(tmp_path / "first.folds" / "fold0.keras", compile=False)
     ours = keras.models.load_model(tmp_path / "frozen.folds" / "fold0.keras", compile=False)
+    assert isinstance(ours.get_layer("colour_constancy"), ShadesOfGray)
     for name in ("conv1", "conv1_bn", "conv_dw_1", "conv_pw_5", "conv_pw_5_bn"):
         for mine, start in zip(ours.get_layer(name).get_weights(),
                                theirs.get_layer(name).get_weights(), strict=True):
@@ -364,7 +374,8 @@ def test_frozen_blocks_keep_their_starting_weights_while_the_rest_learns(tmp_pat
         train(root, tmp_path / "other.keras",
               replace(config, arch="melanonet", init_from=str(first), freeze_blocks=5),
               report=lambda line: None)
-    with pytest.raises(ValueError, match=r"--freeze-blocks applies to --arch mobilenet, 1\.\.13"):
+    with pytest.raises(ValueError,
+                       match=r"--freeze-blocks applies to --arch mobilenet or mobilenet-cc, 1\.\.13"):
         train(root, tmp_path / "many.keras", replace(config, freeze_blocks=14),
               report=lambda line: None)
 

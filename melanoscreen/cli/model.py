@@ -40,7 +40,8 @@ def train(
              "it, and without options, the shipped model's recipe.")] = None,
     arch: Annotated[str | None, typer.Option(
         help="Architecture of each member: mobilenet (v3: ImageNet-initialised with "
-             "--pretrained), efficientnet-lite0 (ImageNet-initialised with --pretrained), "
+             "--pretrained), mobilenet-cc (the same behind colour constancy), "
+             "efficientnet-lite0 (ImageNet-initialised with --pretrained), "
              "melanonet-cc (v2: v1's widths behind colour constancy), melanonet2, "
              "melanonet (v1) or seed; several joined by + train one of each per fold, "
              "averaged.")] = None,
@@ -94,8 +95,9 @@ def train(
         "batch as augmented for training (slower: one forward pass per teacher and batch), "
         "instead of each plain image and its mirror image once before training.")] = None,
     freeze_blocks: Annotated[int | None, typer.Option(
-        min=0, max=13, help="--arch mobilenet: keep the stem and the first N of its 13 blocks at "
-        "their starting (ImageNet) weights; 0 fine-tunes the whole network.")] = None,
+        min=0, max=13, help="--arch mobilenet or mobilenet-cc: keep the stem and the first N "
+        "of its 13 blocks at their starting (ImageNet) weights; 0 fine-tunes the whole "
+        "network.")] = None,
     soup: Annotated[bool | None, typer.Option(
         "--soup/--no-soup", help="Ship each fold's members (--arch A+A, one start) averaged "
         "weight by weight into one network of one member's cost, instead of their averaged "
