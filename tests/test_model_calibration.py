@@ -36,6 +36,7 @@ def test_colour_constant_mobilenet_takes_mobilenet_weights_and_ignores_a_colour_
     from model.architectures import ARCHITECTURES
     from model.pretrained import PRETRAINED_SOURCES, load_layer_weights
 
+    keras.utils.set_random_seed(0)
     plain = ARCHITECTURES["mobilenet"]((32, 32, 3), 9)
     constant = ARCHITECTURES["mobilenet-cc"]((32, 32, 3), 9)
     weights = {layer.name: layer.get_weights() for layer in plain.layers if layer.weights}
@@ -57,9 +58,10 @@ def test_colour_constant_mobilenet_takes_mobilenet_weights_and_ignores_a_colour_
         return np.asarray(keras.Model(network.input,
                                       network.get_layer("conv_pw_2_relu").output)(images))
 
-    assert np.abs(features(plain, cast) - features(plain, image)).max() > 1e-3
-    np.testing.assert_allclose(features(constant, cast), features(constant, image),
-                               rtol=1e-4, atol=1e-5)
+    # Untrained activations are small (about 0.005 here): the cast is measured against them.
+    scale = np.abs(features(plain, image)).max()
+    assert np.abs(features(plain, cast) - features(plain, image)).max() > 0.05 * scale
+    assert np.abs(features(constant, cast) - features(constant, image)).max() < 1e-4 * scale
 
 
 def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model() -> None:
