@@ -128,6 +128,9 @@ def build_mobilenet_cc(input_shape: tuple[int, int, int], num_classes: int) -> k
 
 #: MobileNetV1's depthwise-separable blocks (`conv_dw_i` and `conv_pw_i`, i = 1..13).
 MOBILENET_BLOCKS = 13
+#: The architectures built on those blocks: MobileNet's ImageNet weights fit them, and
+#: `freeze_leading_blocks` applies to them.
+MOBILENET_ARCHITECTURES = ("mobilenet", "mobilenet-cc")
 
 
 def freeze_leading_blocks(model: keras.Model, blocks: int) -> int:

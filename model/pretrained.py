@@ -361,9 +361,10 @@ PRETRAINED_SOURCES: dict[str, dict[str, str]] = {
 def pretrained_weights(arch: str, path: Path, *, verify: bool = True
                        ) -> dict[str, list[np.ndarray]]:
     """`arch`'s ImageNet weights by Keras layer name, from the pinned package or file at `path`."""
-    if arch in ("mobilenet", "mobilenet-cc"):
+    source = PRETRAINED_SOURCES.get(arch)
+    if source is MOBILENET_V1_SOURCE:
         return imagenet_weights(path, MOBILENET_V1_SOURCE["member_sha256"] if verify else None)
-    if arch == "efficientnet-lite0":
+    if source is EFFICIENTNET_LITE0_SOURCE:
         data = read_member_bytes(path, EFFICIENTNET_LITE0_SOURCE, verify=verify)
         return efficientnet_lite0_layer_weights(read_torch_legacy(data))
     raise PretrainedError(f"no ImageNet weights for {arch!r}; "

@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from model.architectures import ARCHITECTURES, MOBILENET_BLOCKS, freeze_leading_blocks
+from model.architectures import (
+    ARCHITECTURES,
+    MOBILENET_ARCHITECTURES,
+    MOBILENET_BLOCKS,
+    freeze_leading_blocks,
+)
 from model.calibration import calibrate
 from model.card import ModelCard, card_path_for
 from model.data import batch_of, in_first_chunk, scan_folder, source_of
@@ -406,9 +411,9 @@ def train(data_dir: Path | Sequence[Path], out: Path, config: TrainConfig, *, re
         raise ValueError("a soup averages two or more members of one architecture "
                          f"(--arch {config.architectures[0]}+{config.architectures[0]}), "
                          f"not {config.arch}")
-    if config.freeze_blocks and (not set(config.architectures) <= {"mobilenet", "mobilenet-cc"}
+    if config.freeze_blocks and (not set(config.architectures) <= set(MOBILENET_ARCHITECTURES)
                                  or not 0 < config.freeze_blocks <= MOBILENET_BLOCKS):
-        raise ValueError(f"--freeze-blocks applies to --arch mobilenet or mobilenet-cc, "
+        raise ValueError(f"--freeze-blocks applies to --arch {' or '.join(MOBILENET_ARCHITECTURES)}, "
                          f"1..{MOBILENET_BLOCKS} blocks, not {config.freeze_blocks} of "
                          f"{config.arch}")
     if config.freeze_blocks and not (config.pretrained or config.init_from):
