@@ -17,13 +17,16 @@ threshold, specificity over the other 102, melanoma AUC, balanced accuracy at ar
 are the spread over draws: what one test set of this make-up would likely show, if the guess about
 its make-up holds. Several models on the same split run side by side (for instance the shipped
 model and an earlier one restored from git). The shipped model's held-out fold holds a fifth of
-the course set's lesions, the first stretch's among them, so it draws from those: only 6
-melanomas and 13 nevi of the first stretch. The script prints how many distinct images each
-class is drawn from, and the melanomas' own probabilities: with 6 to draw from, one missed
-melanoma costs a draw about 2.7 of its 16, so its spread says what one test of this make-up may
+the course set's lesions, the first stretch's among them, so it draws from those: only 7
+melanomas and 21 nevi of the first stretch. The script prints how many distinct images each
+class is drawn from, and the melanomas' own probabilities: with 7 to draw from, one missed
+melanoma costs a draw about 2.3 of its 16, so its spread says what one test of this make-up may
 show, not how well the model ranks the test's own melanomas.
 
-    python benchmarks/held_out_mix.py [--data ../shared/data/isic-train] [--draws 2000]
+Labels are the challenges' ground truth from `labels.csv` (the course folders are wrong for
+about 150 files), and every held-out copy of an image counts once, whichever folder holds it.
+
+    python benchmarks/held_out_mix.py [--labels ../shared/data/labels.csv] [--draws 2000]
         [--threshold P] [MODEL ...]
 
 `--threshold` replaces each card's alert threshold (what MELANOSCREEN_ALERT_THRESHOLD would do).
@@ -40,8 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from model.card import shipped_model_path
-from model.data import HAM10000, ISIC_ARCHIVE, in_first_chunk, scan_folder, source_of
+from model.data import HAM10000, ISIC_ARCHIVE, in_first_chunk, source_of
 from model.inference import Classifier
+from model.labels import read_labels
 from model.metrics import roc_auc
 
 #: The kept-aside test set's make-up: class -> (images, where the stand-ins come from).
@@ -67,13 +71,13 @@ def meets_requirement(key: str, values: np.ndarray) -> np.ndarray:
     return values >= need if key in ("caught", "specificity") else values > need
 
 
-def held_out_predictions(path: Path, data: Path) -> tuple[np.ndarray, np.ndarray, list[Path], Classifier]:
+def held_out_predictions(path: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, list[Path], Classifier]:
     """The model's probabilities on its card's validation split: (probs, labels, paths, model)."""
     classifier = Classifier(path)
     validation = set(classifier.card.training_set.get("validation_sha256", []))
     if not validation:
         raise SystemExit(f"{path}: its card records no validation split")
-    samples = [s for s in scan_folder(data, tuple(classifier.classes)).samples
+    samples = [s for s in read_labels(labels, tuple(classifier.classes)).samples
                if s.sha256 in validation]
     probs = np.concatenate([
         classifier.predict_arrays_scoped(np.stack([classifier.decode(s.path) for s in chunk]))[0]
@@ -118,7 +122,7 @@ def draw_figures(probs: np.ndarray, labels: np.ndarray, threshold: float, classe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", type=Path, help="default: the shipped model")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/isic-train"))
+    parser.add_argument("--labels", type=Path, default=Path("../shared/data/labels.csv"))
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, help="instead of each card's alert threshold")
@@ -127,7 +131,7 @@ def main() -> None:
 
     first_paths = None
     for path in models:
-        probs, labels, paths, classifier = held_out_predictions(path, args.data)
+        probs, labels, paths, classifier = held_out_predictions(path, args.labels)
         classes = list(classifier.classes)
         if first_paths is None:
             first_paths = paths
