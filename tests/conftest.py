@@ -121,6 +121,26 @@ ModelCard(version="tiny-scoped-1", architecture="ensemble", classes=list(ISIC_CL
     return path
 
 
+def class_coloured_pixels(class_index: int, rng: np.random.Generator) -> np.ndarray:
+    """A 40x40 synthetic 'lesion' of one class: the class's own colour with noise."""
+    base = np.array([(class_index * 28) % 256, (255 - class_index * 28) % 256,
+                     (class_index * 70) % 256], np.float32)
+    return np.clip(base + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+
+
+def write_class_coloured_set(root: Path, per_class: int, seed: int) -> Path:
+    """A training folder: one sub-folder per ISIC class of `per_class` class-coloured PNGs."""
+    from model.data import ISIC_CLASSES
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(ISIC_CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(class_coloured_pixels(c, rng)).save(folder / f"{name[:3]}-{i}.png")
+    return root
+
+
 def synthetic_jpeg(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
     """A distinct JPEG per seed: smooth colour blobs with noise."""
     rng = np.random.default_rng(seed)

@@ -13,11 +13,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from model.card import shipped_model_path
-from model.data import ISIC_CLASSES
 from model.inference import Classifier
+from tests.conftest import write_class_coloured_set
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,20 +75,13 @@ def test_the_shipped_model_computes_the_same_under_jax(tmp_path: Path) -> None:
 
 
 def test_a_network_trained_under_jax_is_served_by_the_tensorflow_classifier(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(ISIC_CLASSES):
-        folder = tmp_path / "set" / name
-        folder.mkdir(parents=True)
-        base = np.array([(c * 28) % 256, (255 - c * 28) % 256, (c * 70) % 256], np.float32)
-        for i in range(4):
-            pixels = np.clip(base + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{name[:3]}-{i}.png")
+    training_set = write_class_coloured_set(tmp_path / "set", per_class=4, seed=1)
     out = tmp_path / "model" / "jax.keras"
-    under_jax(TRAIN_UNDER_JAX, tmp_path / "set", out)
+    under_jax(TRAIN_UNDER_JAX, training_set, out)
 
     served = Classifier(out)
     assert served.card.members == 2 and served.card.architecture == "mobilenet-cc"
-    images = rng.uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    images = np.random.default_rng(2).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
     probabilities, distances = served.predict_arrays_scoped(images)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     outputs = jax_outputs(out, images, tmp_path)

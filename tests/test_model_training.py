@@ -21,6 +21,7 @@ from model.imaging import DecodeError
 from model.inference import Classifier
 from model.recipe import TrainConfig
 from model.train import train
+from tests.conftest import class_coloured_pixels, write_class_coloured_set
 
 
 @pytest.mark.parametrize(("builder", "shape"), [(build_seed, (180, 180, 3)),
@@ -39,17 +40,7 @@ def test_architectures_map_images_to_nine_probabilities(builder: object, shape: 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Nine classes of 6 synthetic 40x40 'lesions', each class its own colour."""
-    root = tmp_path_factory.mktemp("tiny-set")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(ISIC_CLASSES):
-        folder = root / name
-        folder.mkdir()
-        base = np.array([(c * 28) % 256, (255 - c * 28) % 256, (c * 70) % 256], np.float32)
-        for i in range(6):
-            noise = rng.normal(0, 20, (40, 40, 3))
-            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{name[:3]}-{i}.png")
-    return root
+    return write_class_coloured_set(tmp_path_factory.mktemp("tiny-set"), per_class=6, seed=0)
 
 
 CONFIG = TrainConfig(arch="melanonet2", augmentation="heavy", members=0, epochs=2, folds=3,
@@ -223,14 +214,12 @@ def _set_with_a_first_chunk(root: Path) -> set[str]:
     chunk_names: set[str] = set()
     for c, name in enumerate(ISIC_CLASSES):
         (root / name).mkdir(parents=True)
-        base = np.array([(c * 28) % 256, (255 - c * 28) % 256, (c * 70) % 256], np.float32)
         for i in range(6):
             # Melanomas and nevi: half of them inside the first chunk.
             number = {"melanoma": 100, "nevus": 0}.get(name, 300 + 10 * c) + i
             number += 0 if i < 3 or name not in ("melanoma", "nevus") else 500
             file = root / name / f"ISIC_{number:07d}.png"
-            pixels = np.clip(base + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(file)
+            Image.fromarray(class_coloured_pixels(c, rng)).save(file)
             if number < 200:
                 chunk_names.add(file.name)
     return chunk_names
