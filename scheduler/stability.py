@@ -87,6 +87,17 @@ class Readiness:
             entry.changed_at = now
             entry.ready = False
 
+    def events_lost(self, now: float) -> None:
+        """The kernel dropped events (its queue overflowed): a close may be among them, so the
+        open counts are no longer known. Each file still counted open falls back to the stable
+        rule (unchanged for `stable_seconds`, then the kernel asked whether anyone writes it),
+        instead of waiting forever for a close that will never come."""
+        for entry in self.pending.values():
+            if entry.opens > 0 and not entry.ready:
+                entry.opens = 0
+                entry.quiet = self.stable_seconds
+                entry.changed_at = now
+
     def is_ready(self, path: Path, entry: Pending, now: float) -> bool | None:
         """True: take it; False: wait; None: gone, forget it."""
         try:

@@ -213,10 +213,14 @@ class Watcher:
     def rescan(self) -> None:
         """Put every candidate file in the inbox under observation (taken once stable); folders
         deeper than MAX_DEPTH are skipped. Files left in the inbox as they were are passed by
-        without a stat; a bounded number of them is checked for changes in turn. Ends with at
-        most one line about the files left in the inbox since the last scan."""
+        without a stat; a bounded number of them is checked for changes in turn. After the
+        kernel dropped events, a file still counted open falls back to the stable rule (its close
+        may be among them). Ends with at most one line about the files left in the inbox since
+        the last scan."""
         now = time.monotonic()
         overflows, self.overflows = self.overflows, 0
+        if overflows:
+            self.readiness.events_lost(now)
         left = self.intake.left
         present: set[str] = set()
         for folder, _depth, names in inbox_folders(self.inbox, MAX_DEPTH, self.too_deep):

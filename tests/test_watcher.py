@@ -130,6 +130,31 @@ def test_a_file_seen_only_by_a_rescan_is_taken_once_its_size_stays_unchanged(
     assert image.sha256 == hashlib.sha256(content).hexdigest()
 
 
+def test_after_the_kernel_drops_events_a_file_whose_close_was_lost_is_taken_once_stable(
+        watcher: Watcher, sessions: sessionmaker[Session], settings: Settings) -> None:
+    done = write(settings.inbox_dir / "burst" / "done.jpg", synthetic_jpeg(4))
+    writing = write(settings.inbox_dir / "burst" / "writing.jpg", synthetic_jpeg(5)[:500])
+    now = time.monotonic()
+    for path in (done, writing):
+        for event in (FileCreatedEvent(str(path)), FileOpenedEvent(str(path)),
+                      FileModifiedEvent(str(path))):
+            watcher.on_event(event, now)
+    # Both closes are lost in the overflow; one writer has in fact not finished.
+    with open(writing, "ab") as still_open:
+        watcher.overflowed()
+        watcher.rescan()
+        watcher.take_ready(time.monotonic())  # sizes and times noted
+        watcher.take_ready(time.monotonic() + 1.9)  # not unchanged for stable_seconds (2) yet
+        assert images(sessions) == []
+        watcher.take_ready(time.monotonic() + 60)
+        assert [i.source for i in images(sessions)] == ["burst/done.jpg"]
+        still_open.write(synthetic_jpeg(5)[500:])
+    watcher.take_ready(time.monotonic() + 120)  # changed: quiet again from now
+    watcher.take_ready(time.monotonic() + 180)
+    assert [i.source for i in images(sessions)] == ["burst/done.jpg", "burst/writing.jpg"]
+    assert watcher.pending == {}
+
+
 def test_a_rename_into_place_is_taken_at_once_and_the_partial_name_never(
         watcher: Watcher, sessions: sessionmaker[Session], settings: Settings) -> None:
     partial = write(settings.inbox_dir / "c.jpg.part", synthetic_jpeg(3))
