@@ -30,11 +30,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from held_out_mix import held_out_predictions  # beside this script
+
 from model.calibration import threshold_within_groups
 from model.card import shipped_model_path
 from model.data import in_first_chunk
-from model.inference import Classifier
-from model.labels import read_labels, source_group
+from model.labels import source_group
 from model.metrics import bootstrap_interval, roc_auc
 
 #: The course bar: 15 of 16 melanomas emailed, melanoma AUC 0.80.
@@ -71,17 +72,9 @@ def main() -> None:
     args = parser.parse_args()
 
     for path in args.models or [shipped_model_path()]:
-        classifier = Classifier(path)
-        classes = list(classifier.classes)
-        m = classes.index("melanoma")
-        validation = set(classifier.card.training_set.get("validation_sha256", []))
-        if not validation:
-            raise SystemExit(f"{path}: its card records no held-out images")
-        samples = [s for s in read_labels(args.labels, tuple(classes)).samples
-                   if s.sha256 in validation]
-        scores = np.concatenate([
-            classifier.predict_arrays_scoped(np.stack([classifier.decode(s.path) for s in part]))[0]
-            for part in (samples[i : i + 64] for i in range(0, len(samples), 64))])[:, m]
+        classifier, samples, probs = held_out_predictions(path, args.labels)
+        m = list(classifier.classes).index("melanoma")
+        scores = probs[:, m]
         is_melanoma = np.asarray([s.label == m for s in samples])
         stretch = np.asarray([in_first_chunk(s.path) for s in samples])
         held_whole = bool(classifier.card.training.get("hold_out_chunk"))

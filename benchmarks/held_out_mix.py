@@ -43,7 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from model.card import shipped_model_path
-from model.data import HAM10000, ISIC_ARCHIVE, in_first_chunk, source_of
+from model.data import HAM10000, ISIC_ARCHIVE, Sample, in_first_chunk, source_of
 from model.inference import Classifier
 from model.labels import read_labels
 from model.metrics import roc_auc
@@ -71,8 +71,8 @@ def meets_requirement(key: str, values: np.ndarray) -> np.ndarray:
     return values >= need if key in ("caught", "specificity") else values > need
 
 
-def held_out_predictions(path: Path, labels: Path) -> tuple[np.ndarray, np.ndarray, list[Path], Classifier]:
-    """The model's probabilities on its card's validation split: (probs, labels, paths, model)."""
+def held_out_predictions(path: Path, labels: Path) -> tuple[Classifier, list[Sample], np.ndarray]:
+    """The model, its card's validation split (rows of `labels`), and its probabilities on them."""
     classifier = Classifier(path)
     validation = set(classifier.card.training_set.get("validation_sha256", []))
     if not validation:
@@ -82,7 +82,7 @@ def held_out_predictions(path: Path, labels: Path) -> tuple[np.ndarray, np.ndarr
     probs = np.concatenate([
         classifier.predict_arrays_scoped(np.stack([classifier.decode(s.path) for s in chunk]))[0]
         for chunk in (samples[i : i + 64] for i in range(0, len(samples), 64))])
-    return probs, np.asarray([s.label for s in samples]), [s.path for s in samples], classifier
+    return classifier, samples, probs
 
 
 def pools(labels: np.ndarray, paths: list[Path], classes: list[str]) -> dict[str, np.ndarray]:
@@ -131,7 +131,8 @@ def main() -> None:
 
     first_paths = None
     for path in models:
-        probs, labels, paths, classifier = held_out_predictions(path, args.labels)
+        classifier, samples, probs = held_out_predictions(path, args.labels)
+        labels, paths = np.asarray([s.label for s in samples]), [s.path for s in samples]
         classes = list(classifier.classes)
         if first_paths is None:
             first_paths = paths
